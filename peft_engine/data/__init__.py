@@ -1,0 +1,1 @@
+"""Datasets: reading and validating JSONL (no torch), tokenizing, batching."""

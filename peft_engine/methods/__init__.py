@@ -1,0 +1,37 @@
+"""The catalogue of fine-tuning methods: each module holds a spec, a builder, a registration.
+
+Importing this package stays cheap (no torch, no peft) because the API validates specs with
+it; builders import what they need when they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    type: str
+    spec: type[BaseModel]
+    # build(model, spec, task) -> the model with the method applied, ready to train
+    build: Callable[[Any, Any, str], Any]
+    tasks: tuple[str, ...]
+
+
+METHODS: dict[str, MethodDef] = {}
+
+
+def register(method: MethodDef) -> MethodDef:
+    METHODS[method.type] = method
+    return method
+
+
+def method_for(method_type: str) -> MethodDef:
+    return METHODS[method_type]
+
+
+from peft_engine.methods import lora  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,250 @@
+"""The job spec (DESIGN §5) as pydantic models, and the resolution of its "auto" values.
+
+A `JobSpec` is what a user sends; `resolve_spec` turns it into a `ResolvedSpec` in which
+every "auto" is a number chosen from the dataset and the model's limits. Unknown fields are
+refused and every number has a range, so a spec that validates is one the engine can run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from peft_engine.errors import SpecError
+from peft_engine.methods import METHODS
+from peft_engine.methods.lora import LoraMethod
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EarlyStopping(_Strict):
+    """Stop when eval loss has not improved by `min_delta` for `patience` evaluations."""
+
+    patience: int = Field(3, ge=1, le=1000)
+    min_delta: float = Field(0.0, ge=0.0, le=10.0)
+
+
+def _method_type(value: Any) -> Any:
+    # A method without "type" is LoRA, the default.
+    return value.get("type", "lora") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+# One member today; issue 6 adds the rest of the catalogue to this union.
+METHOD_TYPES = tuple(METHODS)
+Method = Annotated[Union[Annotated[LoraMethod, Tag("lora")]], Discriminator(_method_type)]
+
+
+class Hyperparameters(_Strict):
+    n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto = "auto"
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, le=1000.0)
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] | Auto = 1024
+    packing: bool = True
+    train_on_inputs: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    # Caps the number of optimizer steps; null trains for n_epochs.
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    early_stopping: EarlyStopping | None = EarlyStopping()
+    eval_every_steps: int | None = Field(None, ge=1, le=10_000_000)
+    checkpoint_every_steps: int | None = Field(None, ge=1, le=10_000_000)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+
+
+class JobSpec(_Strict):
+    model: str = Field(min_length=1, max_length=64)
+    task: Literal["causal_lm"] = "causal_lm"
+    training_file: str | None = Field(None, min_length=1, max_length=4096)
+    validation_file: str | None = Field(None, min_length=1, max_length=4096)
+    validation_split: float = Field(0.1, ge=0.0, le=0.5)
+    method: Method = LoraMethod()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded JSON spec; the first problem becomes a SpecError naming its field."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise spec_error_from(exc) from None
+
+
+def spec_error_from(exc: ValidationError) -> SpecError:
+    # pydantic reports one error per union member tried; keep the most telling one per field.
+    by_field: dict[str, str] = {}
+    for err in exc.errors():
+        loc = err["loc"]
+        if loc[:1] == ("method",) and len(loc) > 1:
+            loc = ("method", *loc[2:])  # drop the union tag pydantic inserts ("lora")
+        field = ".".join(str(p) for p in loc if not _is_union_branch(p))
+        message = _friendly_message(err)
+        if field not in by_field or by_field[field].startswith("Input should be 'auto'"):
+            by_field[field] = message
+    field, message = next(iter(by_field.items()))
+    if len(by_field) > 1:
+        message += f" (and {len(by_field) - 1} more: {', '.join(list(by_field)[1:4])})"
+    return SpecError(message, param=field or None)
+
+
+def _friendly_message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "union_tag_invalid":
+        return f"unknown method {err['input'].get('type')!r}; supported: {', '.join(METHOD_TYPES)}"
+    if err["type"] == "union_tag_not_found":
+        return 'must be an object such as {"type": "lora", "r": 16}'
+    return err["msg"]
+
+
+def _is_union_branch(part: Any) -> bool:
+    # pydantic names the union member it tried ("int", "literal['auto']"): not a field.
+    return isinstance(part, str) and (
+        part in {"int", "float", "str", "bool", "list[str]", "constrained-float"}
+        or part.startswith(("literal[", "list[", "function-", "constrained-"))
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Resolution of "auto" values
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """What resolution needs to know about the tokenized training data."""
+
+    n_train: int
+    n_validation: int
+    max_tokens: int  # longest training example, before truncation
+    mean_tokens: float
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_position_embeddings: int | None
+    # Tokens one micro-batch may hold; bounds "auto" batch sizes to what fits in memory.
+    max_tokens_per_batch: int = 16384
+
+
+class ResolvedHyperparameters(Hyperparameters):
+    n_epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1, le=1024)
+    learning_rate: float = Field(gt=0.0, le=1.0)
+    max_seq_length: int = Field(ge=16, le=131072)
+    total_steps: int = Field(ge=1)
+    steps_per_epoch: int = Field(ge=1)
+    warmup_steps: int = Field(ge=0)
+
+
+class ResolvedSpec(JobSpec):
+    hyperparameters: ResolvedHyperparameters
+
+
+# OpenAI-style epoch heuristic: aim for 100..25_000 examples seen in total.
+_MIN_EXAMPLES_SEEN, _MAX_EXAMPLES_SEEN, _DEFAULT_EPOCHS = 100, 25_000, 3
+
+
+def resolve_max_seq_length(hp: Hyperparameters, limits: ModelLimits) -> int:
+    """The sequence limit before tokenization: the request, bounded by the model's context."""
+    model_max = limits.max_position_embeddings
+    if hp.max_seq_length == "auto":
+        return min(model_max or 2048, 2048)
+    if model_max is not None and hp.max_seq_length > model_max:
+        raise SpecError(
+            f"{hp.max_seq_length} exceeds the model's context of {model_max} tokens",
+            param="hyperparameters.max_seq_length",
+        )
+    return hp.max_seq_length
+
+
+def resolve_spec(spec: JobSpec, stats: DatasetStats, limits: ModelLimits) -> ResolvedSpec:
+    hp = spec.hyperparameters
+    max_seq_length = resolve_max_seq_length(hp, limits)
+    if hp.max_seq_length == "auto":
+        # Fit the longest example, rounded up to a multiple of 64, within the model's limit.
+        max_seq_length = min(max_seq_length, max(64, math.ceil(stats.max_tokens / 64) * 64))
+
+    n_epochs = hp.n_epochs if hp.n_epochs != "auto" else _auto_epochs(stats.n_train)
+    batch_size = (
+        hp.batch_size
+        if hp.batch_size != "auto"
+        else _auto_batch_size(stats, max_seq_length, hp.packing, limits)
+    )
+    if batch_size > stats.n_train:
+        if hp.batch_size != "auto":
+            raise SpecError(
+                f"{batch_size} is larger than the {stats.n_train} training examples",
+                param="hyperparameters.batch_size",
+            )
+        batch_size = stats.n_train
+    learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
+
+    examples_per_step = batch_size * hp.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(stats.n_train / examples_per_step))
+    total_steps = steps_per_epoch * n_epochs
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+    warmup_steps = math.floor(hp.warmup_ratio * total_steps)
+    has_eval = stats.n_validation > 0
+    eval_every = hp.eval_every_steps or (max(1, total_steps // 10) if has_eval else None)
+    checkpoint_every = hp.checkpoint_every_steps or eval_every or max(1, total_steps // 10)
+
+    resolved_hp = ResolvedHyperparameters(
+        **hp.model_dump(
+            exclude={
+                "n_epochs",
+                "batch_size",
+                "learning_rate",
+                "max_seq_length",
+                "eval_every_steps",
+                "checkpoint_every_steps",
+            }
+        ),
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_seq_length=max_seq_length,
+        eval_every_steps=eval_every,
+        checkpoint_every_steps=checkpoint_every,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup_steps,
+    )
+    return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
+
+
+def _auto_epochs(n_train: int) -> int:
+    if n_train * _DEFAULT_EPOCHS < _MIN_EXAMPLES_SEEN:
+        return min(25, math.ceil(_MIN_EXAMPLES_SEEN / n_train))
+    if n_train * _DEFAULT_EPOCHS > _MAX_EXAMPLES_SEEN:
+        return max(1, _MAX_EXAMPLES_SEEN // n_train)
+    return _DEFAULT_EPOCHS
+
+
+def _auto_batch_size(
+    stats: DatasetStats, max_seq_length: int, packing: bool, limits: ModelLimits
+) -> int:
+    # About 0.2% of the data per step (as the hosted APIs do), a power of two in [4, 32],
+    # and no more tokens per micro-batch than the model's memory budget allows.
+    wanted = 2 ** round(math.log2(max(1.0, stats.n_train * 0.002)))
+    per_example = min(max_seq_length, stats.mean_tokens if packing else stats.max_tokens)
+    fits = max(1, int(limits.max_tokens_per_batch // max(1.0, per_example)))
+    return max(1, min(max(wanted, 4), 32, fits))
+
+
+def _auto_lr(spec: JobSpec) -> float:
+    # LoRA's usual range; scaled down for large ranks, where updates are bigger.
+    method = spec.method
+    return 2e-4 if method.r <= 64 else 1e-4
