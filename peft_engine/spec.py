@@ -162,6 +162,8 @@ def resolve_max_seq_length(hp: Hyperparameters, limits: ModelLimits) -> int:
     if hp.max_seq_length == "auto":
         return min(model_max or 2048, 2048)
     if model_max is not None and hp.max_seq_length > model_max:
+        if "max_seq_length" not in hp.model_fields_set:
+            return model_max  # the default, not the user's choice: fit it to the model
         raise SpecError(
             f"{hp.max_seq_length} exceeds the model's context of {model_max} tokens",
             param="hyperparameters.max_seq_length",

@@ -1,0 +1,169 @@
+"""Checkpoints that resume exactly, in safetensors and JSON only (never pickle).
+
+A checkpoint directory holds:
+- `adapter_config.json`, `adapter_model.safetensors`: the adapter, loadable by peft as is;
+- `optimizer.safetensors` (AdamW moments) + the optimizer's param groups in the state JSON;
+- `rng.safetensors`: torch CPU and CUDA generator states;
+- `best_adapter.safetensors`: the weights of the best evaluation so far, when there is one;
+- `trainer_state.json`: step, data position, scheduler, early-stopping state, Python and
+  NumPy RNG states, counters. Written last: a directory without it is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EarlyStoppingState:
+    best_loss: float | None = None
+    best_step: int | None = None
+    reference_loss: float | None = None  # the last improvement by at least min_delta
+    evals_without_improvement: int = 0
+
+
+@dataclass
+class TrainerState:
+    """Everything the loop needs, besides tensors, to carry on from `step`."""
+
+    step: int
+    epoch: int  # epoch the next step belongs to (data order is fixed by seed and epoch)
+    total_steps: int
+    trained_tokens: int = 0
+    trained_loss_tokens: int = 0
+    train_seconds: float = 0.0
+    early_stopping: EarlyStoppingState = field(default_factory=EarlyStoppingState)
+    initial_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    spec_fingerprint: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        data = dict(data)
+        data["early_stopping"] = EarlyStoppingState(**data["early_stopping"])
+        return cls(**data)
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    best_weights: dict[str, torch.Tensor] | None,
+) -> Path:
+    """Write a checkpoint into `directory` atomically (a temporary sibling, then a rename)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tensors, groups = _flatten_optimizer(optimizer)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file(_torch_rng_tensors(), tmp / "rng.safetensors")
+    if best_weights is not None:
+        save_file(best_weights, tmp / "best_adapter.safetensors")
+    payload = {
+        "format_version": FORMAT_VERSION,
+        **asdict(state),
+        "optimizer_param_groups": groups,
+        "python_rng": _python_rng_state(),
+        "numpy_rng": _numpy_rng_state(),
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return directory
+
+
+@dataclass
+class LoadedCheckpoint:
+    state: TrainerState
+    adapter_weights: dict[str, torch.Tensor]
+    best_weights: dict[str, torch.Tensor] | None
+
+
+def load_checkpoint(directory: Path, *, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
+    """Read a checkpoint, restore the optimizer and every RNG; the caller loads the weights."""
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint (no {STATE_FILE})")
+    payload = json.loads(state_path.read_text())
+    if payload.pop("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: checkpoint format is not version {FORMAT_VERSION}")
+    groups = payload.pop("optimizer_param_groups")
+    _load_optimizer(optimizer, load_file(directory / "optimizer.safetensors"), groups)
+    _restore_rng(load_file(directory / "rng.safetensors"), payload.pop("python_rng"),
+                 payload.pop("numpy_rng"))
+    best_path = directory / "best_adapter.safetensors"
+    return LoadedCheckpoint(
+        state=TrainerState.from_json(payload),
+        adapter_weights=load_file(directory / "adapter_model.safetensors"),
+        best_weights=load_file(best_path) if best_path.is_file() else None,
+    )
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    state_dict = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().contiguous().cpu()
+        for index, per_param in state_dict["state"].items()
+        for name, value in per_param.items()
+    }
+    return tensors, state_dict["param_groups"]
+
+
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for group in groups:  # JSON turned tuples into lists
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _torch_rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = cuda_state
+    return tensors
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list, numpy_rng: dict) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = python_rng
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state((numpy_rng["name"], np.array(numpy_rng["keys"], dtype=np.uint32),
+                         numpy_rng["pos"], numpy_rng["has_gauss"], numpy_rng["cached_gaussian"]))

@@ -1,0 +1,82 @@
+"""The model card (README.md) written beside every trained adapter."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft_engine.prepare import PreparedJob
+
+_METRICS = ("eval_loss", "eval_perplexity", "eval_token_accuracy")
+
+
+def render_model_card(job: PreparedJob, result: dict[str, Any]) -> str:
+    spec = job.spec
+    hp = spec.hyperparameters
+    method = spec.method.model_dump()
+    method_text = ", ".join(f"{k}={v}" for k, v in method.items() if k != "type")
+    license_line = f"license: {job.entry.license}\n" if job.entry.license else ""
+    return f"""---
+library_name: peft
+base_model: {job.entry.name}
+{license_line}tags: [tuneq, {method["type"]}, {spec.task}]
+---
+
+# {spec.suffix or "Adapter"} — {method["type"]} on {job.entry.name}
+
+Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
+{result["versions"]["peft"]}, transformers {result["versions"]["transformers"]}).
+
+| | |
+|---|---|
+| base model | `{job.entry.name}` ({job.entry.description or job.entry.source.type}) |
+| task | `{spec.task}` |
+| method | `{method["type"]}` ({method_text}) |
+| training examples | {result["train_examples"]} ({result["truncated_examples"]} truncated to {hp.max_seq_length} tokens, {result["dropped_examples"]} left out with nothing to learn) |
+| validation examples | {result["validation_examples"]} |
+| steps | {result["steps"]} of {result["total_steps"]}{" (early stopping)" if result["early_stopped"] else ""}, batch {hp.batch_size} × {hp.gradient_accumulation_steps}, {hp.n_epochs} epochs |
+| learning rate | {hp.learning_rate:g}, {hp.lr_scheduler}, {hp.warmup_steps} warmup steps |
+| trained tokens | {result["trained_tokens"]} |
+| weights kept | {_kept(result)} |
+
+## Evaluation
+
+{_metrics_table(result["metrics"])}
+
+## Loading
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# BASE: the base model's files. With tuneq installed:
+#   from peft_engine.models import load_registry, model_dir
+#   BASE = model_dir(load_registry().get("{job.entry.name}"), cache_dir)
+base = AutoModelForCausalLM.from_pretrained(BASE)
+model = PeftModel.from_pretrained(base, "path/to/this/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+```
+
+`result.json` holds every figure above; `metrics.jsonl` the per-step series.
+"""
+
+
+def _kept(result: dict[str, Any]) -> str:
+    best = result["best_step"]
+    if best is None:
+        return f"step {result['steps']} (no evaluation data)"
+    return f"step {best}, the lowest eval loss"
+
+
+def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    if not metrics["initial"] and not metrics["best"]:
+        return "No validation data: nothing was evaluated."
+    rows = ["| metric | base model | final step | kept (best) |", "|---|---|---|---|"]
+    for name in _METRICS:
+        cells = [_fmt(metrics[k].get(name)) for k in ("initial", "final", "best")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"

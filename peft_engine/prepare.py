@@ -1,0 +1,148 @@
+"""Everything a job needs before a weight is loaded: the model's files, the data, the spec.
+
+All the user's mistakes (bad spec, unknown model, bad data, examples that do not fit) are
+found here, in seconds, before the expensive part starts. The service's dry run uses the
+same function.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft_engine.data.formats import Example, read_examples
+from peft_engine.data.tokenize import TokenizedDataset, tokenize_dataset
+from peft_engine.errors import SpecError
+from peft_engine.methods import method_for
+from peft_engine.models import (
+    ModelEntry,
+    ModelRegistry,
+    load_tokenizer,
+    model_dir,
+    read_model_info,
+)
+from peft_engine.spec import (
+    DatasetStats,
+    JobSpec,
+    ModelLimits,
+    ResolvedSpec,
+    resolve_max_seq_length,
+    resolve_spec,
+)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Local paths of the job's data; the spec's file fields may hold service file ids."""
+
+    train: Path
+    validation: Path | None = None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> DataPaths:
+        if spec.training_file is None:
+            raise SpecError("no training data given", param="training_file")
+        validation = Path(spec.validation_file) if spec.validation_file else None
+        return cls(Path(spec.training_file), validation)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    spec: ResolvedSpec
+    entry: ModelEntry
+    model_path: Path
+    tokenizer: Any
+    train: TokenizedDataset
+    validation: TokenizedDataset | None
+    n_train_examples: int  # as read, before any were dropped
+    n_validation_examples: int
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def prepare_job(
+    spec: JobSpec, data: DataPaths, *, registry: ModelRegistry, cache_dir: Path
+) -> PreparedJob:
+    entry = registry.get(spec.model)
+    _check_support(spec, entry)
+    path = model_dir(entry, cache_dir)
+    info = read_model_info(path)
+    limits = ModelLimits(max_position_embeddings=info.max_position_embeddings)
+    tokenizer = load_tokenizer(path)
+
+    train_examples = read_examples(data.train, param="training_file")
+    if data.validation is not None:
+        validation_examples = read_examples(data.validation, param="validation_file")
+    else:
+        train_examples, validation_examples = split_validation(
+            train_examples, spec.validation_split, seed=spec.hyperparameters.seed
+        )
+
+    hp = spec.hyperparameters
+    cap = resolve_max_seq_length(hp, limits)
+    train = tokenize_dataset(
+        train_examples, tokenizer, max_seq_length=cap, train_on_inputs=hp.train_on_inputs
+    )
+    validation = (
+        tokenize_dataset(
+            validation_examples,
+            tokenizer,
+            max_seq_length=cap,
+            train_on_inputs=hp.train_on_inputs,
+            param="validation_file" if data.validation else "training_file",
+        )
+        if validation_examples
+        else None
+    )
+    stats = DatasetStats(
+        n_train=len(train.examples),
+        n_validation=len(validation.examples) if validation else 0,
+        max_tokens=train.longest,
+        mean_tokens=train.n_tokens / len(train.examples),
+    )
+    return PreparedJob(
+        spec=resolve_spec(spec, stats, limits),
+        entry=entry,
+        model_path=path,
+        tokenizer=tokenizer,
+        train=train,
+        validation=validation,
+        n_train_examples=len(train_examples),
+        n_validation_examples=len(validation_examples),
+    )
+
+
+def split_validation(
+    examples: list[Example], fraction: float, *, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the examples (at least one) for evaluation, chosen by seed."""
+    if fraction == 0 or len(examples) < 2:
+        return examples, []
+    n_holdout = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    indices = list(range(len(examples)))
+    random.Random(seed).shuffle(indices)
+    held = set(indices[:n_holdout])
+    return (
+        [e for i, e in enumerate(examples) if i not in held],
+        [e for i, e in enumerate(examples) if i in held],
+    )
+
+
+def _check_support(spec: JobSpec, entry: ModelEntry) -> None:
+    if spec.task not in entry.tasks:
+        raise SpecError(
+            f"model {entry.name!r} does not support task {spec.task!r} "
+            f"(it supports: {', '.join(entry.tasks)})",
+            param="task",
+        )
+    method = method_for(spec.method.type)
+    if spec.task not in method.tasks:
+        raise SpecError(
+            f"method {method.type!r} does not support task {spec.task!r}", param="method.type"
+        )
+

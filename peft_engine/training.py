@@ -1,0 +1,360 @@
+"""The training loop: a job spec and local data in, a trained adapter out.
+
+    prepare (spec, model files, data) → build model + method → optimizer, schedule →
+    resume or evaluate the base model → steps (forward, loss, backward, clip, step,
+    schedule, log, evaluate, checkpoint) → final evaluation → keep the best → write output
+
+Gradient accumulation divides every micro-batch's summed loss by the number of loss tokens
+in the whole optimizer step, so a step's gradient is the mean over its tokens however the
+examples fall into micro-batches (dividing by the number of micro-batches instead would
+weight a short example's tokens more than a long one's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from peft_engine import checkpoint as ckpt
+from peft_engine import outputs
+from peft_engine.data.batching import Batch, collate, epoch_order, micro_batches
+from peft_engine.errors import SpecError
+from peft_engine.hooks import Event, Hooks
+from peft_engine.loss import batch_loss, evaluate
+from peft_engine.methods import method_for
+from peft_engine.models import ModelRegistry, load_causal_lm, load_registry
+from peft_engine.prepare import DataPaths, PreparedJob, prepare_job
+from peft_engine.spec import JobSpec, parse_spec
+
+
+@dataclass
+class TrainResult:
+    status: Literal["succeeded", "stopped"]
+    output_dir: Path | None  # None when stopped before the end
+    result: dict[str, Any]  # what result.json holds
+    model: Any = field(default=None, repr=False)  # the trained model, in memory
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "tuneq"
+
+
+def train(
+    spec: JobSpec | dict[str, Any],
+    workdir: Path | str,
+    hooks: Hooks | None = None,
+    *,
+    data: DataPaths | None = None,
+    resume_from: Path | None = None,
+    registry: ModelRegistry | None = None,
+    cache_dir: Path | None = None,
+) -> TrainResult:
+    started = time.monotonic()
+    hooks = hooks or Hooks()
+    workdir = Path(workdir)
+    spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
+
+    # 1. Spec, model files and data: every user error surfaces here, before weights load.
+    job = prepare_job(
+        spec,
+        data or DataPaths.from_spec(spec),
+        registry=registry or load_registry(),
+        cache_dir=cache_dir or default_cache_dir(),
+    )
+    hp = job.spec.hyperparameters
+    _announce(job, hooks)
+
+    # 2. Model: the base weights, then the method's trainable parameters (seeded init).
+    device, dtype = select_device()
+    _seed_everything(hp.seed)
+    base = load_causal_lm(job.model_path, dtype=dtype, device=device)
+    model = method_for(job.spec.method.type).build(base, job.spec.method, job.spec.task)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 3. Optimizer and learning-rate schedule.
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(lr_multiplier, kind=hp.lr_scheduler, warmup=hp.warmup_steps, total=hp.total_steps),
+    )
+
+    # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
+    metrics_log = outputs.MetricsLog(workdir / "metrics.jsonl")
+    best_weights: dict[str, torch.Tensor] | None = None
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer)
+        _check_same_job(loaded.state, job)
+        set_peft_model_state_dict(model, loaded.adapter_weights)
+        scheduler.load_state_dict(loaded.state.scheduler)
+        state, best_weights = loaded.state, loaded.best_weights
+        metrics_log.truncate_after(state.step)
+        hooks.on_event(Event("info", f"resumed from {resume_from} at step {state.step}"))
+    else:
+        state = ckpt.TrainerState(
+            step=0, epoch=0, total_steps=hp.total_steps, spec_fingerprint=_fingerprint(job)
+        )
+        metrics_log.reset()
+        if job.validation is not None:
+            state.initial_metrics = _evaluate(model, job, device)
+            state.last_eval = dict(state.initial_metrics)
+            _log_eval(0, state.initial_metrics, metrics_log, hooks, "base model")
+
+    # 5. Optimizer steps.
+    stopped = early_stopped = False
+    loop_started, steps_this_run = time.monotonic(), 0
+    while state.step < hp.total_steps:
+        if hooks.should_stop():
+            stopped = True
+            break
+        step_started = time.monotonic()
+        step = state.step + 1
+        micro = step_micro_batches(job, step)
+        step_loss_tokens = sum(b.n_loss_tokens for b in micro)
+
+        # forward + backward per micro-batch; loss normalised by the step's loss tokens
+        loss_sum = 0.0
+        for batch in micro:
+            result = batch_loss(model, batch.to(device))
+            (result.loss / step_loss_tokens).backward()
+            loss_sum += float(result.loss.detach())
+
+        # clip, step, schedule
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm or math.inf)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # log
+        step_tokens = sum(b.n_tokens for b in micro)
+        step_seconds = time.monotonic() - step_started
+        steps_this_run += 1
+        state.step, state.epoch = step, step // hp.steps_per_epoch
+        state.trained_tokens += step_tokens
+        state.trained_loss_tokens += step_loss_tokens
+        state.train_seconds += step_seconds
+        seconds_per_step = (time.monotonic() - loop_started) / steps_this_run
+        train_metrics = {
+            "train_loss": loss_sum / step_loss_tokens,
+            "learning_rate": learning_rate,
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": step_tokens / step_seconds,
+            "epoch": step / hp.steps_per_epoch,
+            "total_steps": hp.total_steps,
+            "eta_seconds": seconds_per_step * (hp.total_steps - step),
+            "trained_tokens": state.trained_tokens,
+        }
+        metrics_log.write(step, train_metrics)
+        hooks.on_metrics(step, train_metrics)
+
+        # evaluate; keep the best weights; stop early when eval loss stops improving
+        if job.validation is not None and (step % hp.eval_every_steps == 0 or step == hp.total_steps):
+            state.last_eval = _evaluate(model, job, device)
+            _log_eval(step, state.last_eval, metrics_log, hooks)
+            is_best, early_stopped = _record_eval(state, step, hp.early_stopping)
+            if is_best:
+                best_weights = _snapshot(model)
+
+        # checkpoint (not after the last step: the output is written instead)
+        last = step == hp.total_steps or early_stopped
+        if step % hp.checkpoint_every_steps == 0 and not last:
+            state.scheduler = _scheduler_state(scheduler)
+            path = ckpt.save_checkpoint(
+                workdir / "checkpoints" / f"checkpoint-{step}",
+                model=model, optimizer=optimizer, state=state, best_weights=best_weights,
+            )
+            hooks.on_checkpoint(path, step, dict(state.last_eval))
+        if early_stopped:
+            hooks.on_event(Event("info", _early_stop_message(state, hp.early_stopping)))
+            break
+
+    if stopped:
+        hooks.on_event(Event("warning", f"stopped at step {state.step} on request"))
+        return TrainResult("stopped", None, _result(job, state, started, early_stopped), model)
+
+    # 6. Keep the best evaluation's weights, and write the output.
+    best_step = state.early_stopping.best_step
+    if best_weights is not None and best_step != state.step:
+        set_peft_model_state_dict(model, best_weights)
+        hooks.on_event(Event("info", f"kept the weights of step {best_step}, the best eval loss"))
+    result = _result(job, state, started, early_stopped)
+    output_dir = outputs.write_output(
+        workdir, model=model, tokenizer=job.tokenizer, job=job, result=result,
+        metrics_log=metrics_log,
+    )
+    hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
+    return TrainResult("succeeded", output_dir, result, model)
+
+
+def lr_multiplier(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The learning rate at `step` (0-based) as a fraction of the peak: warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def step_micro_batches(job: PreparedJob, step: int) -> list[Batch]:
+    """The micro-batches of optimizer step `step` (1-based), fixed by seed and step alone."""
+    hp = job.spec.hyperparameters
+    epoch, index_in_epoch = divmod(step - 1, hp.steps_per_epoch)
+    examples = job.train.examples
+    order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
+    groups = micro_batches(examples, order, hp.batch_size)
+    first = index_in_epoch * hp.gradient_accumulation_steps
+    return [
+        collate(group, packing=hp.packing, pad_token_id=job.pad_token_id)
+        for group in groups[first : first + hp.gradient_accumulation_steps]
+    ]
+
+
+def select_device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _evaluate(model: Any, job: PreparedJob, device: torch.device) -> dict[str, float]:
+    assert job.validation is not None
+    hp = job.spec.hyperparameters
+    examples = job.validation.examples
+    batches = (
+        collate(examples[i : i + hp.batch_size], packing=hp.packing, pad_token_id=job.pad_token_id)
+        for i in range(0, len(examples), hp.batch_size)
+    )
+    return evaluate(model, batches, device)
+
+
+def _record_eval(state: ckpt.TrainerState, step: int, rule: Any) -> tuple[bool, bool]:
+    """Update the best-so-far and the patience count; say (is it the best, stop now)."""
+    es, loss = state.early_stopping, state.last_eval["eval_loss"]
+    is_best = es.best_loss is None or loss < es.best_loss
+    if is_best:
+        es.best_loss, es.best_step, state.best_metrics = loss, step, dict(state.last_eval)
+    # Patience counts evaluations that fail to beat the reference by at least min_delta.
+    min_delta = rule.min_delta if rule else 0.0
+    if es.reference_loss is None or loss < es.reference_loss - min_delta:
+        es.reference_loss, es.evals_without_improvement = loss, 0
+    else:
+        es.evals_without_improvement += 1
+    return is_best, rule is not None and es.evals_without_improvement >= rule.patience
+
+
+def _early_stop_message(state: ckpt.TrainerState, rule: Any) -> str:
+    return (
+        f"early stopping at step {state.step}: no eval-loss improvement of more than "
+        f"{rule.min_delta} in {rule.patience} evaluations; best step {state.early_stopping.best_step}"
+    )
+
+
+def _snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases and norm scales, as usual.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _fingerprint(job: PreparedJob) -> str:
+    data = job.spec.model_dump_json(exclude={"training_file", "validation_file", "metadata"})
+    order = ",".join(str(e.line) for e in job.train.examples)
+    return hashlib.sha256(f"{data}|{order}".encode()).hexdigest()[:16]
+
+
+def _check_same_job(state: ckpt.TrainerState, job: PreparedJob) -> None:
+    if state.spec_fingerprint != _fingerprint(job):
+        raise SpecError(
+            "the checkpoint was made by a job with other settings or data; resuming it with "
+            "this spec would not continue the same run",
+            param="resume",
+        )
+
+
+def _announce(job: PreparedJob, hooks: Hooks) -> None:
+    hp = job.spec.hyperparameters
+    train = job.train
+    hooks.on_event(Event(
+        "info",
+        f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
+        f"{train.n_loss_tokens} with loss), "
+        f"{len(job.validation.examples) if job.validation else 0} validation examples; "
+        f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
+        f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
+        {"resolved_hyperparameters": hp.model_dump()},
+    ))
+    if train.truncated:
+        hooks.on_event(Event(
+            "warning",
+            f"{train.truncated} training examples are longer than max_seq_length="
+            f"{hp.max_seq_length} and were truncated",
+            {"truncated_examples": train.truncated},
+        ))
+    if train.dropped:
+        hooks.on_event(Event(
+            "warning",
+            f"{train.dropped} training examples had no token to learn from within "
+            f"max_seq_length={hp.max_seq_length} and were left out",
+            {"dropped_examples": train.dropped},
+        ))
+
+
+def _log_eval(
+    step: int, metrics: dict[str, float], log: outputs.MetricsLog, hooks: Hooks, what: str = ""
+) -> None:
+    log.write(step, metrics)
+    hooks.on_metrics(step, metrics)
+    label = what or f"step {step}"
+    hooks.on_event(Event(
+        "info",
+        f"eval ({label}): loss {metrics['eval_loss']:.4f}, "
+        f"perplexity {metrics['eval_perplexity']:.2f}, "
+        f"token accuracy {metrics['eval_token_accuracy']:.3f}",
+        {"step": step, **metrics},
+    ))
+
+
+def _result(
+    job: PreparedJob, state: ckpt.TrainerState, started: float, early_stopped: bool
+) -> dict[str, Any]:
+    return outputs.build_result(
+        job,
+        state,
+        wall_seconds=time.monotonic() - started,
+        early_stopped=early_stopped,
+    )

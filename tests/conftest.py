@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny random Llama with a real chat template, and a registry naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Hello! How are you today? I am fine, thank you.",
+    "Write a haiku about autumn leaves falling slowly to the ground.",
+    "system user assistant tool: you are a helpful test assistant",
+    "0123456789 + - * / = ( ) [ ] { } , . ; : ' \" ? !",
+]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
+
+
+def build_tiny_llama(directory: Path, *, vocab_size: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_tokenizer.save_pretrained(directory)
+    return build_tiny_llama(directory, vocab_size=len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_registry_file(tmp_path_factory, tiny_model_dir) -> Path:
+    path = tmp_path_factory.mktemp("registry") / "models.json"
+    path.write_text(json.dumps({"models": {"tiny-llama": {
+        "source": {"type": "local", "path": str(tiny_model_dir)},
+        "description": "tiny random Llama for tests",
+        "tasks": ["causal_lm"],
+    }}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_registry_file):
+    from peft_engine.models import load_registry
+
+    return load_registry(tiny_registry_file)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where converted base models are cached: shared across runs when TUNEQ_CACHE_DIR is set."""
+    configured = os.environ.get("TUNEQ_CACHE_DIR")
+    return Path(configured) if configured else tmp_path_factory.mktemp("cache")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]}
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data, or a skip naming the missing file."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"missing {path} (real data sets live in ../shared/data beside the repo)")
+    return path
