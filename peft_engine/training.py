@@ -98,7 +98,7 @@ def train(
         loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer)
         _check_same_job(loaded.state, job)
         set_peft_model_state_dict(model, loaded.adapter_weights)
-        scheduler.load_state_dict(loaded.state.scheduler)
+        scheduler.load_state_dict({**loaded.state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
         state, best_weights = loaded.state, loaded.best_weights
         metrics_log.truncate_after(state.step)
         hooks.on_event(Event("info", f"resumed from {resume_from} at step {state.step}"))
@@ -282,6 +282,7 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+    # The schedule itself is a function of the spec; only its counters go in the checkpoint.
     return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
