@@ -15,6 +15,8 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +90,11 @@ def _train(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
 
     progress = ConsoleProgress()
-    _stop_on_first_ctrl_c(progress)
-    result = train(
-        spec, args.out, progress.hooks(), data=data, resume_from=resume,
-        registry=registry, cache_dir=args.cache_dir,
-    )
+    with _stop_on_first_ctrl_c(progress):
+        result = train(
+            spec, args.out, progress.hooks(), data=data, resume_from=resume,
+            registry=registry, cache_dir=args.cache_dir,
+        )
     if result.status == "stopped":
         latest = _latest_checkpoint(args.out)
         hint = f"; resume with --resume {latest}" if latest else ""
@@ -157,14 +159,21 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _stop_on_first_ctrl_c(progress: Any) -> None:
+@contextmanager
+def _stop_on_first_ctrl_c(progress: Any) -> Iterator[None]:
+    """The first Ctrl-C stops after the current step; a second one aborts at once."""
+
     def handle(signum: int, frame: Any) -> None:
         if progress.stop_requested:
             raise KeyboardInterrupt
         progress.stop_requested = True
         print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handle)
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_summary(output_dir: Path | None, result: dict[str, Any]) -> None:

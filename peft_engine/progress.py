@@ -22,9 +22,9 @@ def format_duration(seconds: float) -> str:
 class ConsoleProgress:
     """Hooks that draw progress on `stream`; `stop_requested` is set by the CLI on Ctrl-C."""
 
-    def __init__(self, stream: TextIO = sys.stderr, *, live: bool | None = None) -> None:
-        self.stream = stream
-        self.live = stream.isatty() if live is None else live
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
         self.stop_requested = False
         self._bar_shown = False
         self._tokens_per_second: float | None = None
