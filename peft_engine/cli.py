@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     from peft_engine.spec import parse_spec
     from peft_engine.training import train
 
+    _quiet_libraries()
     raw = _read_spec_file(args.spec)
     if args.data is not None:
         raw["training_file"] = str(args.data)
@@ -102,6 +104,15 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     _print_summary(result.output_dir, result.result)
     return 0
+
+
+def _quiet_libraries() -> None:
+    # Our own progress is on screen; transformers' loading bars and deprecation notices
+    # about its internals would only bury it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ def train(
     spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
 
     # 1. Spec, model files and data: every user error surfaces here, before weights load.
+    hooks.on_event(Event("info", f"preparing {spec.model} and the data"))
     job = prepare_job(
         spec,
         data or DataPaths.from_spec(spec),
