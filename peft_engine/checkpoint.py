@@ -106,8 +106,11 @@ def load_checkpoint(directory: Path, *, optimizer: torch.optim.Optimizer) -> Loa
         raise ValueError(f"{directory}: checkpoint format is not version {FORMAT_VERSION}")
     groups = payload.pop("optimizer_param_groups")
     _load_optimizer(optimizer, load_file(directory / "optimizer.safetensors"), groups)
-    _restore_rng(load_file(directory / "rng.safetensors"), payload.pop("python_rng"),
-                 payload.pop("numpy_rng"))
+    _restore_rng(
+        load_file(directory / "rng.safetensors"),
+        payload.pop("python_rng"),
+        payload.pop("numpy_rng"),
+    )
     best_path = directory / "best_adapter.safetensors"
     return LoadedCheckpoint(
         state=TrainerState.from_json(payload),
@@ -154,8 +157,13 @@ def _python_rng_state() -> list:
 
 def _numpy_rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "name": name,
+        "keys": keys.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list, numpy_rng: dict) -> None:
@@ -165,5 +173,12 @@ def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: list, numpy_rng: 
         torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss = python_rng
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state((numpy_rng["name"], np.array(numpy_rng["keys"], dtype=np.uint32),
-                         numpy_rng["pos"], numpy_rng["has_gauss"], numpy_rng["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_rng["name"],
+            np.array(numpy_rng["keys"], dtype=np.uint32),
+            numpy_rng["pos"],
+            numpy_rng["has_gauss"],
+            numpy_rng["cached_gaussian"],
+        )
+    )

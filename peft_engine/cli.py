@@ -40,14 +40,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m peft_engine", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--registry", type=Path, default=_env_path("TUNEQ_MODEL_REGISTRY"),
-        help="operator model registry file (YAML or JSON) adding to the built-in models "
-             "[env TUNEQ_MODEL_REGISTRY]",
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_engine", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--cache-dir", type=Path, default=_env_path("TUNEQ_CACHE_DIR"),
+        "--registry",
+        type=Path,
+        default=_env_path("TUNEQ_MODEL_REGISTRY"),
+        help="operator model registry file (YAML or JSON) adding to the built-in models "
+        "[env TUNEQ_MODEL_REGISTRY]",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_env_path("TUNEQ_CACHE_DIR"),
         help="where converted base models are cached [env TUNEQ_CACHE_DIR; ~/.cache/tuneq]",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -94,8 +100,13 @@ def _train(args: argparse.Namespace) -> int:
     progress = ConsoleProgress()
     with _stop_on_first_ctrl_c(progress):
         result = train(
-            spec, args.out, progress.hooks(), data=data, resume_from=resume,
-            registry=registry, cache_dir=args.cache_dir,
+            spec,
+            args.out,
+            progress.hooks(),
+            data=data,
+            resume_from=resume,
+            registry=registry,
+            cache_dir=args.cache_dir,
         )
     if result.status == "stopped":
         latest = _latest_checkpoint(args.out)
@@ -164,7 +175,8 @@ def _resume_path(value: str | None, out: Path) -> Path | None:
 
 def _latest_checkpoint(out: Path) -> Path | None:
     found = [
-        p for p in (out / "checkpoints").glob("checkpoint-*")
+        p
+        for p in (out / "checkpoints").glob("checkpoint-*")
         if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
     ]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)

@@ -32,9 +32,9 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 | base model | `{job.entry.name}` ({job.entry.description or job.entry.source.type}) |
 | task | `{spec.task}` |
 | method | `{method["type"]}` ({method_text}) |
-| training examples | {result["train_examples"]} ({result["truncated_examples"]} truncated to {hp.max_seq_length} tokens, {result["dropped_examples"]} left out with nothing to learn) |
+| training examples | {_examples(result, hp.max_seq_length)} |
 | validation examples | {result["validation_examples"]} |
-| steps | {result["steps"]} of {result["total_steps"]}{" (early stopping)" if result["early_stopped"] else ""}, batch {hp.batch_size} × {hp.gradient_accumulation_steps}, {hp.n_epochs} epochs |
+| steps | {_steps(result, hp)} |
 | learning rate | {hp.learning_rate:g}, {hp.lr_scheduler}, {hp.warmup_steps} warmup steps |
 | trained tokens | {result["trained_tokens"]} |
 | weights kept | {_kept(result)} |
@@ -59,6 +59,21 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 
 `result.json` holds every figure above; `metrics.jsonl` the per-step series.
 """
+
+
+def _examples(result: dict[str, Any], max_seq_length: int) -> str:
+    return (
+        f"{result['train_examples']} ({result['truncated_examples']} truncated to "
+        f"{max_seq_length} tokens, {result['dropped_examples']} left out with nothing to learn)"
+    )
+
+
+def _steps(result: dict[str, Any], hp: Any) -> str:
+    stopped = " (early stopping)" if result["early_stopped"] else ""
+    return (
+        f"{result['steps']} of {result['total_steps']}{stopped}, batch {hp.batch_size} × "
+        f"{hp.gradient_accumulation_steps}, {hp.n_epochs} epochs"
+    )
 
 
 def _kept(result: dict[str, Any]) -> str:

@@ -67,7 +67,9 @@ def build_result(
         "early_stopped": early_stopped,
         "trained_tokens": state.trained_tokens,
         "trained_loss_tokens": state.trained_loss_tokens,
-        "tokens_per_second": state.trained_tokens / state.train_seconds if state.train_seconds else 0.0,
+        "tokens_per_second": state.trained_tokens / state.train_seconds
+        if state.train_seconds
+        else 0.0,
         "train_examples": len(job.train.examples),
         "validation_examples": len(job.validation.examples) if job.validation else 0,
         "truncated_examples": job.train.truncated,

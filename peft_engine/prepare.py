@@ -40,6 +40,11 @@ class DataPaths:
     train: Path
     validation: Path | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", Path(self.train))
+        if self.validation is not None:
+            object.__setattr__(self, "validation", Path(self.validation))
+
     @classmethod
     def from_spec(cls, spec: JobSpec) -> DataPaths:
         if spec.training_file is None:
@@ -145,4 +150,3 @@ def _check_support(spec: JobSpec, entry: ModelEntry) -> None:
         raise SpecError(
             f"method {method.type!r} does not support task {spec.task!r}", param="method.type"
         )
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
@@ -38,7 +38,7 @@ def _method_type(value: Any) -> Any:
 
 # One member today; issue 6 adds the rest of the catalogue to this union.
 METHOD_TYPES = tuple(METHODS)
-Method = Annotated[Union[Annotated[LoraMethod, Tag("lora")]], Discriminator(_method_type)]
+Method = Annotated[Annotated[LoraMethod, Tag("lora")], Discriminator(_method_type)]
 
 
 class Hyperparameters(_Strict):

@@ -99,7 +99,9 @@ def train(
         loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer)
         _check_same_job(loaded.state, job)
         set_peft_model_state_dict(model, loaded.adapter_weights)
-        scheduler.load_state_dict({**loaded.state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
+        scheduler.load_state_dict(
+            {**loaded.state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)}
+        )
         state, best_weights = loaded.state, loaded.best_weights
         metrics_log.truncate_after(state.step)
         hooks.on_event(Event("info", f"resumed from {resume_from} at step {state.step}"))
@@ -162,7 +164,9 @@ def train(
         hooks.on_metrics(step, train_metrics)
 
         # evaluate; keep the best weights; stop early when eval loss stops improving
-        if job.validation is not None and (step % hp.eval_every_steps == 0 or step == hp.total_steps):
+        if job.validation is not None and (
+            step % hp.eval_every_steps == 0 or step == hp.total_steps
+        ):
             state.last_eval = _evaluate(model, job, device)
             _log_eval(step, state.last_eval, metrics_log, hooks)
             is_best, early_stopped = _record_eval(state, step, hp.early_stopping)
@@ -175,7 +179,10 @@ def train(
             state.scheduler = _scheduler_state(scheduler)
             path = ckpt.save_checkpoint(
                 workdir / "checkpoints" / f"checkpoint-{step}",
-                model=model, optimizer=optimizer, state=state, best_weights=best_weights,
+                model=model,
+                optimizer=optimizer,
+                state=state,
+                best_weights=best_weights,
             )
             hooks.on_checkpoint(path, step, dict(state.last_eval))
         if early_stopped:
@@ -193,7 +200,11 @@ def train(
         hooks.on_event(Event("info", f"kept the weights of step {best_step}, the best eval loss"))
     result = _result(job, state, started, early_stopped)
     output_dir = outputs.write_output(
-        workdir, model=model, tokenizer=job.tokenizer, job=job, result=result,
+        workdir,
+        model=model,
+        tokenizer=job.tokenizer,
+        job=job,
+        result=result,
         metrics_log=metrics_log,
     )
     hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
@@ -262,7 +273,8 @@ def _record_eval(state: ckpt.TrainerState, step: int, rule: Any) -> tuple[bool, 
 def _early_stop_message(state: ckpt.TrainerState, rule: Any) -> str:
     return (
         f"early stopping at step {state.step}: no eval-loss improvement of more than "
-        f"{rule.min_delta} in {rule.patience} evaluations; best step {state.early_stopping.best_step}"
+        f"{rule.min_delta} in {rule.patience} evaluations; "
+        f"best step {state.early_stopping.best_step}"
     )
 
 
@@ -311,29 +323,35 @@ def _check_same_job(state: ckpt.TrainerState, job: PreparedJob) -> None:
 def _announce(job: PreparedJob, hooks: Hooks) -> None:
     hp = job.spec.hyperparameters
     train = job.train
-    hooks.on_event(Event(
-        "info",
-        f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
-        f"{train.n_loss_tokens} with loss), "
-        f"{len(job.validation.examples) if job.validation else 0} validation examples; "
-        f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
-        f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
-        {"resolved_hyperparameters": hp.model_dump()},
-    ))
+    hooks.on_event(
+        Event(
+            "info",
+            f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
+            f"{train.n_loss_tokens} with loss), "
+            f"{len(job.validation.examples) if job.validation else 0} validation examples; "
+            f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
+            f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
+            {"resolved_hyperparameters": hp.model_dump()},
+        )
+    )
     if train.truncated:
-        hooks.on_event(Event(
-            "warning",
-            f"{train.truncated} training examples are longer than max_seq_length="
-            f"{hp.max_seq_length} and were truncated",
-            {"truncated_examples": train.truncated},
-        ))
+        hooks.on_event(
+            Event(
+                "warning",
+                f"{train.truncated} training examples are longer than max_seq_length="
+                f"{hp.max_seq_length} and were truncated",
+                {"truncated_examples": train.truncated},
+            )
+        )
     if train.dropped:
-        hooks.on_event(Event(
-            "warning",
-            f"{train.dropped} training examples had no token to learn from within "
-            f"max_seq_length={hp.max_seq_length} and were left out",
-            {"dropped_examples": train.dropped},
-        ))
+        hooks.on_event(
+            Event(
+                "warning",
+                f"{train.dropped} training examples had no token to learn from within "
+                f"max_seq_length={hp.max_seq_length} and were left out",
+                {"dropped_examples": train.dropped},
+            )
+        )
 
 
 def _log_eval(
@@ -342,13 +360,15 @@ def _log_eval(
     log.write(step, metrics)
     hooks.on_metrics(step, metrics)
     label = what or f"step {step}"
-    hooks.on_event(Event(
-        "info",
-        f"eval ({label}): loss {metrics['eval_loss']:.4f}, "
-        f"perplexity {metrics['eval_perplexity']:.2f}, "
-        f"token accuracy {metrics['eval_token_accuracy']:.3f}",
-        {"step": step, **metrics},
-    ))
+    hooks.on_event(
+        Event(
+            "info",
+            f"eval ({label}): loss {metrics['eval_loss']:.4f}, "
+            f"perplexity {metrics['eval_perplexity']:.2f}, "
+            f"token accuracy {metrics['eval_token_accuracy']:.3f}",
+            {"step": step, **metrics},
+        )
+    )
 
 
 def _result(

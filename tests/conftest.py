@@ -38,8 +38,10 @@ def build_tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
@@ -56,9 +58,17 @@ def build_tiny_llama(directory: Path, *, vocab_size: int) -> Path:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
@@ -79,11 +89,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_registry_file(tmp_path_factory, tiny_model_dir) -> Path:
     path = tmp_path_factory.mktemp("registry") / "models.json"
-    path.write_text(json.dumps({"models": {"tiny-llama": {
-        "source": {"type": "local", "path": str(tiny_model_dir)},
-        "description": "tiny random Llama for tests",
-        "tasks": ["causal_lm"],
-    }}}))
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "tiny-llama": {
+                        "source": {"type": "local", "path": str(tiny_model_dir)},
+                        "description": "tiny random Llama for tests",
+                        "tasks": ["causal_lm"],
+                    }
+                }
+            }
+        )
+    )
     return path
 
 
@@ -107,8 +125,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def chat(user: str, assistant: str) -> dict:
-    return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": assistant}]}
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    }
 
 
 def shared_file(*parts: str) -> Path:

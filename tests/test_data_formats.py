@@ -35,15 +35,34 @@ def test_blank_lines_are_skipped_and_line_numbers_kept(tmp_path):
         ('{"messages": [{"role": "user", "content": "hi"}]}', "messages", "no assistant message"),
         ('{"messages": "hi"}', "messages", "expected a list, found a string"),
         ('{"messages": []}', "messages", "the conversation is empty"),
-        ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
-         "messages[0].content", "expected a string, found a number"),
-        ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "'robot' is not one of"),
-        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
-         "messages[1].content", "is empty"),
-        ('{"messages": [{"role": "user", "content": "q"}, '
-         '{"role": "assistant", "content": "a", "weight": 2}]}', "messages[1].weight", "must be 0 or 1"),
-        ('{"messages": [{"role": "user", "content": "q"}, '
-         '{"role": "assistant", "content": "a", "weight": 0}]}', "messages", "nothing to learn"),
+        (
+            '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+            "messages[0].content",
+            "expected a string, found a number",
+        ),
+        (
+            '{"messages": [{"role": "robot", "content": "x"}]}',
+            "messages[0].role",
+            "'robot' is not one of",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": " "}]}',
+            "messages[1].content",
+            "is empty",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": "a", "weight": 2}]}',
+            "messages[1].weight",
+            "must be 0 or 1",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": "a", "weight": 0}]}',
+            "messages",
+            "nothing to learn",
+        ),
         ('{"prompt": "p"}', "completion", "missing"),
         ('{"prompt": 1, "completion": "c"}', "prompt", "expected a string, found a number"),
         ('{"text": ""}', "text", "is empty"),

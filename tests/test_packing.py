@@ -13,19 +13,26 @@ from tests.conftest import chat
 
 
 def _examples(tokenizer):
-    rows = [chat("What is 2 plus 2?", "4."),
-            chat("Hello! How are you today?", "I am fine, thank you, and you?"),
-            chat("Capital of France?", "Paris is the capital of France.")]
+    rows = [
+        chat("What is 2 plus 2?", "4."),
+        chat("Hello! How are you today?", "I am fine, thank you, and you?"),
+        chat("Capital of France?", "Paris is the capital of France."),
+    ]
     examples = [Example(i + 1, DataFormat.CHAT, r) for i, r in enumerate(rows)]
     return tokenize_dataset(examples, tokenizer, max_seq_length=256, train_on_inputs=False).examples
 
 
 def _per_token_losses(model, batch):
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask, use_cache=False).logits
-    losses = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
-                             ignore_index=IGNORE, reduction="none").view(batch.targets.shape)
+        logits = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+        ).logits
+    losses = F.cross_entropy(
+        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(batch.targets.shape)
     return logits, losses
 
 
@@ -46,35 +53,40 @@ def test_packed_per_example_loss_equals_padded(tiny_model_dir, tiny_tokenizer):
     start = 0
     for row, example in enumerate(examples):
         n = len(example.input_ids)
-        alone = packed_losses[0, start:start + n]
+        alone = packed_losses[0, start : start + n]
         mask = torch.tensor(example.targets) != IGNORE
-        torch.testing.assert_close(alone[mask].mean(), padded_losses[row, :n][mask].mean(),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            alone[mask].mean(), padded_losses[row, :n][mask].mean(), atol=1e-5, rtol=1e-5
+        )
         start += n
 
 
 def test_no_attention_across_packed_examples(tiny_model_dir, tiny_tokenizer):
     model = _load(tiny_model_dir)
     first, second, third = _examples(tiny_tokenizer)
-    changed = type(second)(second.line, [(t + 7) % 300 for t in second.input_ids],
-                           second.targets, False)
+    changed = type(second)(
+        second.line, [(t + 7) % 300 for t in second.input_ids], second.targets, False
+    )
     logits_a, _ = _per_token_losses(model, pack([first, second, third]))
     logits_b, _ = _per_token_losses(model, pack([first, changed, third]))
     n1, n2 = len(first.input_ids), len(second.input_ids)
     # Example 3 sees nothing of example 2: changing 2 leaves 3's logits as they were.
-    torch.testing.assert_close(logits_a[0, n1 + n2:], logits_b[0, n1 + n2:], atol=1e-6, rtol=0)
-    assert not torch.allclose(logits_a[0, n1:n1 + n2], logits_b[0, n1:n1 + n2])
+    torch.testing.assert_close(logits_a[0, n1 + n2 :], logits_b[0, n1 + n2 :], atol=1e-6, rtol=0)
+    assert not torch.allclose(logits_a[0, n1 : n1 + n2], logits_b[0, n1 : n1 + n2])
     # And each packed example's logits equal those of the example run alone.
     alone, _ = _per_token_losses(model, pack([third]))
-    torch.testing.assert_close(logits_a[0, n1 + n2:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_a[0, n1 + n2 :], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_positions_restart_per_example(tiny_tokenizer):
     examples = _examples(tiny_tokenizer)
     positions = pack(examples).position_ids[0].tolist()
     starts = [i for i, p in enumerate(positions) if p == 0]
-    assert starts == [0, len(examples[0].input_ids),
-                      len(examples[0].input_ids) + len(examples[1].input_ids)]
+    assert starts == [
+        0,
+        len(examples[0].input_ids),
+        len(examples[0].input_ids) + len(examples[1].input_ids),
+    ]
 
 
 def test_padding_masks_and_ignores_pad_positions(tiny_tokenizer):

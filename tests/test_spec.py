@@ -67,9 +67,19 @@ def test_default_max_seq_length_shrinks_to_the_model_but_an_explicit_one_is_refu
 
 
 def test_explicit_values_are_kept_and_max_steps_caps_the_run():
-    spec = parse_spec({"model": "m", "hyperparameters": {
-        "n_epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "gradient_accumulation_steps": 2,
-        "max_steps": 10, "eval_every_steps": 5}})
+    spec = parse_spec(
+        {
+            "model": "m",
+            "hyperparameters": {
+                "n_epochs": 2,
+                "batch_size": 8,
+                "learning_rate": 1e-3,
+                "gradient_accumulation_steps": 2,
+                "max_steps": 10,
+                "eval_every_steps": 5,
+            },
+        }
+    )
     hp = resolve_spec(spec, _stats(n_train=100), LIMITS).hyperparameters
     assert (hp.n_epochs, hp.batch_size, hp.learning_rate) == (2, 8, 1e-3)
     assert hp.steps_per_epoch == 7 and hp.total_steps == 10
@@ -93,18 +103,27 @@ def test_no_validation_data_means_no_evaluation():
     [
         ({"model": "m", "epochs": 3}, "epochs", "unknown field"),
         ({"model": "m", "hyperparameters": {"seed": -1}}, "hyperparameters.seed", "greater than"),
-        ({"model": "m", "hyperparameters": {"learning_rate": 5}}, "hyperparameters.learning_rate",
-         "less than or equal to 1"),
-        ({"model": "m", "hyperparameters": {"lr_scheduler": "step"}},
-         "hyperparameters.lr_scheduler", "'linear', 'cosine' or 'constant'"),
+        (
+            {"model": "m", "hyperparameters": {"learning_rate": 5}},
+            "hyperparameters.learning_rate",
+            "less than or equal to 1",
+        ),
+        (
+            {"model": "m", "hyperparameters": {"lr_scheduler": "step"}},
+            "hyperparameters.lr_scheduler",
+            "'linear', 'cosine' or 'constant'",
+        ),
         ({"model": "m", "validation_split": 0.9}, "validation_split", "less than or equal to 0.5"),
         ({"model": "m", "method": {"type": "adalora"}}, "method", "unknown method 'adalora'"),
         ({"model": "m", "method": "lora"}, "method", "must be an object"),
         ({"model": "m", "method": {"alpha": 0}}, "method.alpha", "greater than 0"),
         ({"model": "m", "task": "translation"}, "task", "'causal_lm'"),
         ({"model": "m", "suffix": "no spaces please"}, "suffix", "should match pattern"),
-        ({"model": "m", "hyperparameters": {"early_stopping": {"patience": 0}}},
-         "hyperparameters.early_stopping.patience", "greater than or equal to 1"),
+        (
+            {"model": "m", "hyperparameters": {"early_stopping": {"patience": 0}}},
+            "hyperparameters.early_stopping.patience",
+            "greater than or equal to 1",
+        ),
         ({}, "model", "Field required"),
     ],
 )

@@ -18,13 +18,15 @@ def _trained_text(tokenizer, record, fmt=DataFormat.CHAT, **kw) -> str:
     return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
 
 
-TWO_TURNS = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And of Italy?"},
-    {"role": "assistant", "content": "Rome."},
-]}
+TWO_TURNS = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+}
 
 
 def test_chat_trains_on_every_assistant_turn_and_its_end_of_turn_token(tiny_tokenizer):
@@ -44,12 +46,14 @@ def test_chat_masks_headers_system_and_user_tokens(tiny_tokenizer):
 
 
 def test_message_weight_overrides_the_default(tiny_tokenizer):
-    record = {"messages": [
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Lyon.", "weight": 0},
-        {"role": "user", "content": "Wrong.", "weight": 1},
-        {"role": "assistant", "content": "Paris."},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Lyon.", "weight": 0},
+            {"role": "user", "content": "Wrong.", "weight": 1},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    }
     assert _trained_text(tiny_tokenizer, record) == (
         "<|im_start|>user\nWrong.<|im_end|>Paris.<|im_end|>"
     )
@@ -77,8 +81,9 @@ def test_text_trains_on_every_token_then_eos(tiny_tokenizer):
 
 
 def test_targets_are_the_next_token_where_it_carries_loss(tiny_tokenizer):
-    dataset = tokenize_dataset([_example(TWO_TURNS)], tiny_tokenizer, max_seq_length=512,
-                               train_on_inputs=False)
+    dataset = tokenize_dataset(
+        [_example(TWO_TURNS)], tiny_tokenizer, max_seq_length=512, train_on_inputs=False
+    )
     example = dataset.examples[0]
     ids, mask = token_ids_and_mask(_example(TWO_TURNS), tiny_tokenizer, train_on_inputs=False)
     assert example.input_ids == ids
@@ -88,12 +93,24 @@ def test_targets_are_the_next_token_where_it_carries_loss(tiny_tokenizer):
 
 
 def test_long_examples_are_truncated_and_counted(tiny_tokenizer):
-    long = {"messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "fox " * 200}]}
-    unreachable = {"messages": [{"role": "user", "content": "dog " * 200},
-                                {"role": "assistant", "content": "ok"}]}
-    dataset = tokenize_dataset([_example(TWO_TURNS), _example(long), _example(unreachable)],
-                               tiny_tokenizer, max_seq_length=64, train_on_inputs=False)
+    long = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "fox " * 200},
+        ]
+    }
+    unreachable = {
+        "messages": [
+            {"role": "user", "content": "dog " * 200},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    dataset = tokenize_dataset(
+        [_example(TWO_TURNS), _example(long), _example(unreachable)],
+        tiny_tokenizer,
+        max_seq_length=64,
+        train_on_inputs=False,
+    )
     assert dataset.truncated == 2
     assert dataset.dropped == 1  # its assistant turn lies beyond the limit: nothing to learn
     assert [len(e.input_ids) <= 64 for e in dataset.examples] == [True, True]
@@ -101,11 +118,16 @@ def test_long_examples_are_truncated_and_counted(tiny_tokenizer):
 
 
 def test_no_learnable_token_at_all_is_a_data_error(tiny_tokenizer):
-    unreachable = {"messages": [{"role": "user", "content": "dog " * 200},
-                                {"role": "assistant", "content": "ok"}]}
+    unreachable = {
+        "messages": [
+            {"role": "user", "content": "dog " * 200},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     with pytest.raises(DataError, match="no example has a token to learn from"):
-        tokenize_dataset([_example(unreachable)], tiny_tokenizer, max_seq_length=32,
-                         train_on_inputs=False)
+        tokenize_dataset(
+            [_example(unreachable)], tiny_tokenizer, max_seq_length=32, train_on_inputs=False
+        )
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error(tiny_tokenizer):

@@ -23,8 +23,11 @@ def data(tmp_path):
 
 def _spec(**hyperparameters):
     base = {"n_epochs": 2, "batch_size": 4, "learning_rate": 3e-3, "eval_every_steps": 4}
-    return {"model": "tiny-llama", "validation_split": 0.25,
-            "hyperparameters": {**base, **hyperparameters}}
+    return {
+        "model": "tiny-llama",
+        "validation_split": 0.25,
+        "hyperparameters": {**base, **hyperparameters},
+    }
 
 
 def _run(spec, workdir, data, tiny_registry, cache_dir, hooks=None, **kw):
@@ -40,8 +43,14 @@ def test_output_is_complete_and_reports_the_run(tmp_path, data, tiny_registry, c
     result = _run(_spec(), tmp_path / "run", data, tiny_registry, cache_dir)
     out = result.output_dir
     assert result.status == "succeeded" and out == tmp_path / "run" / "output"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "metrics.jsonl", "result.json", "README.md"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "result.json",
+        "README.md",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "result.json").read_text())
     assert report["spec"]["hyperparameters"]["n_epochs"] == 2
@@ -57,8 +66,12 @@ def test_output_is_complete_and_reports_the_run(tmp_path, data, tiny_registry, c
         "tiny-llama"
     )
     checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
-    assert [p.name for p in checkpoints] == ["checkpoint-12", "checkpoint-16", "checkpoint-4",
-                                             "checkpoint-8"]
+    assert [p.name for p in checkpoints] == [
+        "checkpoint-12",
+        "checkpoint-16",
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
 
 
 LOAD_WITH_PLAIN_PEFT = """
@@ -86,8 +99,17 @@ def test_output_loads_in_plain_peft_with_the_same_logits(
         expected = model(input_ids=input_ids).logits
     io = tmp_path / "io.safetensors"
     save_file({"input_ids": input_ids}, io)
-    subprocess.run([sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, str(tiny_model_dir),
-                    str(result.output_dir), str(io)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITH_PLAIN_PEFT,
+            str(tiny_model_dir),
+            str(result.output_dir),
+            str(io),
+        ],
+        check=True,
+    )
     torch.testing.assert_close(load_file(io)["logits"], expected, atol=1e-5, rtol=1e-5)
     base_logits = result.model.get_base_model()  # the adapter must actually change something
     with torch.no_grad(), result.model.disable_adapter():
@@ -100,43 +122,74 @@ def test_resume_continues_exactly(tmp_path, data, tiny_registry, cache_dir, pack
     whole = _run(spec, tmp_path / "whole", data, tiny_registry, cache_dir)
 
     steps_seen = []
-    stop_after_7 = Hooks(on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m
-                         else None, should_stop=lambda: len(steps_seen) >= 7)
+    stop_after_7 = Hooks(
+        on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m else None,
+        should_stop=lambda: len(steps_seen) >= 7,
+    )
     stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after_7)
     assert stopped.status == "stopped" and stopped.output_dir is None
-    resumed = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir,
-                   resume_from=tmp_path / "split" / "checkpoints" / "checkpoint-6")
+    resumed = _run(
+        spec,
+        tmp_path / "split",
+        data,
+        tiny_registry,
+        cache_dir,
+        resume_from=tmp_path / "split" / "checkpoints" / "checkpoint-6",
+    )
 
     expected, got = _train_losses(tmp_path / "whole"), _train_losses(tmp_path / "split")
     assert sorted(got) == sorted(expected) == list(range(1, 19))  # step 7 was rewritten
-    for step in range(7, 19):
+    for step in range(1, 19):  # steps 1-6: same seed, same run; 7-18: resumed
         assert abs(got[step] - expected[step]) <= 1e-5, step
     assert resumed.result["best_step"] == whole.result["best_step"]
     assert resumed.result["trained_tokens"] == whole.result["trained_tokens"]
-    assert abs(resumed.result["metrics"]["final"]["eval_loss"]
-               - whole.result["metrics"]["final"]["eval_loss"]) <= 1e-5
+    assert (
+        abs(
+            resumed.result["metrics"]["final"]["eval_loss"]
+            - whole.result["metrics"]["final"]["eval_loss"]
+        )
+        <= 1e-5
+    )
     assert resumed.result["metrics"]["initial"] == whole.result["metrics"]["initial"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_job(tmp_path, data, tiny_registry, cache_dir):
     from peft_engine.errors import SpecError
 
-    _run(_spec(max_steps=3, checkpoint_every_steps=2), tmp_path / "a", data, tiny_registry,
-         cache_dir)
+    _run(
+        _spec(max_steps=3, checkpoint_every_steps=2), tmp_path / "a", data, tiny_registry, cache_dir
+    )
     with pytest.raises(SpecError, match="other settings or data"):
-        _run(_spec(learning_rate=1e-4, max_steps=3), tmp_path / "b", data, tiny_registry,
-             cache_dir, resume_from=tmp_path / "a" / "checkpoints" / "checkpoint-2")
+        _run(
+            _spec(learning_rate=1e-4, max_steps=3),
+            tmp_path / "b",
+            data,
+            tiny_registry,
+            cache_dir,
+            resume_from=tmp_path / "a" / "checkpoints" / "checkpoint-2",
+        )
 
 
 def test_accumulation_is_normalised_by_loss_tokens(tmp_path, data, tiny_registry, cache_dir):
     """One step of batch 8 equals one step of 4 x 2 accumulated: the same mean over tokens."""
     no_dropout = {"type": "lora", "dropout": 0.0}  # dropout masks depend on batch shapes
-    one = _run({**_spec(batch_size=8, max_steps=1), "method": no_dropout}, tmp_path / "one",
-               data, tiny_registry, cache_dir)
-    two = _run({**_spec(batch_size=4, gradient_accumulation_steps=2, max_steps=1),
-                "method": no_dropout}, tmp_path / "two", data, tiny_registry, cache_dir)
+    one = _run(
+        {**_spec(batch_size=8, max_steps=1), "method": no_dropout},
+        tmp_path / "one",
+        data,
+        tiny_registry,
+        cache_dir,
+    )
+    two = _run(
+        {**_spec(batch_size=4, gradient_accumulation_steps=2, max_steps=1), "method": no_dropout},
+        tmp_path / "two",
+        data,
+        tiny_registry,
+        cache_dir,
+    )
     assert _train_losses(tmp_path / "one")[1] == pytest.approx(
-        _train_losses(tmp_path / "two")[1], abs=1e-6)
+        _train_losses(tmp_path / "two")[1], abs=1e-6
+    )
     weights_one = load_file(one.output_dir / "adapter_model.safetensors")
     weights_two = load_file(two.output_dir / "adapter_model.safetensors")
     for name, value in weights_one.items():
@@ -145,11 +198,17 @@ def test_accumulation_is_normalised_by_loss_tokens(tmp_path, data, tiny_registry
 
 def test_early_stopping_keeps_the_best_step(tmp_path, data, tiny_registry, cache_dir):
     # A learning rate this high makes eval loss climb after the first evaluations.
-    spec = _spec(learning_rate=0.08, lr_scheduler="constant", eval_every_steps=1, n_epochs=3,
-                 early_stopping={"patience": 2, "min_delta": 0.0})
+    spec = _spec(
+        learning_rate=0.08,
+        lr_scheduler="constant",
+        eval_every_steps=1,
+        n_epochs=3,
+        early_stopping={"patience": 2, "min_delta": 0.0},
+    )
     events = []
-    result = _run(spec, tmp_path / "run", data, tiny_registry, cache_dir,
-                  Hooks(on_event=events.append))
+    result = _run(
+        spec, tmp_path / "run", data, tiny_registry, cache_dir, Hooks(on_event=events.append)
+    )
     report = result.result
     assert report["early_stopped"] is True
     assert report["steps"] == report["best_step"] + 2 < report["total_steps"]  # patience 2
@@ -164,14 +223,23 @@ def test_early_stopping_keeps_the_best_step(tmp_path, data, tiny_registry, cache
 
 def test_events_metrics_and_checkpoint_hooks_are_called(tmp_path, data, tiny_registry, cache_dir):
     metrics, checkpoints, events = [], [], []
-    hooks = Hooks(on_event=events.append, on_metrics=lambda s, m: metrics.append((s, m)),
-                  on_checkpoint=lambda p, s, m: checkpoints.append((p, s, m)))
+    hooks = Hooks(
+        on_event=events.append,
+        on_metrics=lambda s, m: metrics.append((s, m)),
+        on_checkpoint=lambda p, s, m: checkpoints.append((p, s, m)),
+    )
     _run(_spec(max_steps=8), tmp_path / "run", data, tiny_registry, cache_dir, hooks)
     train_steps = [s for s, m in metrics if "train_loss" in m]
     assert train_steps == list(range(1, 9))
     step_metrics = next(m for s, m in metrics if "train_loss" in m)
-    assert {"learning_rate", "grad_norm", "tokens_per_second", "eta_seconds", "epoch",
-            "total_steps"} <= set(step_metrics)
+    assert {
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "eta_seconds",
+        "epoch",
+        "total_steps",
+    } <= set(step_metrics)
     assert [s for s, m in metrics if "eval_loss" in m] == [0, 4, 8]
     assert [s for _, s, _ in checkpoints] == [4]  # none after the last step: the output is
     assert (checkpoints[0][0] / "adapter_model.safetensors").is_file()

@@ -28,8 +28,12 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            move(self.input_ids), move(self.targets), move(self.position_ids),
-            move(self.attention_mask), self.n_tokens, self.n_loss_tokens,
+            move(self.input_ids),
+            move(self.targets),
+            move(self.position_ids),
+            move(self.attention_mask),
+            self.n_tokens,
+            self.n_loss_tokens,
         )
 
 

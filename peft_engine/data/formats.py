@@ -60,8 +60,9 @@ def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
     except IsADirectoryError:
         raise DataError(f"is a directory, not a file: {path}", param=param) from None
     if report.total_errors:
+        plural = "s" if report.total_errors > 1 else ""
         raise DataError(
-            f"{report.total_errors} invalid line{'s' if report.total_errors > 1 else ''} in {path.name}",
+            f"{report.total_errors} invalid line{plural} in {path.name}",
             param=param,
             errors=report.errors,
             total_errors=report.total_errors,
@@ -186,8 +187,15 @@ def _require_string(obj: dict[str, Any], key: str, where: str | None, *, allow_e
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -64,7 +64,9 @@ def tokenize_dataset(
     kept: list[TokenizedExample] = []
     truncated = dropped = longest = 0
     for example in examples:
-        ids, mask = token_ids_and_mask(example, tokenizer, train_on_inputs=train_on_inputs, param=param)
+        ids, mask = token_ids_and_mask(
+            example, tokenizer, train_on_inputs=train_on_inputs, param=param
+        )
         longest = max(longest, len(ids))
         tokenized = _truncate_and_shift(example.line, ids, mask, max_seq_length)
         truncated += tokenized.truncated
@@ -91,8 +93,10 @@ def token_ids_and_mask(
         completion = tokenizer(example.record["completion"], add_special_tokens=False)["input_ids"]
         completion = [*completion, tokenizer.eos_token_id]
         return prompt + completion, [train_on_inputs] * len(prompt) + [True] * len(completion)
-    ids = [*tokenizer(example.record["text"], add_special_tokens=True)["input_ids"],
-           tokenizer.eos_token_id]
+    ids = [
+        *tokenizer(example.record["text"], add_special_tokens=True)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
     return ids, [True] * len(ids)
 
 
@@ -150,8 +154,12 @@ def chat_loss_regions(
 
 
 def _render(
-    tokenizer: Any, messages: list[dict[str, str]], line: int, param: str,
-    *, generation_prompt: bool = False,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    line: int,
+    param: str,
+    *,
+    generation_prompt: bool = False,
 ) -> str:
     if not messages and not generation_prompt:
         return ""

@@ -17,9 +17,7 @@ class LoraMethod(BaseModel):
     alpha: float = Field(32, gt=0, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # "all-linear": every linear layer but the output head; or explicit module names.
-    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = (
-        "all-linear"
-    )
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
 
