@@ -136,3 +136,32 @@ def shared_file(*parts: str) -> Path:
     if not path.is_file():
         pytest.skip(f"missing {path} (real data sets live in ../shared/data beside the repo)")
     return path
+
+
+LOAD_WITH_PLAIN_PEFT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base_dir, adapter_dir, io = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+with torch.no_grad():
+    logits = model.eval()(input_ids=load_file(io)["input_ids"]).logits
+save_file({"logits": logits.contiguous()}, io)
+"""
+
+
+def logits_from_plain_peft(base_dir: Path, adapter_dir: Path, input_ids, scratch: Path):
+    """Logits of the adapter loaded with nothing but transformers + peft, in a new process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    io = scratch / "logits-io.safetensors"
+    save_file({"input_ids": input_ids}, io)
+    subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, str(base_dir), str(adapter_dir), str(io)],
+        check=True,
+    )
+    return load_file(io)["logits"]

@@ -138,25 +138,7 @@ def test_models_lists_the_registry(tiny_registry_file, capsys):
 
 def test_train_in_a_subprocess_prints_progress_and_a_summary(tmp_path, files, tiny_registry_file):
     spec, data = files
-    env = {**os.environ, "TUNEQ_MODEL_REGISTRY": str(tiny_registry_file)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peft_engine",
-            "train",
-            str(spec),
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    run = _engine_subprocess(spec, data, tmp_path / "out", tiny_registry_file)
     assert run.returncode == 0, run.stderr
     assert "step 2/2 loss" in run.stderr  # plain log lines when not on a terminal
     assert "eval (base model)" in run.stderr
@@ -166,27 +148,31 @@ def test_train_in_a_subprocess_prints_progress_and_a_summary(tmp_path, files, ti
 
 
 def test_user_error_in_a_subprocess_has_no_traceback(tmp_path, tiny_registry_file):
-    env = {**os.environ, "TUNEQ_MODEL_REGISTRY": str(tiny_registry_file)}
     spec = _write_spec(tmp_path, {"model": "nope"})
     data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
-    run = subprocess.run(
+    run = _engine_subprocess(spec, data, tmp_path / "out", tiny_registry_file)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: model: model 'nope'")
+
+
+def _engine_subprocess(spec, data, out, registry_file) -> subprocess.CompletedProcess:
+    """`python -m peft_engine train` as a user runs it, the registry given by environment."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "peft_engine",
             "train",
-            spec,
+            str(spec),
             "--data",
             str(data),
             "--out",
-            str(tmp_path / "out"),
+            str(out),
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "TUNEQ_MODEL_REGISTRY": str(registry_file)},
         cwd=ROOT,
         timeout=300,
     )
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("error: model: model 'nope'")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peft_engine.errors import ModelNotFoundError, SpecError
 from peft_engine.models import (
@@ -30,20 +30,8 @@ TOKENS = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]])
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+def tiny_llama_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,7 +118,7 @@ def test_operator_file_adds_a_local_model_that_loads(
     expected = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
     tokens = torch.tensor([[1, 5, 9, 17]])
     torch.testing.assert_close(_logits(model, tokens), _logits(expected, tokens))
-    assert read_model_info(path).max_position_embeddings == 256
+    assert read_model_info(path).max_position_embeddings == 512
 
 
 def test_operator_entries_replace_builtins_of_the_same_name(

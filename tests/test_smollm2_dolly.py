@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from peft_engine import DataPaths, train
 from peft_engine.models import load_registry, model_dir
-from tests.conftest import shared_file
+from tests.conftest import logits_from_plain_peft, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +58,6 @@ def test_lora_lowers_the_eval_loss_on_real_instructions(dolly_run):
     assert dolly_run.result["trained_tokens"] > 0
 
 
-LOAD_WITH_PLAIN_PEFT = """
-import sys, torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base_dir, adapter_dir, io = sys.argv[1:]
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
-with torch.no_grad():
-    logits = model.eval()(input_ids=load_file(io)["input_ids"]).logits
-save_file({"logits": logits.contiguous()}, io)
-"""
-
-
 def test_output_loads_in_plain_peft_in_a_fresh_process(dolly_run, cache_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -86,18 +70,6 @@ def test_output_loads_in_plain_peft_in_a_fresh_process(dolly_run, cache_dir, tmp
     input_ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         expected = dolly_run.model.eval()(input_ids=input_ids).logits
-    io = tmp_path / "io.safetensors"
-    save_file({"input_ids": input_ids}, io)
     base_dir = model_dir(load_registry().get(SMOLLM2), cache_dir)
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            LOAD_WITH_PLAIN_PEFT,
-            str(base_dir),
-            str(dolly_run.output_dir),
-            str(io),
-        ],
-        check=True,
-    )
-    torch.testing.assert_close(load_file(io)["logits"], expected, atol=1e-4, rtol=1e-4)
+    got = logits_from_plain_peft(base_dir, dolly_run.output_dir, input_ids, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

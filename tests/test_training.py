@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peft_engine import DataPaths, Hooks, train
-from tests.conftest import chat, write_jsonl
+from tests.conftest import chat, logits_from_plain_peft, write_jsonl
 
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(48)]
 
@@ -74,21 +72,6 @@ def test_output_is_complete_and_reports_the_run(tmp_path, data, tiny_registry, c
     ]
 
 
-LOAD_WITH_PLAIN_PEFT = """
-import sys, torch
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base_dir, adapter_dir, io = sys.argv[1:]
-base = AutoModelForCausalLM.from_pretrained(base_dir)
-model = PeftModel.from_pretrained(base, adapter_dir).eval()
-with torch.no_grad():
-    logits = model(input_ids=load_file(io)["input_ids"]).logits
-save_file({"logits": logits.contiguous()}, io)
-"""
-
-
 def test_output_loads_in_plain_peft_with_the_same_logits(
     tmp_path, data, tiny_registry, tiny_model_dir, cache_dir
 ):
@@ -97,23 +80,10 @@ def test_output_loads_in_plain_peft_with_the_same_logits(
     model = result.model.eval()
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
-    io = tmp_path / "io.safetensors"
-    save_file({"input_ids": input_ids}, io)
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            LOAD_WITH_PLAIN_PEFT,
-            str(tiny_model_dir),
-            str(result.output_dir),
-            str(io),
-        ],
-        check=True,
-    )
-    torch.testing.assert_close(load_file(io)["logits"], expected, atol=1e-5, rtol=1e-5)
-    base_logits = result.model.get_base_model()  # the adapter must actually change something
-    with torch.no_grad(), result.model.disable_adapter():
-        assert not torch.allclose(base_logits(input_ids=input_ids).logits, expected)
+    got = logits_from_plain_peft(tiny_model_dir, result.output_dir, input_ids, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), result.model.disable_adapter():  # the adapter must change something
+        assert not torch.allclose(result.model(input_ids=input_ids).logits, expected)
 
 
 @pytest.mark.parametrize("packing", [True, False])
