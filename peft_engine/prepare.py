@@ -74,7 +74,7 @@ def prepare_job(
     spec: JobSpec, data: DataPaths, *, registry: ModelRegistry, cache_dir: Path
 ) -> PreparedJob:
     entry = registry.get(spec.model)
-    _check_support(spec, entry)
+    check_support(spec, entry)
     path = model_dir(entry, cache_dir)
     info = read_model_info(path)
     limits = ModelLimits(max_position_embeddings=info.max_position_embeddings)
@@ -138,7 +138,7 @@ def split_validation(
     )
 
 
-def _check_support(spec: JobSpec, entry: ModelEntry) -> None:
+def check_support(spec: JobSpec, entry: ModelEntry) -> None:
     if spec.task not in entry.tasks:
         raise SpecError(
             f"model {entry.name!r} does not support task {spec.task!r} "

@@ -115,6 +115,17 @@ def train(
             state.last_eval = dict(state.initial_metrics)
             _log_eval(0, state.initial_metrics, metrics_log, hooks, "base model")
 
+    def save_checkpoint() -> None:
+        state.scheduler = _scheduler_state(scheduler)
+        path = ckpt.save_checkpoint(
+            workdir / "checkpoints" / f"checkpoint-{state.step}",
+            model=model,
+            optimizer=optimizer,
+            state=state,
+            best_weights=best_weights,
+        )
+        hooks.on_checkpoint(path, state.step, dict(state.last_eval))
+
     # 5. Optimizer steps.
     stopped = early_stopped = False
     loop_started, steps_this_run = time.monotonic(), 0
@@ -176,20 +187,16 @@ def train(
         # checkpoint (not after the last step: the output is written instead)
         last = step == hp.total_steps or early_stopped
         if step % hp.checkpoint_every_steps == 0 and not last:
-            state.scheduler = _scheduler_state(scheduler)
-            path = ckpt.save_checkpoint(
-                workdir / "checkpoints" / f"checkpoint-{step}",
-                model=model,
-                optimizer=optimizer,
-                state=state,
-                best_weights=best_weights,
-            )
-            hooks.on_checkpoint(path, step, dict(state.last_eval))
+            save_checkpoint()
         if early_stopped:
             hooks.on_event(Event("info", _early_stop_message(state, hp.early_stopping)))
             break
 
     if stopped:
+        # A stop on request (pause, Ctrl-C, cancel) keeps the steps done since the last
+        # checkpoint, so the run can resume from here.
+        if state.step > 0 and state.step % hp.checkpoint_every_steps != 0:
+            save_checkpoint()
         hooks.on_event(Event("warning", f"stopped at step {state.step} on request"))
         return TrainResult("stopped", None, _result(job, state, started, early_stopped), model)
 

@@ -98,6 +98,8 @@ def test_resume_continues_exactly(tmp_path, data, tiny_registry, cache_dir, pack
     )
     stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after_7)
     assert stopped.status == "stopped" and stopped.output_dir is None
+    # the stop kept step 7 as a checkpoint; resuming from the older one must also be exact
+    assert (tmp_path / "split" / "checkpoints" / "checkpoint-7" / "trainer_state.json").is_file()
     resumed = _run(
         spec,
         tmp_path / "split",

@@ -13,10 +13,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+if TYPE_CHECKING:  # torch and transformers load only when a file is actually converted
+    from transformers import PreTrainedModel
 
 _DIGEST_CHARS = 16
 _DIGESTS_FILE = "digests.json"
@@ -28,11 +28,10 @@ def dequantized_dir(gguf_path: Path, cache_dir: Path) -> Path:
     Built on first use into a private sibling directory and renamed into place, so readers
     never see a half-written one; of processes racing to build it, the first rename wins.
     """
-    root = cache_dir / "gguf"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / _file_digest(gguf_path, root)
+    target = cached_dequantized_dir(gguf_path, cache_dir)
     if target.is_dir():
         return target
+    root = target.parent
     building = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     building.mkdir()
     try:
@@ -43,8 +42,17 @@ def dequantized_dir(gguf_path: Path, cache_dir: Path) -> Path:
     return target
 
 
+def cached_dequantized_dir(gguf_path: Path, cache_dir: Path) -> Path:
+    """Where the dequantised directory of this GGUF file is (or will be); builds nothing."""
+    root = cache_dir / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / _file_digest(gguf_path, root)
+
+
 def _write_dequantized(gguf_path: Path, out_dir: Path) -> None:
     """Write the GGUF file's model as float32 safetensors and its tokenizer into `out_dir`."""
+    from transformers import AutoTokenizer
+
     model = _without_quantizer(load_gguf_model(gguf_path))
     model.save_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(
@@ -59,6 +67,9 @@ def _write_dequantized(gguf_path: Path, out_dir: Path) -> None:
 
 def load_gguf_model(gguf_path: Path) -> PreTrainedModel:
     """The GGUF file's model in float32, still carrying its (untrainable) gguf quantizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(
         gguf_path.parent,
         gguf_file=gguf_path.name,
@@ -69,6 +80,9 @@ def load_gguf_model(gguf_path: Path) -> PreTrainedModel:
 
 
 def _without_quantizer(gguf_model: PreTrainedModel) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = copy.deepcopy(gguf_model.config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)

@@ -10,34 +10,37 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from peft_engine.errors import ModelNotFoundError
-from peft_engine.models.gguf import dequantized_dir
+from peft_engine.models.gguf import cached_dequantized_dir, dequantized_dir
 from peft_engine.models.registry import ModelEntry
+
+if TYPE_CHECKING:  # locating files and reading configs needs neither (the API uses them)
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONFIG_FILE = "config.json"
 
 
-def model_dir(entry: ModelEntry, cache_dir: Path, *, hub_cache: Path | None = None) -> Path:
+def model_dir(
+    entry: ModelEntry, cache_dir: Path, *, hub_cache: Path | None = None, build: bool = True
+) -> Path | None:
     """The entry's Hugging Face-format directory; GGUF files are dequantised into `cache_dir`.
 
     `hub_cache` overrides the Hugging Face hub cache (default: huggingface_hub's own setting).
+    With `build=False` a GGUF entry not yet dequantised gives None instead (no torch needed).
     """
     if entry.source.type == "gguf":
         gguf_path = _source_path(entry)
         if not gguf_path.is_file():
             raise _not_found(entry, f"has no GGUF file at {gguf_path}")
+        if not build:
+            cached = cached_dequantized_dir(gguf_path, cache_dir)
+            return cached if cached.is_dir() else None
         return dequantized_dir(gguf_path, cache_dir)
     if entry.source.type == "local":
         return _checked_hf_dir(entry, _source_path(entry))
@@ -89,19 +92,24 @@ def _not_found(entry: ModelEntry, reason: str) -> ModelNotFoundError:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
 
 
 def load_causal_lm(
     path: Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=dtype,
+        dtype=dtype or torch.float32,
         device_map=device,
         attn_implementation=attn_implementation,
         trust_remote_code=False,

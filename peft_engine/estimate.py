@@ -1,0 +1,165 @@
+"""What a job will cost, without torch: token counts, resolved hyperparameters, duration.
+
+The control plane calls this when a job is created (and for `?dry_run=true`); it never
+loads weights. Tokens are counted with the model's own tokenizer (the Rust `tokenizers`
+library and the model's chat template) when its files are on disk; a GGUF model not yet
+dequantised has none, and then a characters-per-token rule is used and the estimate says
+so (`exact: false`). The worker's engine counts exactly again when the job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft_engine.data.formats import DataFormat, Example, read_examples
+from peft_engine.errors import SpecError
+from peft_engine.models.loading import model_dir, read_model_info
+from peft_engine.models.registry import ModelRegistry
+from peft_engine.prepare import DataPaths, check_support, split_validation
+from peft_engine.spec import (
+    DatasetStats,
+    JobSpec,
+    ModelLimits,
+    ResolvedSpec,
+    resolve_max_seq_length,
+    resolve_spec,
+)
+
+_CHARS_PER_TOKEN = 4.0  # English text with a BPE vocabulary of ~50k: a rough but usual rule
+
+
+@dataclass(frozen=True)
+class Estimate:
+    spec: ResolvedSpec
+    n_train: int
+    n_validation: int
+    train_tokens_per_epoch: int  # after truncation to max_seq_length
+    trained_tokens: int  # over the whole job (epochs, max_steps)
+    truncated: int  # training examples longer than max_seq_length
+    exact: bool  # counted with the model's tokenizer
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "n_train_examples": self.n_train,
+            "n_validation_examples": self.n_validation,
+            "train_tokens_per_epoch": self.train_tokens_per_epoch,
+            "trained_tokens": self.trained_tokens,
+            "truncated_examples": self.truncated,
+            "total_steps": self.spec.hyperparameters.total_steps,
+            "tokens_exact": self.exact,
+            "estimated_seconds": round(self.seconds, 1),
+        }
+
+
+def estimate_job(
+    spec: JobSpec,
+    data: DataPaths,
+    *,
+    registry: ModelRegistry,
+    cache_dir: Path,
+    tokens_per_second: float,
+) -> Estimate:
+    entry = registry.get(spec.model)
+    check_support(spec, entry)
+    path = model_dir(entry, cache_dir, build=False)
+    limits = ModelLimits(
+        max_position_embeddings=read_model_info(path).max_position_embeddings if path else None
+    )
+    train_examples = read_examples(data.train, param="training_file")
+    if data.validation is not None:
+        validation_examples = read_examples(data.validation, param="validation_file")
+    else:
+        train_examples, validation_examples = split_validation(
+            train_examples, spec.validation_split, seed=spec.hyperparameters.seed
+        )
+    count = _token_counter(path)
+    lengths = [count(example) for example in train_examples]
+    cap = resolve_max_seq_length(spec.hyperparameters, limits)
+    stats = DatasetStats(
+        n_train=len(train_examples),
+        n_validation=len(validation_examples),
+        max_tokens=max(lengths),
+        mean_tokens=sum(min(n, cap) for n in lengths) / len(lengths),
+    )
+    resolved = resolve_spec(spec, stats, limits)
+    hp = resolved.hyperparameters
+    per_epoch = sum(min(n, hp.max_seq_length) for n in lengths)
+    epochs_run = hp.total_steps / hp.steps_per_epoch  # max_steps may end the job early
+    trained = math.ceil(per_epoch * epochs_run)
+    return Estimate(
+        spec=resolved,
+        n_train=stats.n_train,
+        n_validation=stats.n_validation,
+        train_tokens_per_epoch=per_epoch,
+        trained_tokens=trained,
+        truncated=sum(1 for n in lengths if n > hp.max_seq_length),
+        exact=path is not None,
+        seconds=trained / tokens_per_second,
+    )
+
+
+def _token_counter(path: Path | None) -> Any:
+    if path is None or not (path / "tokenizer.json").is_file():
+        return lambda example: max(1, math.ceil(len(_example_text(example)) / _CHARS_PER_TOKEN))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    template = _chat_template(path)
+
+    def count(example: Example) -> int:
+        record = example.record
+        if example.format is DataFormat.CHAT and template is not None:
+            text = template.render(messages=record["messages"], add_generation_prompt=False)
+            return len(tokenizer.encode(text, add_special_tokens=False).ids)
+        if example.format is DataFormat.PROMPT_COMPLETION:
+            prompt = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
+            completion = tokenizer.encode(record["completion"], add_special_tokens=False).ids
+            return len(prompt) + len(completion) + 1  # + end of sequence
+        return len(tokenizer.encode(_example_text(example), add_special_tokens=True).ids) + 1
+
+    return count
+
+
+def _chat_template(path: Path) -> Any:
+    source = None
+    if (path / "chat_template.jinja").is_file():
+        source = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (path / "tokenizer_config.json").is_file():
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        source = config.get("chat_template") if isinstance(config, dict) else None
+    if not isinstance(source, str):
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_template_error
+    config = _read_json(path / "tokenizer_config.json")
+    return env.from_string(source, globals={k: config.get(k) for k in ("bos_token", "eos_token")})
+
+
+def _raise_template_error(message: str) -> None:
+    raise SpecError(
+        f"the model's chat template refused an example: {message}", param="training_file"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _example_text(example: Example) -> str:
+    record = example.record
+    if example.format is DataFormat.CHAT:
+        return "\n".join(str(m.get("content") or "") for m in record["messages"])
+    if example.format is DataFormat.PROMPT_COMPLETION:
+        return record["prompt"] + record["completion"]
+    return record["text"]
