@@ -1,0 +1,90 @@
+"""Domain errors: each carries its HTTP status and a stable code; api/ renders them once.
+
+Services raise these; routes never build HTTP errors for domain rules (STYLE habit 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorItem:
+    """One thing at fault: a field (dotted path) or a line of an uploaded file."""
+
+    message: str
+    field: str | None = None
+    line: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"message": self.message}
+        if self.field is not None:
+            item["field"] = self.field
+        if self.line is not None:
+            item["line"] = self.line
+        return item
+
+
+class TuneqError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: list[ErrorItem] | None = None,
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+        self.param = param
+        self.extra = extra or {}
+
+
+class NotFound(TuneqError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Unauthorized(TuneqError):
+    status, code, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class InvalidRequest(TuneqError):
+    status, code, title = 422, "invalid_request", "Invalid request"
+
+
+class InvalidFile(InvalidRequest):
+    code, title = "invalid_training_file", "Invalid file"
+
+
+class InvalidHyperparameters(InvalidRequest):
+    code, title = "invalid_hyperparameters", "Invalid hyperparameters"
+
+
+class ModelNotFound(InvalidRequest):
+    code, title = "model_not_found", "Unknown model"
+
+
+class PayloadTooLarge(TuneqError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class Conflict(TuneqError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    code, title = "idempotency_key_reused", "Idempotency key reused with another request"
+
+
+class IdempotencyKeyInUse(Conflict):
+    code, title = "idempotency_key_in_use", "A request with this idempotency key is in progress"
+
+
+class Unavailable(TuneqError):
+    status, code, title = 503, "unavailable", "Service unavailable"

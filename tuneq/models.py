@@ -1,0 +1,21 @@
+"""Every ORM model, imported in one place so that the metadata (and Alembic) sees them all."""
+
+from tuneq.db import Base
+from tuneq.files.models import File
+from tuneq.idempotency.models import IdempotencyKey
+from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
+from tuneq.teams.models import ApiKey, Team
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "File",
+    "IdempotencyKey",
+    "Job",
+    "JobArtifact",
+    "JobCheckpoint",
+    "JobEvent",
+    "JobMetric",
+    "OutboxMessage",
+    "Team",
+]
