@@ -49,6 +49,32 @@ class ScanReport:
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(error)
 
+    def scan(self, raw: bytes, number: int) -> Example | None:
+        """Check one line: its example, or None (blank, or a problem now in `errors`).
+
+        The caller decides whether to keep examples: a streamed upload only counts them.
+        """
+        self.lines = number
+        if not raw.strip():
+            return None  # blank lines (a trailing newline, say) are not examples
+        try:
+            example = parse_line(raw, number)
+        except _LineProblem as problem:
+            self.add_error(LineError(number, problem.message, problem.field))
+            return None
+        if self.format is None:
+            self.format = example.format
+        elif example.format is not self.format:
+            self.add_error(
+                LineError(
+                    number,
+                    f"is in {example.format} format but the file started in {self.format} "
+                    "format; use one format per file",
+                )
+            )
+            return None
+        return example
+
 
 def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
     """All examples of a JSONL file, or a DataError listing the lines at fault."""
@@ -75,26 +101,9 @@ def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
 def scan_lines(lines: Iterable[bytes]) -> ScanReport:
     report = ScanReport()
     for number, raw in enumerate(lines, start=1):
-        report.lines = number
-        if not raw.strip():
-            continue  # blank lines (a trailing newline, say) are not examples
-        try:
-            example = parse_line(raw, number)
-        except _LineProblem as problem:
-            report.add_error(LineError(number, problem.message, problem.field))
-            continue
-        if report.format is None:
-            report.format = example.format
-        elif example.format is not report.format:
-            report.add_error(
-                LineError(
-                    number,
-                    f"is in {example.format} format but the file started in {report.format} "
-                    "format; use one format per file",
-                )
-            )
-            continue
-        report.examples.append(example)
+        example = report.scan(raw, number)
+        if example is not None:
+            report.examples.append(example)
     return report
 
 

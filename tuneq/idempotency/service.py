@@ -8,6 +8,7 @@ and the response is stored in the same transaction as the object it created.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -99,3 +100,37 @@ def purge_expired(db: Session, *, older_than: timedelta) -> int:
         delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - older_than)
     )
     return result.rowcount or 0
+
+
+def create_once(
+    sessions: sessionmaker[Session],
+    *,
+    team_id: str,
+    key: str | None,
+    method_path: str,
+    fingerprint: str,
+    create: Callable[[Session], Any],
+) -> StoredResponse:
+    """Run `create(db)` (it returns the response body) at most once per Idempotency-Key.
+
+    Without a key it simply runs. With one: a finished earlier request's response is
+    returned instead; otherwise the body is stored beside what `create` made, in its
+    transaction, and a failure frees the key for a retry.
+    """
+    claimed = None
+    if key is not None:
+        claimed = claim_key(
+            sessions, team_id=team_id, key=key, method_path=method_path, fingerprint=fingerprint
+        )
+        if isinstance(claimed, StoredResponse):
+            return claimed
+    try:
+        with transaction(sessions) as db:
+            body = create(db)
+            if claimed is not None:
+                record_response(db, claimed, 201, body)
+    except Exception:
+        if claimed is not None:
+            release_key(sessions, claimed)
+        raise
+    return StoredResponse(201, body)

@@ -1,0 +1,47 @@
+"""The control plane: `create_app(settings)` builds the FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import metrics, problems
+from api.routes import files, health, jobs, models
+from peft_engine.models import load_registry
+from tuneq import __version__
+from tuneq.db import make_engine, make_sessionmaker
+from tuneq.queue import make_celery
+from tuneq.settings import Settings
+from tuneq.storage import open_store
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.resolved_database_url)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.sessions = make_sessionmaker(engine)
+        app.state.store = open_store(settings)
+        app.state.registry = load_registry(settings.model_registry)
+        app.state.celery = make_celery(settings)
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="tuneq",
+        version=__version__,
+        summary="Fine-tuning jobs on your own GPUs: upload data, train adapters, download them.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    metrics.install(app)
+    for module in (files, jobs, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,143 @@
+"""`/files`: upload a dataset (streamed, validated on the way), list, read, download, delete.
+
+Thin: the rules live in tuneq.files.service; this module reads the HTTP request and
+applies the Idempotency-Key around the upload.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from api.uploads import MultipartUpload, open_upload
+from tuneq.files import service
+from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
+from tuneq.idempotency.service import create_once, request_hash
+from tuneq.settings import Settings
+from tuneq.storage import ObjectStore
+from tuneq.teams.models import Team
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+METHOD_PATH = "POST /files"
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": sorted(service.PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=FilePublic, openapi_extra=_UPLOAD_BODY)
+async def upload_file(
+    request: Request,
+    team: TeamDep,
+    sessions: SessionsDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    upload = open_upload(request, max_upload_bytes=settings.max_upload_bytes)
+    # Parsing, hashing, validating and storing are blocking work: all of it off the loop.
+    return await run_in_threadpool(
+        _create_file,
+        upload=upload,
+        team=team,
+        sessions=sessions,
+        object_store=store,
+        settings=settings,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _create_file(
+    *,
+    upload: MultipartUpload,
+    team: Team,
+    sessions: sessionmaker[Session],
+    object_store: ObjectStore,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    with service.ingest_upload(chunks=upload.file_chunks(), settings=settings) as ingested:
+        purpose = upload.fields.get("purpose", service.DEFAULT_PURPOSE)
+
+        def store(db: Session) -> dict[str, Any]:
+            file = service.store_upload(
+                db=db,
+                store=object_store,
+                team=team,
+                upload=ingested,
+                filename=upload.filename,
+                purpose=purpose,
+            )
+            return FilePublic.of(file).model_dump(mode="json")
+
+        # The content's hash is known only now, so the key is claimed after reading the
+        # body and before storing anything.
+        response = create_once(
+            sessions,
+            team_id=team.id,
+            key=idempotency_key,
+            method_path=METHOD_PATH,
+            fingerprint=request_hash(METHOD_PATH, ingested.sha256, upload.filename, purpose),
+            create=store,
+        )
+    return JSONResponse(response.body, status_code=response.status)
+
+
+@router.get("", response_model=FilesPublic)
+def list_files(team: TeamDep, db: DbDep, limit: Limit = 20, after: str | None = None) -> Any:
+    files, has_more = service.list_files(db=db, team=team, limit=limit, after=after)
+    return FilesPublic(data=[FilePublic.of(f) for f in files], has_more=has_more)
+
+
+@router.get("/{file_id}", response_model=FilePublic)
+def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
+    return FilePublic.of(service.get_file(db=db, team=team, file_id=file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
+)
+def download_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Response:
+    file = service.get_file(db=db, team=team, file_id=file_id)
+    url = store.presigned_url(file.storage_key, filename=file.filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    return StreamingResponse(
+        store.open_stream(file.storage_key),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(file.bytes),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}",
+        },
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Any:
+    file = service.delete_file(db=db, store=store, team=team, file_id=file_id)
+    return FileDeleted(id=file.id)

@@ -1,0 +1,209 @@
+"""`/jobs`: create (or dry-run), read, list, steer, and read what a job produced. Thin: the
+rules live in tuneq.jobs.service."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import Response as FastAPIResponse
+from sqlalchemy.orm import Session
+
+from api.deps import CeleryDep, DbDep, RegistryDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from tuneq.db import transaction
+from tuneq.errors import InvalidRequest
+from tuneq.idempotency.service import create_once, request_hash
+from tuneq.jobs import service
+from tuneq.jobs.schemas import (
+    ArtifactPublic,
+    CheckpointPublic,
+    DryRunPublic,
+    EventPublic,
+    JobPublic,
+)
+from tuneq.queue import relay_outbox
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+def relay_now(sessions: Any, celery: Any) -> None:
+    """Publish the new outbox rows right after the commit; the periodic relay is the backstop."""
+    try:
+        with transaction(sessions) as db:
+            relay_outbox(db, celery)
+    except Exception:  # noqa: BLE001 - the broker may be down; the beat relay retries
+        pass
+
+
+@router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
+async def create_job(
+    request: Request,
+    team: TeamDep,
+    sessions: SessionsDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    celery: CeleryDep,
+    background: BackgroundTasks,
+    dry_run: bool = False,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Any:
+    body = _json_object(await request.body())
+    # Sessions are opened one after another, never nested: on SQLite each write transaction
+    # holds the database lock, and a nested one would wait for its own parent.
+    with sessions() as db:
+        plan = service.plan_job(
+            db=db, store=store, settings=settings, registry=registry, team=team, body=body
+        )
+    if dry_run:
+        view = service.resolved_view(plan)
+        estimate = DryRunPublic(
+            model=plan.spec.model,
+            task=plan.spec.task,
+            method=view["method"],
+            hyperparameters=view["hyperparameters"],
+            estimate=plan.estimate.as_dict(),
+        )
+        return JSONResponse(estimate.model_dump(mode="json"), status_code=200)
+
+    def create(db: Session) -> dict[str, Any]:
+        job = service.create_job(db=db, settings=settings, team=team, plan=plan)
+        return JobPublic.of(job).model_dump(mode="json")
+
+    response = create_once(
+        sessions,
+        team_id=team.id,
+        key=idempotency_key,
+        method_path="POST /jobs",
+        fingerprint=request_hash("POST /jobs", json.dumps(body, sort_keys=True)),
+        create=create,
+    )
+    background.add_task(relay_now, sessions, celery)
+    return JSONResponse(response.body, status_code=response.status)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as err:
+        raise InvalidRequest(f"the body is not JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object (a job spec)")
+    return body
+
+
+@router.get("")
+def list_jobs(
+    request: Request,
+    team: TeamDep,
+    db: DbDep,
+    limit: Limit = 20,
+    after: str | None = None,
+    status: str | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    jobs, has_more = service.list_jobs(
+        db=db, team=team, limit=limit, after=after, status=status, model=model, metadata=metadata
+    )
+    return {
+        "object": "list",
+        "data": [JobPublic.of(j).model_dump(mode="json") for j in jobs],
+        "has_more": has_more,
+    }
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
+    return JobPublic.of(service.get_job(db=db, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
+    return JobPublic.of(service.cancel_job(db=db, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
+    return JobPublic.of(service.pause_job(db=db, team=team, job_id=job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(
+    job_id: str,
+    team: TeamDep,
+    db: DbDep,
+    sessions: SessionsDep,
+    celery: CeleryDep,
+    background: BackgroundTasks,
+) -> JobPublic:
+    job = service.resume_job(db=db, team=team, job_id=job_id)
+    background.add_task(relay_now, sessions, celery)
+    return JobPublic.of(job)
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    job_id: str, team: TeamDep, db: DbDep, after: int | None = None, limit: Limit = 100
+) -> dict[str, Any]:
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    events, has_more = service.list_events(db=db, job=job, after=after, limit=limit)
+    return {
+        "object": "list",
+        "data": [EventPublic.of(e).model_dump(mode="json") for e in events],
+        "has_more": has_more,
+    }
+
+
+@router.get("/{job_id}/metrics")
+def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
+    return service.metrics_series(db=db, job=service.get_job(db=db, team=team, job_id=job_id))
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    rows = service.list_checkpoints(db=db, job=job)
+    return {
+        "object": "list",
+        "data": [CheckpointPublic.of(c).model_dump(mode="json") for c in rows],
+        "has_more": False,
+    }
+
+
+@router.get("/{job_id}/artifacts")
+def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    rows = service.list_artifacts(db=db, job=job)
+    return {
+        "object": "list",
+        "data": [ArtifactPublic.of(a).model_dump(mode="json") for a in rows],
+        "has_more": False,
+    }
+
+
+@router.get("/{job_id}/artifacts/{name}", response_model=None)
+def download_artifact(
+    job_id: str, name: str, team: TeamDep, db: DbDep, store: StoreDep
+) -> FastAPIResponse:
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    artifact = service.get_artifact(db=db, job=job, name=name)
+    url = store.presigned_url(artifact.storage_key, filename=f"{job.id}-{artifact.name}")
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    return StreamingResponse(
+        store.open_stream(artifact.storage_key),
+        media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{job.id}-{artifact.name}"',
+            "Content-Length": str(artifact.bytes),
+        },
+    )

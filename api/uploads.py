@@ -1,0 +1,174 @@
+"""Reading a multipart/form-data upload as it arrives, never spooled whole.
+
+`request.form()` writes each file part to a temporary file before the route runs; here
+the `file` part's bytes go on to the caller chunk by chunk, so hashing, validation and
+the temporary copy all happen in one pass over the body. The parsing is synchronous (and
+CPU-bound), so it runs in a worker thread that awaits each body chunk on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import PureWindowsPath
+
+from anyio import from_thread
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import Request
+
+from tuneq.errors import ErrorItem, InvalidRequest, PayloadTooLarge
+
+# Room for the boundaries, the part headers and the small fields around the file's bytes.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 1024
+FILE_FIELD = "file"
+OTHER_FIELDS = frozenset({"purpose"})
+DEFAULT_FILENAME = "upload.jsonl"
+
+
+class MultipartUpload:
+    """One multipart body: the small fields are kept, the `file` part is streamed through."""
+
+    def __init__(self, body: Iterable[bytes], *, boundary: bytes, max_body_bytes: int) -> None:
+        self.filename = DEFAULT_FILENAME
+        self.fields: dict[str, str] = {}
+        self._body = body
+        self._max_body_bytes = max_body_bytes
+        self._received = 0
+        self._parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+        )
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._part_name: str | None = None
+        self._field_value = bytearray()
+        self._file_data: list[bytes] = []  # the file's bytes parsed from the last body chunk
+        self._file_seen = False
+        self._ended = False
+
+    def file_chunks(self) -> Iterator[bytes]:
+        """The `file` part's bytes as they arrive. Reading on to the end also collects the
+        fields sent after the file, and checks the body was whole and had a `file` part."""
+        for chunk in self._body:
+            self._received += len(chunk)
+            if self._received > self._max_body_bytes:
+                raise PayloadTooLarge(
+                    f"the request body is larger than the limit of {self._max_body_bytes} bytes",
+                    param=FILE_FIELD,
+                )
+            try:
+                self._parser.write(chunk)
+            except MultipartParseError as exc:
+                raise InvalidRequest(f"the multipart body is malformed: {exc}") from None
+            pending, self._file_data = self._file_data, []
+            yield from pending
+        self._parser.finalize()
+        if not self._ended:
+            raise InvalidRequest("the multipart body ended before its closing boundary")
+        if not self._file_seen:
+            raise _field_error(FILE_FIELD, "required: the dataset to upload")
+
+    def _on_part_begin(self) -> None:
+        self._disposition = b""
+        self._part_name = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name == FILE_FIELD:
+            if self._file_seen:
+                raise _field_error(FILE_FIELD, "sent more than once: upload one file at a time")
+            self._file_seen = True
+            sent = options.get(b"filename", b"").decode("utf-8", "replace")
+            # Some clients send the path the file had on their machine; keep its last part.
+            self.filename = PureWindowsPath(sent).name[:255] or DEFAULT_FILENAME
+        elif name not in OTHER_FIELDS:
+            raise _field_error(name or "(no name)", "unknown field")
+        self._part_name = name
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part_name == FILE_FIELD:
+            self._file_data.append(data[start:end])
+            return
+        self._field_value += data[start:end]
+        if len(self._field_value) > MAX_FIELD_BYTES:
+            raise _field_error(str(self._part_name), f"longer than {MAX_FIELD_BYTES} bytes")
+
+    def _on_part_end(self) -> None:
+        if self._part_name != FILE_FIELD:
+            self.fields[str(self._part_name)] = self._field_value.decode("utf-8", "replace")
+        self._field_value.clear()
+        self._part_name = None
+
+    def _on_end(self) -> None:
+        self._ended = True
+
+
+def open_upload(request: Request, *, max_upload_bytes: int) -> MultipartUpload:
+    """Check the request's headers and get ready to read its body.
+
+    A declared Content-Length over the limit is refused before any byte is read. The
+    upload's `file_chunks` must be consumed in a worker thread (anyio's to_thread).
+    """
+    max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body_bytes:
+        raise PayloadTooLarge(
+            f"the request body ({length} bytes) is larger than the limit of {max_body_bytes} bytes",
+            param=FILE_FIELD,
+        )
+    content_type, options = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+        raise InvalidRequest(
+            "send the file as multipart/form-data, in a field named 'file'",
+            param="Content-Type",
+        )
+    return MultipartUpload(
+        _in_thread(request.stream()),
+        boundary=options[b"boundary"],
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def _in_thread(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """The body for a worker thread: each chunk is awaited on the event loop."""
+    while (chunk := from_thread.run(_next_chunk, stream)) is not None:
+        if chunk:
+            yield chunk
+
+
+async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+
+
+def _field_error(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{field}: {message}", errors=[ErrorItem(message, field=field)], param=field
+    )

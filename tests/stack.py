@@ -1,0 +1,100 @@
+"""A whole tuneq deployment for end-to-end tests: real processes on real services.
+
+`Stack` holds the settings of one deployment (embedded: SQLite, filesystem broker, local
+store; or production: PostgreSQL, Redis, S3 over HTTP) and starts `tuneq worker` and
+`tuneq beat` as subprocesses with the same settings in their environment. The API runs
+in-process through its ASGI app, with the very same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.service_fixtures import api_client, make_settings, migrate, new_team_key
+from tuneq.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    name: str
+    home: Path
+    overrides: dict[str, Any]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return make_settings(self.home, **self.overrides)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
+        env["TUNEQ_CACHE_DIR"] = os.environ.get("TUNEQ_CACHE_DIR", str(self.home / "cache"))
+        env["TUNEQ_HOME"] = str(self.home)
+        for key, value in self.overrides.items():
+            if value is not None:
+                env[f"TUNEQ_{key.upper()}"] = str(value)
+        env.setdefault("TUNEQ_LEASE_TTL_SECONDS", "3")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def setup(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        migrate(self.settings)
+
+    def team_key(self, name: str) -> str:
+        return new_team_key(self.settings, name)
+
+    def client(self) -> Any:
+        return api_client(self.settings)
+
+    def start(self, command: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+        log = (self.home / f"{log_name or command}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tuneq.cli", command],
+            cwd=REPO,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a kill takes its children too
+        )
+        self.processes.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                self.kill(process, signal.SIGTERM)
+        self.processes.clear()
+
+    def log(self, name: str) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(
+    check: Callable[[], Any], *, timeout: float, interval: float = 0.5, what: str = ""
+) -> Any:
+    """Poll until `check()` returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,177 @@
+"""`tuneq`: run the parts of the service and administer it.
+
+    tuneq migrate                      apply the database migrations
+    tuneq api                          the HTTP control plane (uvicorn)
+    tuneq worker                       a training worker (one job at a time)
+    tuneq beat                         the periodic relay and reaper (run exactly one)
+    tuneq admin create-team NAME
+    tuneq admin create-key --team NAME   prints the new key alone on its last line
+
+Settings come from TUNEQ_* environment variables (see the README's configuration table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tuneq.errors import TuneqError
+from tuneq.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings()
+    try:
+        return int(args.run(settings, args) or 0)
+    except TuneqError as err:
+        print(f"error: {err.detail}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneq", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="apply the database migrations")
+    migrate.set_defaults(run=_migrate)
+
+    api = commands.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host", help="default: TUNEQ_HOST")
+    api.add_argument("--port", type=int, help="default: TUNEQ_PORT")
+    api.set_defaults(run=_api)
+
+    worker = commands.add_parser("worker", help="run a training worker")
+    worker.add_argument("--name", help="Celery node name (default: training@HOSTNAME)")
+    worker.set_defaults(run=_worker)
+
+    beat = commands.add_parser("beat", help="run the periodic outbox relay and lease reaper")
+    beat.set_defaults(run=_beat)
+
+    admin = commands.add_parser("admin", help="teams and API keys")
+    admin_commands = admin.add_subparsers(required=True, metavar="ACTION")
+    team = admin_commands.add_parser("create-team", help="create a team")
+    team.add_argument("name")
+    team.set_defaults(run=_create_team)
+    key = admin_commands.add_parser("create-key", help="create an API key for a team")
+    key.add_argument("--team", required=True)
+    key.set_defaults(run=_create_key)
+    return parser
+
+
+def _migrate(settings: Settings, _: argparse.Namespace) -> None:
+    from tuneq.migrate import upgrade
+
+    _ensure_home(settings)
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {_redacted(settings.resolved_database_url)}")
+
+
+def _api(settings: Settings, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    _ensure_home(settings)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        proxy_headers=True,
+        log_level="info",
+    )
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> None:
+    from tuneq.queue import TRAINING_QUEUE
+    from worker.tasks import create_worker_app
+
+    _ensure_home(settings)
+    app = create_worker_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            TRAINING_QUEUE,
+            # One training job per process: a GPU is not shared, and a solo pool lets a
+            # SIGKILL take the job down with it (the lease then hands it to another worker).
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--prefetch-multiplier",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            args.name or "training@%h",
+        ]
+    )
+
+
+def _beat(settings: Settings, _: argparse.Namespace) -> None:
+    from tuneq.queue import MAINTENANCE_QUEUE
+    from worker.tasks import create_worker_app
+
+    _ensure_home(settings)
+    app = create_worker_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--beat",
+            # The schedule lives in memory: no shelve (pickle) file on disk.
+            "--scheduler",
+            "celery.beat:Scheduler",
+            "--queues",
+            MAINTENANCE_QUEUE,
+            "--pool",
+            "solo",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            "beat@%h",
+        ]
+    )
+
+
+def _create_team(settings: Settings, args: argparse.Namespace) -> None:
+    from tuneq.db import make_engine, make_sessionmaker, transaction
+    from tuneq.teams.service import create_team
+
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_sessionmaker(engine)) as db:
+        team = create_team(db=db, name=args.name)
+        print(f"created team {team.name} ({team.id})")
+
+
+def _create_key(settings: Settings, args: argparse.Namespace) -> None:
+    from tuneq.db import make_engine, make_sessionmaker, transaction
+    from tuneq.teams.service import create_key, get_team_by_name
+
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_sessionmaker(engine)) as db:
+        team = get_team_by_name(db=db, name=args.team)
+        _, key = create_key(db=db, team=team)
+    print(f"API key for team {team.name} (shown once; only its hash is stored):")
+    print(key)
+
+
+def _ensure_home(settings: Settings) -> None:
+    settings.home.mkdir(parents=True, exist_ok=True)
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Who runs a job: claim with a lease, heartbeat renewals, fenced writes, the reaper (DESIGN §3).
+
+Every statement here is one conditional UPDATE judged by the database's clock, so two
+workers can never both believe they own a job: the loser's UPDATE matches no row. Each
+claim takes a new fencing token; a worker's writes carry its token and stop matching the
+moment another attempt claims the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from tuneq.db import db_now, seconds_from_now
+from tuneq.jobs.models import Job, JobEvent, OutboxMessage
+from tuneq.jobs.states import LEASED, JobState
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    owner: str
+    attempt: int
+    fence: int
+
+
+@dataclass(frozen=True)
+class Renewal:
+    held: bool  # False: the lease is lost, stop at once
+    cancel_requested: bool = False
+    pause_requested: bool = False
+
+
+def claim_job(db: Session, *, job_id: str, owner: str, lease_ttl: float) -> Claim | None:
+    """Take the job if it is queued (or its lease expired); None means someone else has it."""
+    claimable = or_(
+        Job.state == JobState.QUEUED,
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < db_now()),
+    )
+    row = db.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            claimable,
+            Job.attempt < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+        )
+        .values(
+            state=JobState.RUNNING,
+            lease_owner=owner,
+            attempt=Job.attempt + 1,
+            fence=Job.fence + 1,
+            lease_expires_at=seconds_from_now(lease_ttl),
+            started_at=func.coalesce(Job.started_at, db_now()),
+        )
+        .returning(Job.attempt, Job.fence)
+    ).first()
+    if row is None:
+        return None
+    return Claim(job_id=job_id, owner=owner, attempt=row.attempt, fence=row.fence)
+
+
+def _fenced(claim: Claim) -> Any:
+    return and_(Job.id == claim.job_id, Job.fence == claim.fence, Job.state.in_(LEASED))
+
+
+def renew_lease(
+    db: Session, claim: Claim, *, lease_ttl: float, progress: dict[str, Any] | None
+) -> Renewal:
+    values: dict[str, Any] = {"lease_expires_at": seconds_from_now(lease_ttl)}
+    if progress is not None:
+        values["progress"] = progress
+    row = db.execute(
+        update(Job)
+        .where(_fenced(claim))
+        .values(**values)
+        .returning(Job.cancel_requested, Job.pause_requested)
+    ).first()
+    if row is None:
+        return Renewal(held=False)
+    return Renewal(True, row.cancel_requested, row.pause_requested)
+
+
+def fenced_update(db: Session, claim: Claim, **values: Any) -> bool:
+    """Write to the job only while this attempt still owns it; False when it does not."""
+    result = db.execute(update(Job).where(_fenced(claim)).values(**values))
+    return (result.rowcount or 0) == 1
+
+
+def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
+    """Jobs whose worker stopped heartbeating: queued again, or failed after max_attempts."""
+    expired = db.scalars(
+        select(Job)
+        .where(Job.state.in_(LEASED), Job.lease_expires_at < db_now())
+        .with_for_update(skip_locked=True)
+    ).all()
+    moved: list[tuple[str, JobState]] = []
+    for job in expired:
+        if job.state == JobState.CANCELLING or job.cancel_requested:
+            target, message = JobState.CANCELLED, "cancelled (its worker stopped answering)"
+            job.finished_at = db.scalar(select(db_now()))
+        elif job.attempt < job.max_attempts:
+            target = JobState.QUEUED
+            message = f"worker lost on attempt {job.attempt}; queued again"
+            db.add(OutboxMessage(job_id=job.id))
+        else:
+            target = JobState.FAILED
+            message = f"worker lost on attempt {job.attempt} of {job.max_attempts}"
+            job.error = {"code": "worker_lost", "message": message, "param": None}
+            job.finished_at = db.scalar(select(db_now()))
+        job.state = target
+        job.lease_owner = None
+        job.lease_expires_at = None
+        db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message))
+        moved.append((job.id, target))
+    return moved

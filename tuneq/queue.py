@@ -1,0 +1,112 @@
+"""The broker side of the queue: the Celery app, publishing, and the outbox relay.
+
+The broker only carries "job X may be ready" (DESIGN §3). The job row and an outbox row are
+committed together; `relay_outbox` publishes unsent rows and marks them sent. A message lost
+on the way is re-sent by the reaper (`republish_stale_queued`); a duplicate is harmless
+because a worker must win the claim before it runs anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy import and_, delete, exists, or_, select
+from sqlalchemy.orm import Session
+
+from tuneq.db import utcnow
+from tuneq.jobs.models import Job, OutboxMessage
+from tuneq.jobs.states import JobState
+from tuneq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "tuneq.run_job"
+RELAY_TASK = "tuneq.relay_outbox"
+REAP_TASK = "tuneq.reap_expired_leases"
+TRAINING_QUEUE = "training"
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("tuneq", broker=settings.resolved_broker_url, set_as_current=False)
+    options: dict[str, object] = {}
+    if settings.resolved_broker_url.startswith("filesystem"):
+        folder = settings.broker_dir / "messages"
+        folder.mkdir(parents=True, exist_ok=True)
+        options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    elif settings.resolved_broker_url.startswith(("redis", "rediss")):
+        # Never what keeps a long job alive (the lease is); only how soon an unacked
+        # message is offered again, to be dropped by the claim if the job still runs.
+        options = {"visibility_timeout": 6 * 3600}
+    app.conf.update(
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=TRAINING_QUEUE,
+        task_routes={
+            RUN_JOB_TASK: {"queue": TRAINING_QUEUE},
+            RELAY_TASK: {"queue": MAINTENANCE_QUEUE},
+            REAP_TASK: {"queue": MAINTENANCE_QUEUE},
+        },
+        beat_schedule={
+            "relay-outbox": {
+                "task": RELAY_TASK,
+                "schedule": settings.relay_interval_seconds,
+                "options": {"expires": settings.relay_interval_seconds * 2},
+            },
+            "reap-expired-leases": {
+                "task": REAP_TASK,
+                "schedule": settings.reaper_interval_seconds,
+                "options": {"expires": settings.reaper_interval_seconds * 2},
+            },
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def publish_run_job(app: Celery, job_id: str) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=TRAINING_QUEUE)
+
+
+def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:
+    """Publish unsent outbox rows, oldest first; the caller's transaction marks them sent."""
+    rows = db.scalars(
+        select(OutboxMessage)
+        .where(OutboxMessage.sent_at.is_(None))
+        .order_by(OutboxMessage.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        publish_run_job(app, row.job_id)
+        row.sent_at = utcnow()
+    return len(rows)
+
+
+def republish_stale_queued(db: Session, *, older_than: timedelta) -> int:
+    """Queue a new message for queued jobs whose last one went out long ago and was not claimed."""
+    cutoff = utcnow() - older_than
+    recent = exists().where(
+        OutboxMessage.job_id == Job.id,
+        or_(OutboxMessage.sent_at.is_(None), OutboxMessage.sent_at > cutoff),
+    )
+    stale = db.scalars(
+        select(Job.id).where(and_(Job.state == JobState.QUEUED, Job.created_at < cutoff, ~recent))
+    ).all()
+    for job_id in stale:
+        db.add(OutboxMessage(job_id=job_id))
+    return len(stale)
+
+
+def purge_sent(db: Session, *, older_than: timedelta) -> None:
+    db.execute(delete(OutboxMessage).where(OutboxMessage.sent_at < utcnow() - older_than))

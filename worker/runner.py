@@ -1,0 +1,326 @@
+"""One job attempt, start to finish: claim → download → train → upload → record.
+
+    claim (conditional UPDATE; no row: a duplicate message, drop it)
+    → heartbeat thread (renews the lease, hears cancel/pause)
+    → training file (and the latest checkpoint, when an earlier attempt left one)
+    → peft_engine.train with hooks that write events, metrics and progress
+    → each checkpoint uploaded, then the job's pointer moved under the fence
+    → the adapter uploaded as .tar.gz, the result recorded under the fence
+
+Every write that says "this job's state is X" carries the claim's fencing token, so a
+worker that lost its lease can no longer change the job, whatever it still believes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+from tuneq.files.service import local_copy
+
+import peft_engine
+from peft_engine.errors import UserError
+from peft_engine.hooks import Event, Hooks
+from peft_engine.models import ModelRegistry
+from peft_engine.prepare import DataPaths
+from tuneq.db import db_now, transaction
+from tuneq.files.models import File
+from tuneq.jobs.lease import Claim, claim_job, fenced_update
+from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric
+from tuneq.jobs.schemas import ADAPTER_ARTIFACT, checkpoint_artifact_name
+from tuneq.jobs.states import JobState
+from tuneq.settings import Settings
+from tuneq.storage import ObjectStore
+from worker.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+# The files of a checkpoint a user downloads: a PEFT adapter (resume state stays server-side).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class JobRunner:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    registry: ModelRegistry
+
+    def run(self, job_id: str) -> str:
+        """Run the job if this worker wins the claim; returns what happened, for the log."""
+        with transaction(self.sessions) as db:
+            claim = claim_job(
+                db,
+                job_id=job_id,
+                owner=worker_identity(),
+                lease_ttl=self.settings.lease_ttl_seconds,
+            )
+        if claim is None:
+            return "not claimed (already running, finished, cancelled, or unknown)"
+        workdir = self.settings.resolved_work_dir / "jobs" / job_id / f"attempt-{claim.attempt}"
+        try:
+            with Heartbeat(
+                self.sessions, claim, lease_ttl=self.settings.lease_ttl_seconds
+            ) as heartbeat:
+                return _Attempt(self, claim, heartbeat, workdir).run()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class _Attempt:
+    runner: JobRunner
+    claim: Claim
+    heartbeat: Heartbeat
+    workdir: Path
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.runner.store
+
+    def run(self) -> str:
+        job, training, validation = self._load()
+        self._event("info", f"attempt {self.claim.attempt} started on {self.claim.owner}")
+        try:
+            data = DataPaths(self._copy(training), self._copy(validation) if validation else None)
+            resume_from = self._download_checkpoint(job)
+            result = peft_engine.train(
+                job.spec,
+                self.workdir,
+                Hooks(
+                    on_event=self._on_event,
+                    on_metrics=self._on_metrics,
+                    on_checkpoint=self._on_checkpoint,
+                    should_stop=self.heartbeat.should_stop,
+                ),
+                data=data,
+                resume_from=resume_from,
+                registry=self.runner.registry,
+                cache_dir=self.runner.settings.resolved_cache_dir,
+            )
+        except UserError as err:
+            self._fail(err.code, str(err), err.param)
+            return f"failed: {err}"
+        except Exception as err:
+            log.exception("job %s attempt %s crashed", self.claim.job_id, self.claim.attempt)
+            if self.heartbeat.lost.is_set():
+                return "lease lost"
+            self._fail("internal_error", f"{type(err).__name__}: {err}", None)
+            return f"failed: {err}"
+        if result.status == "succeeded":
+            assert result.output_dir is not None
+            return self._succeed(result.output_dir, result.result)
+        return self._stopped()
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _load(self) -> tuple[Job, File, File | None]:
+        with self.runner.sessions() as db:
+            job = db.get(Job, self.claim.job_id)
+            assert job is not None
+            training = db.get(File, job.training_file_id)
+            validation = db.get(File, job.validation_file_id) if job.validation_file_id else None
+            if training is None:
+                raise RuntimeError(f"training file {job.training_file_id} is gone")
+            return job, training, validation
+
+    def _copy(self, file: File) -> Path:
+        return local_copy(self.store, file, self.runner.settings.resolved_work_dir)
+
+    def _download_checkpoint(self, job: Job) -> Path | None:
+        if job.latest_checkpoint_key is None:
+            return None
+        target = self.workdir / "resume" / f"checkpoint-{job.latest_checkpoint_step}"
+        self.store.get_dir(job.latest_checkpoint_key, target)
+        self._event(
+            "info",
+            f"resuming from the checkpoint of step {job.latest_checkpoint_step} "
+            f"(attempt {self.claim.attempt})",
+        )
+        return target
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        self._event(event.level, event.message, event.data)
+        resolved = event.data.get("resolved_hyperparameters")
+        if resolved is not None:  # the engine's exact counts replace the API's estimate
+            with transaction(self.runner.sessions) as db:
+                job = db.get(Job, self.claim.job_id)
+                assert job is not None
+                hyperparameters = {**job.resolved.get("hyperparameters", {}), **resolved}
+                fenced_update(
+                    db, self.claim, resolved={**job.resolved, "hyperparameters": hyperparameters}
+                )
+
+    def _on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        kind = "train" if "train_loss" in metrics else "eval"
+        values = {k: float(v) for k, v in metrics.items()}
+        with transaction(self.runner.sessions) as db:
+            db.add(
+                JobMetric(
+                    job_id=self.claim.job_id,
+                    attempt=self.claim.attempt,
+                    step=step,
+                    kind=kind,
+                    values=values,
+                )
+            )
+            db.add(
+                self._event_row(
+                    "info", f"{kind} metrics at step {step}", {"step": step, **values}, "metrics"
+                )
+            )
+            if kind == "train":
+                total = int(metrics["total_steps"])
+                progress = {
+                    "step": step,
+                    "total_steps": total,
+                    "epoch": round(metrics["epoch"], 4),
+                    "percent": round(100.0 * step / total, 2),
+                    "eta_seconds": round(metrics["eta_seconds"], 1),
+                    "train_loss": metrics["train_loss"],
+                    "tokens_per_second": round(metrics["tokens_per_second"], 1),
+                }
+                self.heartbeat.progress = progress
+                fenced_update(
+                    db, self.claim, progress=progress, trained_tokens=int(metrics["trained_tokens"])
+                )
+
+    def _on_checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:
+        if self.heartbeat.lost.is_set():
+            return  # another attempt owns the job now: our checkpoint must not become its
+        prefix = f"jobs/{self.claim.job_id}/attempts/{self.claim.attempt}/checkpoint-{step}"
+        self.store.put_dir(prefix, path)
+        artifact_key, size, digest = self._upload_tarball(
+            path, f"{prefix}/{checkpoint_artifact_name(step)}", _ADAPTER_FILES
+        )
+        with transaction(self.runner.sessions) as db:
+            # The pointer moves only after the upload completed, and only under our fence.
+            if not fenced_update(
+                db, self.claim, latest_checkpoint_key=prefix, latest_checkpoint_step=step
+            ):
+                self.heartbeat.lost.set()
+                return
+            db.add(
+                JobCheckpoint(
+                    job_id=self.claim.job_id,
+                    attempt=self.claim.attempt,
+                    step=step,
+                    storage_prefix=prefix,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            )
+            self._add_artifact(db, checkpoint_artifact_name(step), "checkpoint", step,
+                               artifact_key, size, digest)  # fmt: skip
+            db.add(self._event_row("info", f"checkpoint of step {step} saved", {"step": step}))
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _succeed(self, output_dir: Path, result: dict[str, Any]) -> str:
+        key = f"jobs/{self.claim.job_id}/attempts/{self.claim.attempt}/{ADAPTER_ARTIFACT}"
+        files = tuple(p.name for p in output_dir.iterdir() if p.is_file())
+        key, size, digest = self._upload_tarball(output_dir, key, files)
+        with transaction(self.runner.sessions) as db:
+            if not fenced_update(
+                db,
+                self.claim,
+                state=JobState.SUCCEEDED,
+                result=result,
+                trained_tokens=int(result.get("trained_tokens", 0)),
+                finished_at=db_now(),
+                lease_expires_at=None,
+            ):
+                self.store.delete(key)
+                return "lease lost before the result was recorded"
+            self._add_artifact(db, ADAPTER_ARTIFACT, "adapter", None, key, size, digest)
+            db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
+        return "succeeded"
+
+    def _stopped(self) -> str:
+        if self.heartbeat.lost.is_set():
+            return "lease lost; stopped"
+        if self.heartbeat.cancel_requested.is_set():
+            target, message = JobState.CANCELLED, "cancelled"
+            values: dict[str, Any] = {"finished_at": db_now()}
+        else:
+            target, message = JobState.PAUSED, "paused; resume continues from the last checkpoint"
+            values = {"pause_requested": False}
+        with transaction(self.runner.sessions) as db:
+            if fenced_update(db, self.claim, state=target, lease_expires_at=None, **values):
+                db.add(self._event_row("info", message))
+        return message
+
+    def _fail(self, code: str, message: str, param: str | None) -> None:
+        with transaction(self.runner.sessions) as db:
+            error = {"code": code, "message": message, "param": param}
+            if fenced_update(
+                db,
+                self.claim,
+                state=JobState.FAILED,
+                error=error,
+                finished_at=db_now(),
+                lease_expires_at=None,
+            ):
+                db.add(self._event_row("error", f"job failed: {message}", {"code": code}))
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _upload_tarball(
+        self, directory: Path, key: str, names: tuple[str, ...]
+    ) -> tuple[str, int, str]:
+        tarball = self.workdir / "upload" / Path(key).name
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball, "w:gz") as archive:
+            for name in sorted(names):
+                if (directory / name).is_file():
+                    archive.add(directory / name, arcname=name)
+        with tarball.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        size = tarball.stat().st_size
+        self.store.put_file(key, tarball)
+        tarball.unlink()
+        return key, size, digest
+
+    def _add_artifact(
+        self, db: Session, name: str, kind: str, step: int | None, key: str, size: int, digest: str
+    ) -> None:
+        db.add(
+            JobArtifact(
+                job_id=self.claim.job_id,
+                name=name,
+                kind=kind,
+                step=step,
+                storage_key=key,
+                bytes=size,
+                sha256=digest,
+            )
+        )
+
+    def _event_row(
+        self, level: str, message: str, data: dict[str, Any] | None = None, type_: str = "message"
+    ) -> JobEvent:
+        return JobEvent(
+            job_id=self.claim.job_id, type=type_, level=level, message=message, data=data or {}
+        )
+
+    def _event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with transaction(self.runner.sessions) as db:
+            db.add(self._event_row(level, message, _jsonable(data or {})))
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    """Event data as JSON: paths as strings, the rest as it is."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}

@@ -1,0 +1,86 @@
+"""The Celery tasks. Each takes ids only, re-reads the world, and is safe to run twice.
+
+`run_job` is on the training queue (one job at a time per worker process, late acks,
+prefetch 1); the relay and the reaper are periodic (Celery beat) on the maintenance queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from functools import cached_property
+
+from celery import Celery
+
+from peft_engine.models import ModelRegistry, load_registry
+from tuneq.db import make_engine, make_sessionmaker, transaction
+from tuneq.idempotency.service import purge_expired
+from tuneq.jobs.lease import reap_expired_leases
+from tuneq.queue import (
+    REAP_TASK,
+    RELAY_TASK,
+    RUN_JOB_TASK,
+    make_celery,
+    purge_sent,
+    relay_outbox,
+    republish_stale_queued,
+)
+from tuneq.settings import Settings
+from tuneq.storage import ObjectStore, open_store
+from worker.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    """What the tasks of one worker process share: settings, database, store, registry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.resolved_database_url)
+        self.sessions = make_sessionmaker(self.engine)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return open_store(self.settings)
+
+    @cached_property
+    def registry(self) -> ModelRegistry:
+        return load_registry(self.settings.model_registry)
+
+
+def register_tasks(app: Celery, context: WorkerContext) -> None:
+    settings = context.settings
+
+    @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+    def run_job(job_id: str) -> str:
+        runner = JobRunner(settings, context.sessions, context.store, context.registry)
+        outcome = runner.run(job_id)
+        log.info("job %s: %s", job_id, outcome)
+        return outcome
+
+    @app.task(name=RELAY_TASK, ignore_result=True)
+    def relay() -> int:
+        with transaction(context.sessions) as db:
+            return relay_outbox(db, app)
+
+    @app.task(name=REAP_TASK, ignore_result=True)
+    def reap() -> int:
+        with transaction(context.sessions) as db:
+            moved = reap_expired_leases(db)
+            republish_stale_queued(db, older_than=timedelta(seconds=settings.requeue_after_seconds))
+            purge_sent(db, older_than=timedelta(days=1))
+            purge_expired(db, older_than=timedelta(hours=settings.idempotency_ttl_hours))
+        for job_id, state in moved:
+            log.warning("reaper: job %s → %s", job_id, state)
+        # publish what the reaper queued again without waiting for the next relay tick
+        with transaction(context.sessions) as db:
+            relay_outbox(db, app)
+        return len(moved)
+
+
+def create_worker_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = make_celery(settings)
+    register_tasks(app, WorkerContext(settings))
+    return app
