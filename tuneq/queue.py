@@ -33,9 +33,14 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("tuneq", broker=settings.resolved_broker_url, set_as_current=False)
     options: dict[str, object] = {}
     if settings.resolved_broker_url.startswith("filesystem"):
-        folder = settings.broker_dir / "messages"
+        folder, control = settings.broker_dir / "messages", settings.broker_dir / "control"
         folder.mkdir(parents=True, exist_ok=True)
-        options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        control.mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(control),  # exchange bindings; kombu's default is ./control
+        }
     elif settings.resolved_broker_url.startswith(("redis", "rediss")):
         # Never what keeps a long job alive (the lease is); only how soon an unacked
         # message is offered again, to be dropped by the claim if the job still runs.
