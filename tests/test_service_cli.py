@@ -1,0 +1,74 @@
+"""The `tuneq` console script and the operational endpoints, as an operator uses them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.service_fixtures import api_client, auth, make_settings
+
+
+def _tuneq(home, *args, **env):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
+    environment |= {"TUNEQ_HOME": str(home), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "tuneq.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_migrate_then_team_and_key_work_against_the_api(tmp_path):
+    home = tmp_path / "home"
+    migrated = _tuneq(home, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert _tuneq(home, "migrate").returncode == 0  # running it again changes nothing
+
+    team = _tuneq(home, "admin", "create-team", "search")
+    assert team.returncode == 0, team.stderr
+    created = _tuneq(home, "admin", "create-key", "--team", "search")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]  # the key alone on the last line
+    assert key.startswith("tq_") and " " not in key
+
+    with api_client(make_settings(home)) as client:
+        assert client.get("/files", headers=auth(key)).status_code == 200
+        assert client.get("/files", headers=auth(key + "x")).status_code == 401
+
+    # the key itself is nowhere in the database, only its hash
+    assert key.encode() not in (home / "tuneq.db").read_bytes()
+
+
+def test_admin_errors_are_one_line_and_exit_2(tmp_path):
+    home = tmp_path / "home"
+    assert _tuneq(home, "migrate").returncode == 0
+    assert _tuneq(home, "admin", "create-team", "search").returncode == 0
+    again = _tuneq(home, "admin", "create-team", "search")
+    assert again.returncode == 2 and again.stderr.strip() == "error: team 'search' already exists"
+    missing = _tuneq(home, "admin", "create-key", "--team", "nobody")
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: no team named 'nobody'"
+
+
+def test_health_readiness_and_prometheus(tmp_path):
+    settings = make_settings(tmp_path / "home")
+    assert _tuneq(settings.home, "migrate").returncode == 0
+    with api_client(settings) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok"}
+        metrics = client.get("/metrics").text
+        assert 'tuneq_jobs{state="queued"} 0.0' in metrics
+        assert "tuneq_http_requests_total" in metrics
+
+    # a broker nobody listens on: not ready, and the answer says which part failed
+    broken = make_settings(tmp_path / "home", broker_url="redis://127.0.0.1:1/0")
+    with api_client(broken) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        checks = ready.json()["checks"]
+        assert checks["database"] == "ok" and checks["store"] == "ok"
+        assert checks["broker"].startswith("error:")
