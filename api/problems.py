@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, routing
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tuneq.errors import ErrorItem, TuneqError
 
@@ -84,13 +85,28 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-    return problem(
-        exc.status_code, title, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
-    )
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route that matched the path; RFC 9110
+        # wants every method the resource has, and each of ours is a route of its own.
+        headers["Allow"] = ", ".join(sorted(_methods_for(request)))
+    return problem(exc.status_code, title, str(exc.detail), code=code, headers=headers or None)
+
+
+def _methods_for(request: Request) -> set[str]:
+    routes: Any = request.app.routes
+    if hasattr(routing, "iter_route_contexts"):  # FastAPI includes routers lazily
+        routes = (context.route for context in routing.iter_route_contexts(routes))
+    methods: set[str] = set()
+    for route in routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,11 +81,11 @@ def _env_path(name: str) -> Path | None:
 def _train(args: argparse.Namespace) -> int:
     from peft_engine.models import load_registry
     from peft_engine.prepare import DataPaths
-    from peft_engine.progress import ConsoleProgress
+    from peft_engine.progress import ConsoleProgress, quiet_library_output
     from peft_engine.spec import parse_spec
     from peft_engine.training import train
 
-    _quiet_libraries()
+    quiet_library_output()
     raw = _read_spec_file(args.spec)
     if args.data is not None:
         raw["training_file"] = str(args.data)
@@ -115,15 +114,6 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     _print_summary(result.output_dir, result.result)
     return 0
-
-
-def _quiet_libraries() -> None:
-    # Our own progress is on screen; transformers' loading bars and deprecation notices
-    # about its internals would only bury it.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _models(args: argparse.Namespace) -> int:

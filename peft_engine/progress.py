@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TextIO
 
@@ -79,3 +80,12 @@ class ConsoleProgress:
         self.stream.write(text + "\n")
         self.stream.flush()
         self._last_line = time.monotonic()
+
+
+def quiet_library_output() -> None:
+    """Our own progress is what a user follows; transformers' loading bars and deprecation
+    notices about its internals would only bury it (in a terminal or a worker's log)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -18,6 +18,7 @@ from peft_engine.methods import METHODS
 from peft_engine.methods.lora import LoraMethod
 
 Auto = Literal["auto"]
+MetadataKey = Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")]
 
 
 class _Strict(BaseModel):
@@ -70,7 +71,10 @@ class JobSpec(_Strict):
     method: Method = LoraMethod()
     hyperparameters: Hyperparameters = Hyperparameters()
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    # Keys are filterable (`GET /jobs?metadata[k]=v`): letters, digits and `_ . : -` only.
+    metadata: dict[MetadataKey, Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=64
+    )
 
 
 def parse_spec(data: Any) -> JobSpec:

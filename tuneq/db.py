@@ -6,9 +6,11 @@ Time that decides ownership (leases) is always the database's clock, never a wor
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import DateTime, MetaData, create_engine, event
@@ -95,7 +97,13 @@ def utcnow() -> datetime:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            # Unescaped UTF-8 in JSON columns: SQLite's json paths ($."équipe") compare the
+            # stored text, which json.dumps would have turned into \u escapes.
+            json_serializer=partial(json.dumps, ensure_ascii=False),
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine

@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from tuneq.files.service import local_copy
 
 import peft_engine
 from peft_engine.errors import UserError
 from peft_engine.hooks import Event, Hooks
 from peft_engine.models import ModelRegistry
 from peft_engine.prepare import DataPaths
+from peft_engine.progress import quiet_library_output
 from tuneq.db import db_now, transaction
 from tuneq.files.models import File
+from tuneq.files.service import local_copy
 from tuneq.jobs.lease import Claim, claim_job, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric
 from tuneq.jobs.schemas import ADAPTER_ARTIFACT, checkpoint_artifact_name
@@ -60,6 +61,7 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run the job if this worker wins the claim; returns what happened, for the log."""
+        quiet_library_output()
         with transaction(self.sessions) as db:
             claim = claim_job(
                 db,

@@ -17,9 +17,10 @@ from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
 from api.uploads import MultipartUpload, open_upload
+from tuneq.db import transaction
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
-from tuneq.idempotency.service import create_once, request_hash
+from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
@@ -82,28 +83,29 @@ def _create_file(
     with service.ingest_upload(chunks=upload.file_chunks(), settings=settings) as ingested:
         purpose = upload.fields.get("purpose", service.DEFAULT_PURPOSE)
 
-        def store(db: Session) -> dict[str, Any]:
-            file = service.store_upload(
-                db=db,
-                store=object_store,
-                team=team,
-                upload=ingested,
-                filename=upload.filename,
-                purpose=purpose,
-            )
-            return FilePublic.of(file).model_dump(mode="json")
-
         # The content's hash is known only now, so the key is claimed after reading the
         # body and before storing anything.
-        response = create_once(
+        with idempotent(
             sessions,
             team_id=team.id,
             key=idempotency_key,
             method_path=METHOD_PATH,
             fingerprint=request_hash(METHOD_PATH, ingested.sha256, upload.filename, purpose),
-            create=store,
-        )
-    return JSONResponse(response.body, status_code=response.status)
+        ) as request:
+            if request.replay is not None:
+                return JSONResponse(request.replay.body, status_code=request.replay.status)
+            with transaction(sessions) as db:
+                file = service.store_upload(
+                    db=db,
+                    store=object_store,
+                    team=team,
+                    upload=ingested,
+                    filename=upload.filename,
+                    purpose=purpose,
+                )
+                public = FilePublic.of(file).model_dump(mode="json")
+                request.record(db, 201, public)
+    return JSONResponse(public, status_code=201)
 
 
 @router.get("", response_model=FilesPublic)

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.responses import Response as FastAPIResponse
-from sqlalchemy.orm import Session
 
 from api.deps import CeleryDep, DbDep, RegistryDep, SessionsDep, SettingsDep, StoreDep, TeamDep
 from tuneq.db import transaction
-from tuneq.errors import InvalidRequest
-from tuneq.idempotency.service import create_once, request_hash
+from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.jobs import service
 from tuneq.jobs.schemas import (
     ArtifactPublic,
@@ -40,8 +38,8 @@ def relay_now(sessions: Any, celery: Any) -> None:
 
 
 @router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
-async def create_job(
-    request: Request,
+def create_job(
+    body: Annotated[dict[str, Any], Body(description="a job spec (DESIGN §5)")],
     team: TeamDep,
     sessions: SessionsDep,
     store: StoreDep,
@@ -52,48 +50,44 @@ async def create_job(
     dry_run: bool = False,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    body = _json_object(await request.body())
-    # Sessions are opened one after another, never nested: on SQLite each write transaction
-    # holds the database lock, and a nested one would wait for its own parent.
-    with sessions() as db:
-        plan = service.plan_job(
-            db=db, store=store, settings=settings, registry=registry, team=team, body=body
-        )
+    # A plain def: FastAPI runs it in a worker thread, so tokenizing a large dataset never
+    # blocks the event loop. Sessions are opened one after another, never nested: on
+    # SQLite a write transaction holds the database lock, and a nested one would wait for
+    # its own parent.
+    def plan() -> service.Plan:
+        with sessions() as db:
+            return service.plan_job(
+                db=db, store=store, settings=settings, registry=registry, team=team, body=body
+            )
+
     if dry_run:
-        view = service.resolved_view(plan)
+        planned = plan()
+        view = service.resolved_view(planned)
         estimate = DryRunPublic(
-            model=plan.spec.model,
-            task=plan.spec.task,
+            model=planned.spec.model,
+            task=planned.spec.task,
             method=view["method"],
             hyperparameters=view["hyperparameters"],
-            estimate=plan.estimate.as_dict(),
+            estimate=planned.estimate.as_dict(),
         )
         return JSONResponse(estimate.model_dump(mode="json"), status_code=200)
 
-    def create(db: Session) -> dict[str, Any]:
-        job = service.create_job(db=db, settings=settings, team=team, plan=plan)
-        return JobPublic.of(job).model_dump(mode="json")
-
-    response = create_once(
+    with idempotent(
         sessions,
         team_id=team.id,
         key=idempotency_key,
         method_path="POST /jobs",
         fingerprint=request_hash("POST /jobs", json.dumps(body, sort_keys=True)),
-        create=create,
-    )
+    ) as request:
+        if request.replay is not None:
+            return JSONResponse(request.replay.body, status_code=request.replay.status)
+        planned = plan()
+        with transaction(sessions) as db:
+            job = service.create_job(db=db, settings=settings, team=team, plan=planned)
+            public = JobPublic.of(job).model_dump(mode="json")
+            request.record(db, 201, public)
     background.add_task(relay_now, sessions, celery)
-    return JSONResponse(response.body, status_code=response.status)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except ValueError as err:
-        raise InvalidRequest(f"the body is not JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object (a job spec)")
-    return body
+    return JSONResponse(public, status_code=201)
 
 
 @router.get("")

@@ -8,7 +8,8 @@ and the response is stored in the same transaction as the object it created.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -102,35 +103,44 @@ def purge_expired(db: Session, *, older_than: timedelta) -> int:
     return result.rowcount or 0
 
 
-def create_once(
+@dataclass
+class IdempotentRequest:
+    """What a creating request does under its key: replay a stored response, or record one."""
+
+    replay: StoredResponse | None
+    _claimed: IdempotencyKey | None
+
+    def record(self, db: Session, status: int, body: Any) -> None:
+        if self._claimed is not None:
+            record_response(db, self._claimed, status, body)
+
+
+@contextmanager
+def idempotent(
     sessions: sessionmaker[Session],
     *,
     team_id: str,
     key: str | None,
     method_path: str,
     fingerprint: str,
-    create: Callable[[Session], Any],
-) -> StoredResponse:
-    """Run `create(db)` (it returns the response body) at most once per Idempotency-Key.
+) -> Iterator[IdempotentRequest]:
+    """Claim the key (when one was sent) before any work; free it if the work fails.
 
-    Without a key it simply runs. With one: a finished earlier request's response is
-    returned instead; otherwise the body is stored beside what `create` made, in its
-    transaction, and a failure frees the key for a retry.
+    A finished earlier request under the same key comes back as `replay`, before the
+    request is validated again: the world may have changed since (a file deleted), and
+    the client must still get the answer it was given.
     """
-    claimed = None
-    if key is not None:
-        claimed = claim_key(
-            sessions, team_id=team_id, key=key, method_path=method_path, fingerprint=fingerprint
-        )
-        if isinstance(claimed, StoredResponse):
-            return claimed
+    if key is None:
+        yield IdempotentRequest(None, None)
+        return
+    claimed = claim_key(
+        sessions, team_id=team_id, key=key, method_path=method_path, fingerprint=fingerprint
+    )
+    if isinstance(claimed, StoredResponse):
+        yield IdempotentRequest(claimed, None)
+        return
     try:
-        with transaction(sessions) as db:
-            body = create(db)
-            if claimed is not None:
-                record_response(db, claimed, 201, body)
-    except Exception:
-        if claimed is not None:
-            release_key(sessions, claimed)
+        yield IdempotentRequest(None, claimed)
+    except BaseException:
+        release_key(sessions, claimed)
         raise
-    return StoredResponse(201, body)
