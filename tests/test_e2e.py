@@ -285,6 +285,36 @@ def test_duplicate_task_message_runs_the_job_once(stack, worker, api, key):
     assert _job(api, key, job_id)["attempt"] == 1
 
 
+def test_pause_a_running_job_then_resume_where_it_stopped(stack, worker, api, key):
+    job_id = _long_job(api, key, n_epochs=4)
+    wait_for(
+        lambda: (_job(api, key, job_id)["progress"] or {}).get("step", 0) >= 3,
+        timeout=120,
+        what="the job to be training",
+    )
+    assert api.post(f"/jobs/{job_id}/pause", headers=auth(key)).status_code == 200
+    paused = _wait_status(api, key, job_id, {"paused"}, timeout=60)
+    stopped_at = paused["progress"]["step"]
+    assert stopped_at < paused["hyperparameters"]["total_steps"]
+    # the stop saved a checkpoint of the very step it stopped at
+    steps = [
+        c["step"] for c in api.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
+    ]
+    assert steps[-1] == stopped_at
+
+    resumed = api.post(f"/jobs/{job_id}/resume", headers=auth(key))
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    job = _wait_status(api, key, job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    events = [
+        e["message"]
+        for e in api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
+    ]
+    assert f"resuming from the checkpoint of step {stopped_at} (attempt 2)" in events
+    train = api.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["train"]
+    assert [p["step"] for p in train] == list(range(1, job["hyperparameters"]["total_steps"] + 1))
+
+
 def test_worker_killed_mid_training_resumes_from_last_checkpoint(stack, worker, api, key):
     # Runs last in this module: it kills the module's worker.
     train = _upload(api, key, TRAIN * 5)

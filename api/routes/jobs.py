@@ -135,11 +135,12 @@ def resume_job(
     job_id: str,
     team: TeamDep,
     db: DbDep,
+    settings: SettingsDep,
     sessions: SessionsDep,
     celery: CeleryDep,
     background: BackgroundTasks,
 ) -> JobPublic:
-    job = service.resume_job(db=db, team=team, job_id=job_id)
+    job = service.resume_job(db=db, settings=settings, team=team, job_id=job_id)
     background.add_task(relay_now, sessions, celery)
     return JobPublic.of(job)
 

@@ -211,11 +211,18 @@ def pause_job(*, db: Session, team: Team, job_id: str) -> Job:
     return _reloaded(db, job)
 
 
-def resume_job(*, db: Session, team: Team, job_id: str) -> Job:
+def resume_job(*, db: Session, settings: Settings, team: Team, job_id: str) -> Job:
     job = get_job(db=db, team=team, job_id=job_id)
     if job.state != JobState.PAUSED:
         raise Conflict(f"job {job.id} is {job.state}; only a paused job resumes", param="job_id")
-    _transition(db, job, JobState.QUEUED, pause_requested=False)
+    # Pauses are not failures: a resumed job gets a fresh budget of attempts.
+    _transition(
+        db,
+        job,
+        JobState.QUEUED,
+        pause_requested=False,
+        max_attempts=job.attempt + settings.max_attempts,
+    )
     db.add(OutboxMessage(job_id=job.id))
     _event(db, job, "resumed; queued again")
     return _reloaded(db, job)
