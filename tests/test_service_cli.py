@@ -72,3 +72,15 @@ def test_health_readiness_and_prometheus(tmp_path):
         checks = ready.json()["checks"]
         assert checks["database"] == "ok" and checks["store"] == "ok"
         assert checks["broker"].startswith("error:")
+
+
+def test_readme_lists_every_setting_with_its_default():
+    from pathlib import Path
+
+    from tuneq.settings import Settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        default = "—" if field.default is None else f"`{field.default}`"
+        row = f"| `TUNEQ_{name.upper()}` | {default} | {field.description} |"
+        assert row in readme, f"README's configuration table lacks or misstates: {row}"

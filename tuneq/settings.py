@@ -18,49 +18,68 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEQ_", extra="ignore", frozen=True)
 
-    environment: Literal["development", "production"] = "development"
+    environment: Literal["development", "production"] = Field(
+        "development", description="production refuses placeholder secrets"
+    )
     home: Path = Field(Path(".tuneq"), description="state directory of the embedded stack")
 
-    # Database: SQLite under home unless set (postgresql+psycopg://... in production).
-    database_url: str | None = None
-    # Broker: a filesystem transport under home unless set (redis://... in production).
-    broker_url: str | None = None
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL, e.g. postgresql+psycopg://...; unset: SQLite in home"
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker, e.g. redis://...; unset: a filesystem broker in home"
+    )
 
-    # Object store: "local" (a directory under home) or "s3" (any S3-compatible endpoint).
-    store: Literal["local", "s3"] = "local"
-    store_dir: Path | None = None
-    s3_endpoint_url: str | None = None
-    s3_bucket: str = "tuneq"
-    s3_region: str = "us-east-1"
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: SecretStr | None = None
-    presign_ttl_seconds: int = Field(600, ge=1, le=900)  # at most 15 minutes
-    multipart_chunk_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    store: Literal["local", "s3"] = Field(
+        "local", description="where files and artifacts go: a directory, or S3/MinIO"
+    )
+    store_dir: Path | None = Field(None, description="local store directory; unset: home/artifacts")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO: http://minio:9000)")
+    s3_bucket: str = Field("tuneq", description="bucket for files, checkpoints and adapters")
+    s3_region: str = Field("us-east-1", description="S3 region")
+    s3_access_key_id: str | None = Field(None, description="S3 access key (unset: boto3's chain)")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key")
+    presign_ttl_seconds: int = Field(
+        600, ge=1, le=900, description="lifetime of download URLs (at most 15 minutes)"
+    )
+    multipart_chunk_bytes: int = Field(
+        16 * 1024 * 1024, ge=5 * 1024 * 1024, description="S3 multipart part size"
+    )
 
-    # Uploads (DESIGN §6).
-    max_upload_bytes: int = Field(1024**3, ge=1)
-    max_line_bytes: int = Field(4 * 1024 * 1024, ge=1)
-    max_examples: int = Field(5_000_000, ge=1)
+    max_upload_bytes: int = Field(1024**3, ge=1, description="largest accepted upload (413 above)")
+    max_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="longest accepted JSONL line")
+    max_examples: int = Field(5_000_000, ge=1, description="most examples in one file")
 
-    # Queue and leases (DESIGN §3).
-    lease_ttl_seconds: float = Field(60.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
-    reaper_interval_seconds: float = Field(15.0, gt=0)
-    relay_interval_seconds: float = Field(5.0, gt=0)
-    # A queued job whose message went out this long ago without a claim is published again.
-    requeue_after_seconds: float = Field(300.0, gt=0)
-    idempotency_ttl_hours: float = Field(24.0, ge=24.0)
+    lease_ttl_seconds: float = Field(
+        60.0, gt=0, description="a job's lease; workers heartbeat every third of it"
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="claims of a job before a lost worker fails it (worker_lost)"
+    )
+    reaper_interval_seconds: float = Field(
+        15.0, gt=0, description="how often beat looks for expired leases"
+    )
+    relay_interval_seconds: float = Field(
+        5.0, gt=0, description="how often beat publishes unsent outbox rows"
+    )
+    requeue_after_seconds: float = Field(
+        300.0, gt=0, description="a queued job unclaimed this long is published again"
+    )
+    idempotency_ttl_hours: float = Field(
+        24.0, ge=24.0, description="how long Idempotency-Key responses are kept"
+    )
 
-    # Engine.
     model_registry: Path | None = Field(None, description="operator registry file (YAML/JSON)")
-    cache_dir: Path | None = None
-    work_dir: Path | None = None
-    # Used for the duration estimate until the deployment has measured its own throughput.
-    estimated_tokens_per_second: float = Field(100.0, gt=0)
+    cache_dir: Path | None = Field(None, description="dequantised base models; unset: home/cache")
+    work_dir: Path | None = Field(
+        None, description="workers' scratch space and file copies; unset: home/work"
+    )
+    estimated_tokens_per_second: float = Field(
+        100.0, gt=0, description="throughput the duration estimate assumes"
+    )
 
-    # API.
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
+    port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> Settings:
