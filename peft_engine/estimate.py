@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft_engine.data.formats import DataFormat, Example, read_examples
+from peft_engine.data.formats import DataFormat, Example
 from peft_engine.errors import SpecError
 from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
-from peft_engine.prepare import DataPaths, check_support, split_validation
+from peft_engine.prepare import DataPaths, check_support, read_job_examples
 from peft_engine.spec import (
     DatasetStats,
     JobSpec,
@@ -70,13 +70,7 @@ def estimate_job(
     limits = ModelLimits(
         max_position_embeddings=read_model_info(path).max_position_embeddings if path else None
     )
-    train_examples = read_examples(data.train, param="training_file")
-    if data.validation is not None:
-        validation_examples = read_examples(data.validation, param="validation_file")
-    else:
-        train_examples, validation_examples = split_validation(
-            train_examples, spec.validation_split, seed=spec.hyperparameters.seed
-        )
+    train_examples, validation_examples = read_job_examples(spec, data)
     count = _token_counter(path)
     lengths = [count(example) for example in train_examples]
     cap = resolve_max_seq_length(spec.hyperparameters, limits)

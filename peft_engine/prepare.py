@@ -80,13 +80,7 @@ def prepare_job(
     limits = ModelLimits(max_position_embeddings=info.max_position_embeddings)
     tokenizer = load_tokenizer(path)
 
-    train_examples = read_examples(data.train, param="training_file")
-    if data.validation is not None:
-        validation_examples = read_examples(data.validation, param="validation_file")
-    else:
-        train_examples, validation_examples = split_validation(
-            train_examples, spec.validation_split, seed=spec.hyperparameters.seed
-        )
+    train_examples, validation_examples = read_job_examples(spec, data)
 
     hp = spec.hyperparameters
     cap = resolve_max_seq_length(hp, limits)
@@ -120,6 +114,14 @@ def prepare_job(
         n_train_examples=len(train_examples),
         n_validation_examples=len(validation_examples),
     )
+
+
+def read_job_examples(spec: JobSpec, data: DataPaths) -> tuple[list[Example], list[Example]]:
+    """The training and evaluation examples: the validation file's, or a held-out split."""
+    train_examples = read_examples(data.train, param="training_file")
+    if data.validation is not None:
+        return train_examples, read_examples(data.validation, param="validation_file")
+    return split_validation(train_examples, spec.validation_split, seed=spec.hyperparameters.seed)
 
 
 def split_validation(
