@@ -315,8 +315,37 @@ def test_pause_a_running_job_then_resume_where_it_stopped(stack, worker, api, ke
     assert [p["step"] for p in train] == list(range(1, job["hyperparameters"]["total_steps"] + 1))
 
 
-def test_worker_killed_mid_training_resumes_from_last_checkpoint(stack, worker, api, key):
-    # Runs last in this module: it kills the module's worker.
+def test_a_worker_asked_to_shut_down_hands_its_job_over(stack, worker, api, key):
+    # Runs after the tests that need the module's worker: it stops that worker.
+    job_id = _long_job(api, key, n_epochs=4)
+    wait_for(
+        lambda: (_job(api, key, job_id)["progress"] or {}).get("step", 0) >= 3,
+        timeout=120,
+        what="the job to be training",
+    )
+    worker.send_signal(signal.SIGTERM)  # what `docker stop` and a deploy do
+    assert worker.wait(timeout=60) == 0  # it did not wait for the job to finish
+    handed_over = _job(api, key, job_id)
+    assert handed_over["status"] == "queued"
+    stopped_at = handed_over["progress"]["step"]
+    assert stopped_at < handed_over["hyperparameters"]["total_steps"]
+
+    replacement = stack.start("worker", "worker-after-shutdown")
+    try:
+        job = _wait_status(api, key, job_id, {"succeeded", "failed"})
+    finally:
+        stack.kill(replacement, signal.SIGTERM)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    events = [
+        e["message"]
+        for e in api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
+    ]
+    assert "worker shutting down; queued again" in events
+    assert f"resuming from the checkpoint of step {stopped_at} (attempt 2)" in events
+
+
+def test_worker_killed_mid_training_resumes_from_last_checkpoint(stack, api, key):
+    worker = stack.start("worker", "worker-to-kill")
     train = _upload(api, key, TRAIN * 5)
     spec = _spec(train, n_epochs=10, checkpoint_every_steps=25, eval_every_steps=1000)
     spec["validation_split"] = 0.0

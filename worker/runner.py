@@ -19,7 +19,8 @@ import os
 import shutil
 import socket
 import tarfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from tuneq.db import db_now, transaction
 from tuneq.files.models import File
 from tuneq.files.service import local_copy
 from tuneq.jobs.lease import Claim, claim_job, fenced_update
-from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric
+from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.jobs.schemas import ADAPTER_ARTIFACT, checkpoint_artifact_name
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
@@ -58,10 +59,19 @@ class JobRunner:
     sessions: sessionmaker[Session]
     store: ObjectStore
     registry: ModelRegistry
+    # Set when the worker is asked to shut down (a deploy, a scale-in): the job stops at
+    # its next step with a checkpoint and goes back to the queue for another worker.
+    shutting_down: threading.Event = field(default_factory=threading.Event)
 
     def run(self, job_id: str) -> str:
         """Run the job if this worker wins the claim; returns what happened, for the log."""
         quiet_library_output()
+        if self.shutting_down.is_set():
+            # A message that arrived during a warm shutdown: leave the job to another
+            # worker, and have the relay send it again now rather than after a timeout.
+            with transaction(self.sessions) as db:
+                db.add(OutboxMessage(job_id=job_id))
+            return "worker shutting down; the job is left for another worker"
         with transaction(self.sessions) as db:
             claim = claim_job(
                 db,
@@ -105,7 +115,7 @@ class _Attempt:
                     on_event=self._on_event,
                     on_metrics=self._on_metrics,
                     on_checkpoint=self._on_checkpoint,
-                    should_stop=self.heartbeat.should_stop,
+                    should_stop=self._should_stop,
                 ),
                 data=data,
                 resume_from=resume_from,
@@ -125,6 +135,9 @@ class _Attempt:
             assert result.output_dir is not None
             return self._succeed(result.output_dir, result.result)
         return self._stopped()
+
+    def _should_stop(self) -> bool:
+        return self.heartbeat.should_stop() or self.runner.shutting_down.is_set()
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -257,12 +270,19 @@ class _Attempt:
         if self.heartbeat.cancel_requested.is_set():
             target, message = JobState.CANCELLED, "cancelled"
             values: dict[str, Any] = {"finished_at": db_now()}
-        else:
+        elif self.heartbeat.pause_requested.is_set():
             target, message = JobState.PAUSED, "paused; resume continues from the last checkpoint"
             values = {"pause_requested": False}
+        else:  # the worker is shutting down: hand the job to the next one, attempt refunded
+            target, message = JobState.QUEUED, "worker shutting down; queued again"
+            values = {"max_attempts": Job.max_attempts + 1}
         with transaction(self.runner.sessions) as db:
-            if fenced_update(db, self.claim, state=target, lease_expires_at=None, **values):
+            if fenced_update(
+                db, self.claim, state=target, lease_owner=None, lease_expires_at=None, **values
+            ):
                 db.add(self._event_row("info", message))
+                if target == JobState.QUEUED:
+                    db.add(OutboxMessage(job_id=self.claim.job_id))
         return message
 
     def _fail(self, code: str, message: str, param: str | None) -> None:

@@ -7,10 +7,12 @@ prefetch 1); the relay and the reaper are periodic (Celery beat) on the maintena
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 from functools import cached_property
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from peft_engine.models import ModelRegistry, load_registry
 from tuneq.db import make_engine, make_sessionmaker, transaction
@@ -39,6 +41,7 @@ class WorkerContext:
         self.settings = settings
         self.engine = make_engine(settings.resolved_database_url)
         self.sessions = make_sessionmaker(self.engine)
+        self.shutting_down = threading.Event()
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -54,7 +57,9 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
-        runner = JobRunner(settings, context.sessions, context.store, context.registry)
+        runner = JobRunner(
+            settings, context.sessions, context.store, context.registry, context.shutting_down
+        )
         outcome = runner.run(job_id)
         log.info("job %s: %s", job_id, outcome)
         return outcome
@@ -82,5 +87,13 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 def create_worker_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     app = make_celery(settings)
-    register_tasks(app, WorkerContext(settings))
+    context = WorkerContext(settings)
+    register_tasks(app, context)
+
+    # A warm shutdown (SIGTERM) waits for the running task; ours then stops at its next
+    # step, checkpoints and re-queues the job rather than holding the deploy for hours.
+    def on_shutting_down(**_: object) -> None:
+        context.shutting_down.set()
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     return app
