@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.service_fixtures import api_client, auth, make_settings
 
@@ -75,8 +76,6 @@ def test_health_readiness_and_prometheus(tmp_path):
 
 
 def test_readme_lists_every_setting_with_its_default():
-    from pathlib import Path
-
     from tuneq.settings import Settings
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -84,3 +83,40 @@ def test_readme_lists_every_setting_with_its_default():
         default = "—" if field.default is None else f"`{field.default}`"
         row = f"| `TUNEQ_{name.upper()}` | {default} | {field.description} |"
         assert row in readme, f"README's configuration table lacks or misstates: {row}"
+
+
+NO_TORCH_IN_API = r"""
+import json, sys
+from pathlib import Path
+from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+
+home, registry = Path(sys.argv[1]), sys.argv[2]
+settings = make_settings(home, model_registry=registry)
+migrate(settings)
+key = new_team_key(settings, "no-torch")
+rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(8)]
+body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+with api_client(settings) as client:
+    uploaded = client.post("/files", headers=auth(key), files={"file": ("t.jsonl", body)})
+    file_id = uploaded.json()["id"]
+    spec = {"model": "tiny-llama", "training_file": file_id}
+    assert client.post("/jobs?dry_run=true", headers=auth(key), json=spec).status_code == 200
+    assert client.post("/jobs", headers=auth(key), json=spec).status_code == 201
+    assert client.get("/models", headers=auth(key)).status_code == 200
+heavy = ("torch", "transformers.modeling_utils", "peft")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def test_the_api_never_imports_torch(tmp_path, tiny_registry_file):
+    # In a fresh interpreter: the test process itself has torch loaded by other tests.
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_IN_API, str(tmp_path / "home"), str(tiny_registry_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
