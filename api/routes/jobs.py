@@ -4,6 +4,7 @@ rules live in tuneq.jobs.service."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request
@@ -23,6 +24,7 @@ from tuneq.jobs.schemas import (
 )
 from tuneq.queue import relay_outbox
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -34,7 +36,7 @@ def relay_now(sessions: Any, celery: Any) -> None:
         with transaction(sessions) as db:
             relay_outbox(db, celery)
     except Exception:  # noqa: BLE001 - the broker may be down; the beat relay retries
-        pass
+        log.warning("publishing after commit failed; beat's relay will retry", exc_info=True)
 
 
 @router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
