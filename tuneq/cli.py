@@ -1,5 +1,8 @@
 """`tuneq`: run the parts of the service and administer it.
 
+    tuneq up                           the embedded stack in the background; prints URL and key
+    tuneq down                         stops it
+    tuneq demo                         what `make demo` runs: a real job, start to finish
     tuneq migrate                      apply the database migrations
     tuneq api                          the HTTP control plane (uvicorn)
     tuneq worker                       a training worker (one job at a time)
@@ -37,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneq", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    up = commands.add_parser("up", help="start the embedded stack in the background")
+    up.set_defaults(run=_up)
+    down = commands.add_parser("down", help="stop the embedded stack")
+    down.set_defaults(run=_down)
+    demo = commands.add_parser("demo", help="run the demo: a real fine-tuning job end to end")
+    demo.set_defaults(run=_demo)
+
     migrate = commands.add_parser("migrate", help="apply the database migrations")
     migrate.set_defaults(run=_migrate)
 
@@ -61,6 +71,43 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("--team", required=True)
     key.set_defaults(run=_create_key)
     return parser
+
+
+def _up(settings: Settings, _: argparse.Namespace) -> None:
+    from tuneq.embedded import EmbeddedStack, local_key
+
+    stack = EmbeddedStack.for_settings(settings)
+    stack.start()
+    try:
+        stack.wait_ready()
+    except BaseException:
+        stack.stop()
+        raise
+    key = local_key(settings, "local")
+    print(f"tuneq is up: API, worker and beat, state in {stack.home}")
+    print(f"  API   {stack.url}")
+    print(f"  docs  {stack.url}/docs")
+    print(f"  logs  {stack.logs}")
+    print("  key   for team 'local' (shown once; `tuneq down` stops everything)")
+    print(f"TUNEQ_URL={stack.url}")
+    print(f"TUNEQ_API_KEY={key}")
+
+
+def _down(settings: Settings, _: argparse.Namespace) -> None:
+    from tuneq.embedded import running_stack
+
+    stack = running_stack(settings)
+    if stack is None:
+        print(f"no tuneq stack is running under {settings.home.resolve()}")
+        return
+    stopped = stack.stop()
+    print(f"stopped {', '.join(stopped)}; state kept in {stack.home}")
+
+
+def _demo(settings: Settings, _: argparse.Namespace) -> int:
+    from tuneq.demo import run_demo
+
+    return run_demo(settings)
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> None:

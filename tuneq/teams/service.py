@@ -30,8 +30,12 @@ def create_team(*, db: Session, name: str) -> Team:
     return team
 
 
+def find_team(*, db: Session, name: str) -> Team | None:
+    return db.scalar(select(Team).where(Team.name == name))
+
+
 def get_team_by_name(*, db: Session, name: str) -> Team:
-    team = db.scalar(select(Team).where(Team.name == name))
+    team = find_team(db=db, name=name)
     if team is None:
         raise NotFound(f"no team named {name!r}", param="team")
     return team
