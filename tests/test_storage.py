@@ -232,3 +232,15 @@ def test_open_store_follows_settings(s3_endpoint: str, tmp_path: Path) -> None:
     remote = open_store(settings)
     remote.put_bytes("k", b"v")
     assert remote.size("k") == 1
+
+
+def test_s3_presigns_for_the_address_clients_use(s3_endpoint: str) -> None:
+    # The workers reach the store by one name, a laptop by another (127.0.0.1 vs localhost
+    # here): the URL is signed for, and works at, the public one.
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    store = new_s3_store(s3_endpoint, public_endpoint_url=public)
+    store.put_bytes("public/x", b"through the public address")
+    url = store.presigned_url("public/x")
+    assert url is not None and url.startswith(public + "/")
+    with urllib.request.urlopen(url) as response:
+        assert response.read() == b"through the public address"

@@ -27,7 +27,9 @@ from tuneq.settings import Settings
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The servers log what they do; the commands a person runs print only their results.
+    level = logging.INFO if args.run in (_api, _worker, _beat) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
     try:
         return int(args.run(settings, args) or 0)

@@ -1,7 +1,8 @@
 """Alembic, configured in code: upgrade, downgrade and read the schema revision of a database.
 
-There is no alembic.ini; the scripts live in the repository's `migrations/` directory
-(the package is installed editable, and the images copy the repository whole).
+There is no alembic.ini; the scripts live in the repository's `migrations/` directory,
+found next to the package: an editable install sees the checkout, and the Dockerfiles
+copy `migrations/` beside the installed package.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     store_dir: Path | None = Field(None, description="local store directory; unset: home/artifacts")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO: http://minio:9000)")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="S3 endpoint as download clients reach it; unset: s3_endpoint_url"
+    )
     s3_bucket: str = Field("tuneq", description="bucket for files, checkpoints and adapters")
     s3_region: str = Field("us-east-1", description="S3 region")
     s3_access_key_id: str | None = Field(None, description="S3 access key (unset: boto3's chain)")

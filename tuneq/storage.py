@@ -163,6 +163,7 @@ class S3Store(_Store):
         *,
         bucket: str,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
@@ -191,6 +192,13 @@ class S3Store(_Store):
             signature_version="s3v4",  # X-Amz-Expires on presigned URLs
         )
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # Presigned URLs name the host they were signed for: the one clients can reach
+        # (MinIO is http://minio:9000 to the workers but 127.0.0.1:9000 to a laptop).
+        self._presigner = (
+            session.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url
+            else self._client
+        )
         self._transfer = TransferConfig(
             multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes
         )
@@ -253,7 +261,7 @@ class S3Store(_Store):
         params = {"Bucket": self.bucket, "Key": key}
         if filename is not None:
             params["ResponseContentDisposition"] = _attachment(filename)
-        return self._client.generate_presigned_url(
+        return self._presigner.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=self.presign_ttl_seconds
         )
 
@@ -285,6 +293,7 @@ def open_store(settings: Settings) -> ObjectStore:
     return S3Store(
         bucket=settings.s3_bucket,
         endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url,
         region=settings.s3_region,
         access_key_id=settings.s3_access_key_id,
         secret_access_key=secret.get_secret_value() if secret is not None else None,

@@ -150,6 +150,9 @@ def _download(client: httpx.Client, job_id: str, target: Path) -> Path:
 def _compare(job: dict[str, Any], adapter: Path, settings: Settings) -> None:
     from peft_engine.generate import Answerer
     from peft_engine.models import load_registry
+    from peft_engine.progress import quiet_library_output
+
+    quiet_library_output()
 
     metrics = job["result"]["metrics"]
     before, after = metrics["initial"]["eval_loss"], metrics["best"]["eval_loss"]
