@@ -265,6 +265,7 @@ class _Attempt:
         return "succeeded"
 
     def _stopped(self) -> str:
+        self.heartbeat.beat()  # the latest flags: a cancel may have come since the last beat
         if self.heartbeat.lost.is_set():
             return "lease lost; stopped"
         if self.heartbeat.cancel_requested.is_set():

@@ -80,8 +80,7 @@ def run_demo(settings: Settings) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: cancelling the job and stopping the stack")
         if client is not None and job_id is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                client.post(f"/jobs/{job_id}/cancel")
+            _cancel(client, job_id)
         return 130
     finally:
         if client is not None:
@@ -91,6 +90,17 @@ def run_demo(settings: Settings) -> int:
         print(f"  database  {settings.resolved_database_url.removeprefix('sqlite:///')}")
         print(f"  artifacts {settings.resolved_store_dir}")
         print(f"  logs      {stack.logs}")
+
+
+def _cancel(client: httpx.Client, job_id: str) -> None:
+    """Cancel the job and wait for the worker to stop it, so it ends `cancelled`."""
+    with contextlib.suppress(httpx.HTTPError):
+        client.post(f"/jobs/{job_id}/cancel")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if client.get(f"/jobs/{job_id}").json()["status"] in ("cancelled", "failed"):
+                return
+            time.sleep(0.5)
 
 
 def _submit(client: httpx.Client) -> dict[str, Any]:

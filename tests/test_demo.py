@@ -1,0 +1,82 @@
+"""`tuneq demo` (what `make demo` runs), as a new user sees it: slow, a real model trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _start_demo(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
+    env |= {"TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    if "TUNEQ_CACHE_DIR" in os.environ:  # share the dequantised SmolLM2 with the other tests
+        env["TUNEQ_CACHE_DIR"] = os.environ["TUNEQ_CACHE_DIR"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuneq.cli", "demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stack_pids(home) -> list[int]:
+    return list(json.loads((home / "run" / "stack.json").read_text())["pids"].values())
+
+
+def test_the_demo_teaches_its_habit_and_cleans_up(tmp_path):
+    home = tmp_path / "demo"
+    demo = _start_demo(home)
+    output, _ = demo.communicate(timeout=900)
+    assert demo.returncode == 0, output[-4000:]
+
+    losses = output.split("eval loss on the held-out validation file: ")[1].split(" (tuned")[0]
+    before, after = (float(x) for x in losses.split(" (base model) -> "))
+    assert after < before - 1.0, output
+    table = output.split("answered greedily:")[1].split("done in")[0]
+    tuned = [line.split(" | ", 1)[1] for line in table.splitlines() if " | " in line]
+    assert sum(line.startswith("Arr, matey!") for line in tuned) >= 3, table  # the habit shows
+    assert "stopped api, worker, beat" in output
+    assert not (home / "run" / "stack.json").exists()
+    assert list((home / "demo").glob("job-*/adapter/adapter_model.safetensors"))
+
+
+def test_ctrl_c_mid_way_cancels_the_job_and_leaves_no_process(tmp_path):
+    home = tmp_path / "demo"
+    demo = _start_demo(home)
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if line.startswith("step "):  # training has begun
+            break
+    else:
+        pytest.fail("".join(lines[-40:]))
+    pids = _stack_pids(home)
+    demo.send_signal(signal.SIGINT)
+    rest, _ = demo.communicate(timeout=120)
+    assert demo.returncode == 130, "".join(lines) + rest
+    assert "interrupted: cancelling the job" in rest
+
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, pids)), "a stack process outlived the demo"
+    with sqlite3.connect(home / "tuneq.db") as db:
+        assert db.execute("SELECT state FROM jobs").fetchall() == [("cancelled",)]
