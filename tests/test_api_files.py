@@ -398,6 +398,7 @@ def test_delete_waits_for_jobs_that_use_the_file(api: Service, state: str, statu
                 team_id=team_id,
                 state=state,
                 model="tiny",
+                queue="training",
                 task="causal_lm",
                 training_file_id=file_id,
                 spec={},

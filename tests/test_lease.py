@@ -49,6 +49,7 @@ def _job(sessions, *, max_attempts=2) -> str:
             team_id=team.id,
             state=JobState.QUEUED,
             model="tiny-llama",
+            queue="training",
             task="causal_lm",
             training_file_id="file-x",
             spec={},

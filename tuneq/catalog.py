@@ -31,6 +31,7 @@ def describe_model(entry: ModelEntry, cache_dir: Path) -> dict[str, Any]:
         "tasks": list(entry.tasks),
         "methods": sorted(m.type for m in METHODS.values() if set(m.tasks) & set(entry.tasks)),
         "max_seq_length": info.max_position_embeddings if info else None,
+        "queue": entry.queue,
         "available": available,
     }
 

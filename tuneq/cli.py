@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a training worker")
     worker.add_argument("--name", help="Celery node name (default: training@HOSTNAME)")
+    worker.add_argument(
+        "--queues",
+        default="training",
+        help="comma-separated queues to train from (a registry entry's `queue`; "
+        "default: training)",
+    )
     worker.set_defaults(run=_worker)
 
     beat = commands.add_parser("beat", help="run the periodic outbox relay and lease reaper")
@@ -135,7 +141,6 @@ def _api(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
-    from tuneq.queue import TRAINING_QUEUE
     from worker.tasks import create_worker_app
 
     _ensure_home(settings)
@@ -144,7 +149,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> None:
         [
             "worker",
             "--queues",
-            TRAINING_QUEUE,
+            args.queues,
             # One training job per process: a GPU is not shared, and a solo pool lets a
             # SIGKILL take the job down with it (the lease then hands it to another worker).
             "--pool",

@@ -57,7 +57,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=TRAINING_QUEUE,
         task_routes={
-            RUN_JOB_TASK: {"queue": TRAINING_QUEUE},
             RELAY_TASK: {"queue": MAINTENANCE_QUEUE},
             REAP_TASK: {"queue": MAINTENANCE_QUEUE},
         },
@@ -79,21 +78,23 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish_run_job(app: Celery, job_id: str) -> None:
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=TRAINING_QUEUE)
+def publish_run_job(app: Celery, job_id: str, queue: str = TRAINING_QUEUE) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
 
 
 def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:
-    """Publish unsent outbox rows, oldest first; the caller's transaction marks them sent."""
-    rows = db.scalars(
-        select(OutboxMessage)
+    """Publish unsent outbox rows, oldest first, each to its job's queue; the caller's
+    transaction marks them sent."""
+    rows = db.execute(
+        select(OutboxMessage, Job.queue)
+        .join(Job, Job.id == OutboxMessage.job_id)
         .where(OutboxMessage.sent_at.is_(None))
         .order_by(OutboxMessage.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, of=OutboxMessage)
     ).all()
-    for row in rows:
-        publish_run_job(app, row.job_id)
+    for row, queue in rows:
+        publish_run_job(app, row.job_id, queue)
         row.sent_at = utcnow()
     return len(rows)
 

@@ -92,6 +92,7 @@ def upgrade() -> None:
         sa.Column("team_id", sa.String(40), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("model", sa.String(100), nullable=False),
+        sa.Column("queue", sa.String(64), nullable=False),
         sa.Column("task", sa.String(32), nullable=False),
         sa.Column("training_file_id", sa.String(40), nullable=False),
         sa.Column("validation_file_id", sa.String(40), nullable=True),

@@ -128,6 +128,8 @@ class _EntryFields(_Frozen):
     license: str | None = None
     family: str | None = None
     tasks: tuple[Task, ...] = Field(min_length=1)
+    # The worker queue that trains it (workers on big GPUs listen on their own queue).
+    queue: str = Field("training", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ModelEntry(_EntryFields):

@@ -17,6 +17,7 @@ class Job(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     state: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(100))
+    queue: Mapped[str] = mapped_column(String(64))  # from the model's registry entry
     task: Mapped[str] = mapped_column(String(32))
     # Plain ids, not foreign keys: a finished job keeps naming its files after they are deleted.
     training_file_id: Mapped[str] = mapped_column(String(40), index=True)

@@ -47,6 +47,7 @@ class Plan:
     estimate: Estimate
     training_file: File
     validation_file: File | None
+    queue: str
 
 
 def as_tuneq_error(err: UserError) -> TuneqError:
@@ -97,7 +98,7 @@ def plan_job(
         )
     except UserError as err:
         raise as_tuneq_error(err) from None
-    return Plan(spec, estimate, training, validation)
+    return Plan(spec, estimate, training, validation, registry.get(spec.model).queue)
 
 
 def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
@@ -123,6 +124,7 @@ def create_job(*, db: Session, settings: Settings, team: Team, plan: Plan) -> Jo
         team_id=team.id,
         state=JobState.QUEUED,
         model=spec.model,
+        queue=plan.queue,
         task=spec.task,
         training_file_id=plan.training_file.id,
         validation_file_id=plan.validation_file.id if plan.validation_file else None,
