@@ -62,8 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--queues",
         default="training",
-        help="comma-separated queues to train from (a registry entry's `queue`; "
-        "default: training)",
+        help="comma-separated queues to train from (a registry entry's `queue`; default: training)",
     )
     worker.set_defaults(run=_worker)
 
