@@ -118,9 +118,10 @@ def _submit(client: httpx.Client) -> dict[str, Any]:
     response.raise_for_status()
     job = response.json()
     estimate = job["estimate"]
+    how = "" if estimate["tokens_exact"] else " (guessed from characters until the model is cached)"
     print(
         f"created {job['id']}: LoRA r=16 on {MODEL}, {estimate['total_steps']} steps, "
-        f"~{estimate['trained_tokens']:,} tokens"
+        f"~{estimate['trained_tokens']:,} tokens{how}"
     )
     return job
 
