@@ -6,6 +6,9 @@ runs in-process through its ASGI app (httpx), the store is a directory or an S3 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +59,38 @@ def api_client(settings: Settings) -> TestClient:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+TUNEQ_CLI = [sys.executable, "-m", "tuneq.cli"]
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `tuneq` command run by a user whose state is in `home`.
+
+    The caller's TUNEQ_* settings are dropped, except the model cache, which is shared so
+    that SmolLM2 is dequantised once per test run.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
+    env |= {"TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
+    if "TUNEQ_CACHE_DIR" in os.environ:
+        env["TUNEQ_CACHE_DIR"] = os.environ["TUNEQ_CACHE_DIR"]
+    return env
+
+
+def run_cli(home: Path, *args: str, timeout: float = 300, **extra: str) -> Any:
+    """`tuneq ARGS...` to completion, output captured as text."""
+    return subprocess.run(
+        [*TUNEQ_CLI, *args],
+        env=cli_env(home, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

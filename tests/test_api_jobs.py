@@ -29,9 +29,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from tests.conftest import chat
-from tests.service_fixtures import api_client, auth, new_team_key
-from tests.test_api_access import (
+from tests.api_helpers import (
     TRAIN_ROWS,
     assert_problem,
     deployment,
@@ -39,6 +37,8 @@ from tests.test_api_access import (
     jsonl,
     upload,
 )
+from tests.conftest import chat
+from tests.service_fixtures import api_client, auth, new_team_key
 from tuneq.db import make_engine
 from tuneq.models import IdempotencyKey, Job, JobEvent, OutboxMessage, Team
 from tuneq.settings import Settings

@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
+
+from tests.service_fixtures import TUNEQ_CLI, cli_env, pid_alive
 
 pytestmark = pytest.mark.slow
 
 
 def _start_demo(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
-    env |= {"TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    if "TUNEQ_CACHE_DIR" in os.environ:  # share the dequantised SmolLM2 with the other tests
-        env["TUNEQ_CACHE_DIR"] = os.environ["TUNEQ_CACHE_DIR"]
     return subprocess.Popen(
-        [sys.executable, "-m", "tuneq.cli", "demo"],
-        env=env,
+        [*TUNEQ_CLI, "demo"],
+        env=cli_env(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _stack_pids(home) -> list[int]:
@@ -75,8 +63,8 @@ def test_ctrl_c_mid_way_cancels_the_job_and_leaves_no_process(tmp_path):
     assert "interrupted: cancelling the job" in rest
 
     deadline = time.monotonic() + 10
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(map(_alive, pids)), "a stack process outlived the demo"
+    assert not any(map(pid_alive, pids)), "a stack process outlived the demo"
     with sqlite3.connect(home / "tuneq.db") as db:
         assert db.execute("SELECT state FROM jobs").fetchall() == [("cancelled",)]

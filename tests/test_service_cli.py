@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.service_fixtures import api_client, auth, make_settings
-
-
-def _tuneq(home, *args, **env):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
-    environment |= {"TUNEQ_HOME": str(home), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "tuneq.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.service_fixtures import api_client, auth, make_settings, run_cli
 
 
 def test_migrate_then_team_and_key_work_against_the_api(tmp_path):
     home = tmp_path / "home"
-    migrated = _tuneq(home, "migrate")
+    migrated = run_cli(home, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert _tuneq(home, "migrate").returncode == 0  # running it again changes nothing
+    assert run_cli(home, "migrate").returncode == 0  # running it again changes nothing
 
-    team = _tuneq(home, "admin", "create-team", "search")
+    team = run_cli(home, "admin", "create-team", "search")
     assert team.returncode == 0, team.stderr
-    created = _tuneq(home, "admin", "create-key", "--team", "search")
+    created = run_cli(home, "admin", "create-key", "--team", "search")
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]  # the key alone on the last line
     assert key.startswith("tq_") and " " not in key
@@ -45,17 +32,17 @@ def test_migrate_then_team_and_key_work_against_the_api(tmp_path):
 
 def test_admin_errors_are_one_line_and_exit_2(tmp_path):
     home = tmp_path / "home"
-    assert _tuneq(home, "migrate").returncode == 0
-    assert _tuneq(home, "admin", "create-team", "search").returncode == 0
-    again = _tuneq(home, "admin", "create-team", "search")
+    assert run_cli(home, "migrate").returncode == 0
+    assert run_cli(home, "admin", "create-team", "search").returncode == 0
+    again = run_cli(home, "admin", "create-team", "search")
     assert again.returncode == 2 and again.stderr.strip() == "error: team 'search' already exists"
-    missing = _tuneq(home, "admin", "create-key", "--team", "nobody")
+    missing = run_cli(home, "admin", "create-key", "--team", "nobody")
     assert missing.returncode == 2 and missing.stderr.strip() == "error: no team named 'nobody'"
 
 
 def test_health_readiness_and_prometheus(tmp_path):
     settings = make_settings(tmp_path / "home")
-    assert _tuneq(settings.home, "migrate").returncode == 0
+    assert run_cli(settings.home, "migrate").returncode == 0
     with api_client(settings) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
@@ -88,7 +75,7 @@ def test_readme_lists_every_setting_with_its_default():
 NO_TORCH_IN_API = r"""
 import json, sys
 from pathlib import Path
-from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+from tests.service_fixtures import api_client, auth, make_settings, run_cli, migrate, new_team_key
 
 home, registry = Path(sys.argv[1]), sys.argv[2]
 settings = make_settings(home, model_registry=registry)
