@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     max_examples: int = Field(5_000_000, ge=1, description="most examples in one file")
 
     lease_ttl_seconds: float = Field(
-        60.0, gt=0, description="a job's lease; workers heartbeat every third of it"
+        30.0, gt=0, description="a job's lease; workers heartbeat every third of it"
     )
     max_attempts: int = Field(
         3, ge=1, description="claims of a job before a lost worker fails it (worker_lost)"
