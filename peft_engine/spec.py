@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
@@ -37,9 +37,12 @@ def _method_type(value: Any) -> Any:
     return value.get("type", "lora") if isinstance(value, dict) else getattr(value, "type", None)
 
 
-# One member today; issue 6 adds the rest of the catalogue to this union.
+# Every registered method's spec, told apart by "type".
 METHOD_TYPES = tuple(METHODS)
-Method = Annotated[Annotated[LoraMethod, Tag("lora")], Discriminator(_method_type)]
+Method = Annotated[
+    Union[tuple(Annotated[m.spec, Tag(m.type)] for m in METHODS.values())],  # noqa: UP007
+    Discriminator(_method_type),
+]
 
 
 class Hyperparameters(_Strict):
@@ -251,6 +254,4 @@ def _auto_batch_size(
 
 
 def _auto_lr(spec: JobSpec) -> float:
-    # LoRA's usual range; scaled down for large ranks, where updates are bigger.
-    method = spec.method
-    return 2e-4 if method.r <= 64 else 1e-4
+    return METHODS[spec.method.type].default_learning_rate(spec.method)

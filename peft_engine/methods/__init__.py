@@ -20,6 +20,8 @@ class MethodDef:
     # build(model, spec, task) -> the model with the method applied, ready to train
     build: Callable[[Any, Any, str], Any]
     tasks: tuple[str, ...]
+    # The learning rate "auto" resolves to: methods with few parameters want larger steps.
+    default_learning_rate: Callable[[Any], float]
 
 
 METHODS: dict[str, MethodDef] = {}
@@ -34,4 +36,5 @@ def method_for(method_type: str) -> MethodDef:
     return METHODS[method_type]
 
 
-from peft_engine.methods import lora  # noqa: E402,F401  (registers itself)
+# Each module registers itself; the order is the order `GET /models` lists them in.
+from peft_engine.methods import ia3, loha, lokr, lora, vera  # noqa: E402,F401

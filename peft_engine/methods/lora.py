@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
+from peft_engine.methods.common import PEFT_TASK_TYPES, MethodSpec, TargetModules
 
 
-class LoraMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class LoraMethod(MethodSpec):
     type: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0, le=4096)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # "all-linear": every linear layer but the output head; or explicit module names.
-    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
+    target_modules: TargetModules = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
 
 
 def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=spec.r,
@@ -33,9 +31,18 @@ def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
         use_dora=spec.use_dora,
         use_rslora=spec.use_rslora,
         bias="none",
-        task_type={"causal_lm": TaskType.CAUSAL_LM}[task],
+        task_type=PEFT_TASK_TYPES[task],
     )
     return get_peft_model(model, config)
 
 
-register(MethodDef(type="lora", spec=LoraMethod, build=build_lora, tasks=("causal_lm",)))
+register(
+    MethodDef(
+        type="lora",
+        spec=LoraMethod,
+        build=build_lora,
+        tasks=("causal_lm",),
+        # LoRA's usual rate; large ranks make bigger updates, so a smaller step.
+        default_learning_rate=lambda spec: 2e-4 if spec.r <= 64 else 1e-4,
+    )
+)
