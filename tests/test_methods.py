@@ -27,7 +27,22 @@ METHOD_SPECS = {
     "lokr": {"type": "lokr", "r": 4, "alpha": 8},
     "ia3": {"type": "ia3"},
     "vera": {"type": "vera", "r": 16},
+    "oft": {"type": "oft", "block_size": 8},
 }
+
+
+# Options that change how a method trains or saves, each run through the same table.
+VARIANTS = {
+    "lora-dora": {"type": "lora", "r": 4, "alpha": 8, "use_dora": True},
+    "lora-rslora-gaussian": {
+        "type": "lora",
+        "r": 4,
+        "alpha": 8,
+        "use_rslora": True,
+        "init": "gaussian",
+    },  # fmt: skip
+}
+CASES = {**METHOD_SPECS, **VARIANTS}
 
 
 def test_the_table_covers_every_causal_method():
@@ -38,7 +53,7 @@ def _spec(method: str, **hyperparameters):
     return {
         "model": "tiny-llama",
         "validation_split": 0.25,
-        "method": METHOD_SPECS[method],
+        "method": CASES[method],
         "hyperparameters": {
             "n_epochs": 3,
             "batch_size": 4,
@@ -65,7 +80,7 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("method", CAUSAL_METHODS)
+@pytest.mark.parametrize("method", sorted(CASES))
 def test_method_trains_only_its_parameters_and_reloads_in_plain_peft(
     method, tmp_path, data, tiny_registry, cache_dir, tiny_model_dir
 ):
@@ -106,7 +121,7 @@ def test_method_trains_only_its_parameters_and_reloads_in_plain_peft(
         assert not torch.allclose(model(input_ids=ids).logits, expected)
 
 
-@pytest.mark.parametrize("method", CAUSAL_METHODS)
+@pytest.mark.parametrize("method", sorted(CASES))
 def test_method_resumes_exactly(method, tmp_path, data, tiny_registry, cache_dir):
     def run(workdir, hooks=None, **kw):
         return train(

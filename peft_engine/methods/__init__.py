@@ -37,4 +37,4 @@ def method_for(method_type: str) -> MethodDef:
 
 
 # Each module registers itself; the order is the order `GET /models` lists them in.
-from peft_engine.methods import ia3, loha, lokr, lora, vera  # noqa: E402,F401
+from peft_engine.methods import ia3, loha, lokr, lora, oft, vera  # noqa: E402,F401

@@ -18,6 +18,8 @@ class LoraMethod(MethodSpec):
     target_modules: TargetModules = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    # How B·A starts: "default" (A Kaiming-uniform, B zero) or "gaussian" (A Gaussian).
+    init: Literal["default", "gaussian"] = "default"
 
 
 def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
@@ -30,6 +32,7 @@ def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
         target_modules=spec.target_modules,
         use_dora=spec.use_dora,
         use_rslora=spec.use_rslora,
+        init_lora_weights=True if spec.init == "default" else spec.init,
         bias="none",
         task_type=PEFT_TASK_TYPES[task],
     )
