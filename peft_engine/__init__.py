@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["DataPaths", "Event", "Hooks", "TrainResult", "__version__", "train"]
+__all__ = ["DataPaths", "Event", "Hooks", "TrainResult", "__version__", "load_trained", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from peft_engine.prepare import DataPaths
 
         return DataPaths
+    if name == "load_trained":
+        from peft_engine.methods.weights import load_trained
+
+        return load_trained
     if name in {"Event", "Hooks"}:
         from peft_engine import hooks
 

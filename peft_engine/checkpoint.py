@@ -1,7 +1,8 @@
 """Checkpoints that resume exactly, in safetensors and JSON only (never pickle).
 
 A checkpoint directory holds:
-- `adapter_config.json`, `adapter_model.safetensors`: the adapter, loadable by peft as is;
+- the method's weights as its output would hold them: a PEFT adapter (`adapter_config.json`,
+  `adapter_model.safetensors`, loadable by peft as is) or `trained_weights.safetensors`;
 - `optimizer.safetensors` (AdamW moments) + the optimizer's param groups in the state JSON;
 - `rng.safetensors`: torch CPU and CUDA generator states;
 - `best_adapter.safetensors`: the weights of the best evaluation so far, when there is one;
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from peft_engine.methods.weights import WeightsFormat
 
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -62,6 +65,7 @@ def save_checkpoint(
     directory: Path,
     *,
     model: Any,
+    weights: WeightsFormat,
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     best_weights: dict[str, torch.Tensor] | None,
@@ -70,7 +74,7 @@ def save_checkpoint(
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    weights.save(model, tmp)
     tensors, groups = _flatten_optimizer(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file(_torch_rng_tensors(), tmp / "rng.safetensors")
@@ -92,11 +96,13 @@ def save_checkpoint(
 @dataclass
 class LoadedCheckpoint:
     state: TrainerState
-    adapter_weights: dict[str, torch.Tensor]
+    trained_weights: dict[str, torch.Tensor]
     best_weights: dict[str, torch.Tensor] | None
 
 
-def load_checkpoint(directory: Path, *, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint:
+def load_checkpoint(
+    directory: Path, *, optimizer: torch.optim.Optimizer, weights: WeightsFormat
+) -> LoadedCheckpoint:
     """Read a checkpoint, restore the optimizer and every RNG; the caller loads the weights."""
     state_path = directory / STATE_FILE
     if not state_path.is_file():
@@ -114,7 +120,7 @@ def load_checkpoint(directory: Path, *, optimizer: torch.optim.Optimizer) -> Loa
     best_path = directory / "best_adapter.safetensors"
     return LoadedCheckpoint(
         state=TrainerState.from_json(payload),
-        adapter_weights=load_file(directory / "adapter_model.safetensors"),
+        trained_weights=load_file(directory / weights.file),
         best_weights=load_file(best_path) if best_path.is_file() else None,
     )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from peft_engine.methods import method_for
+from peft_engine.methods.weights import TRAINED_WEIGHTS_FILE
+
 if TYPE_CHECKING:
     from peft_engine.prepare import PreparedJob
 
@@ -45,17 +48,7 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 ## Loading
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-# BASE: the base model's files. With tuneq installed:
-#   from peft_engine.models import load_registry, model_dir
-#   BASE = model_dir(load_registry().get("{job.entry.name}"), cache_dir)
-base = AutoModelForCausalLM.from_pretrained(BASE)
-model = PeftModel.from_pretrained(base, "path/to/this/directory")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
-```
+{_loading(job)}
 
 `result.json` holds every figure above; `metrics.jsonl` the per-step series.
 """
@@ -95,3 +88,28 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
+
+
+def _loading(job: PreparedJob) -> str:
+    base_hint = f"""# BASE: the base model's files. With tuneq installed:
+#   from peft_engine.models import load_registry, model_dir
+#   BASE = model_dir(load_registry().get("{job.entry.name}"), cache_dir)"""
+    if method_for(job.spec.method.type).weights.file == TRAINED_WEIGHTS_FILE:
+        return f"""The trained weights (`{TRAINED_WEIGHTS_FILE}`, by parameter name) go back on
+the base model with tuneq's loader:
+
+```python
+from peft_engine import load_trained
+
+{base_hint}
+model = load_trained("path/to/this/directory", BASE)
+```"""
+    return f"""```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+{base_hint}
+base = AutoModelForCausalLM.from_pretrained(BASE)
+model = PeftModel.from_pretrained(base, "path/to/this/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+```"""

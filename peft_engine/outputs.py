@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from peft_engine import __version__
+from peft_engine.methods.weights import WeightsFormat
 from peft_engine.model_card import render_model_card
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def write_output(
     workdir: Path,
     *,
     model: Any,
+    weights: WeightsFormat,
     tokenizer: Any,
     job: PreparedJob,
     result: dict[str, Any],
@@ -99,8 +101,9 @@ def write_output(
     tmp = workdir / "output.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    _name_base_model(tmp / "adapter_config.json", job.entry.name)
+    weights.save(model, tmp)
+    if (tmp / "adapter_config.json").is_file():
+        _name_base_model(tmp / "adapter_config.json", job.entry.name)
     tokenizer.save_pretrained(tmp)
     shutil.copyfile(metrics_log.path, tmp / "metrics.jsonl")
     (tmp / "result.json").write_text(json.dumps(result, indent=2))

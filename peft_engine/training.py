@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_engine import checkpoint as ckpt
 from peft_engine import outputs
@@ -32,6 +31,7 @@ from peft_engine.errors import SpecError
 from peft_engine.hooks import Event, Hooks
 from peft_engine.loss import batch_loss, evaluate
 from peft_engine.methods import method_for
+from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_causal_lm, load_registry
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job
 from peft_engine.spec import JobSpec, parse_spec
@@ -79,7 +79,9 @@ def train(
     device, dtype = select_device()
     _seed_everything(hp.seed)
     base = load_causal_lm(job.model_path, dtype=dtype, device=device)
-    model = method_for(job.spec.method.type).build(base, job.spec.method, job.spec.task)
+    method = method_for(job.spec.method.type)
+    model = method.build(base, job.spec.method, job.spec.task)
+    weights = method.weights  # how this method's trained weights are saved and restored
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -96,9 +98,9 @@ def train(
     metrics_log = outputs.MetricsLog(workdir / "metrics.jsonl")
     best_weights: dict[str, torch.Tensor] | None = None
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer)
+        loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer, weights=weights)
         _check_same_job(loaded.state, job)
-        set_peft_model_state_dict(model, loaded.adapter_weights)
+        weights.restore(model, loaded.trained_weights)
         scheduler.load_state_dict(
             {**loaded.state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)}
         )
@@ -120,6 +122,7 @@ def train(
         path = ckpt.save_checkpoint(
             workdir / "checkpoints" / f"checkpoint-{state.step}",
             model=model,
+            weights=weights,
             optimizer=optimizer,
             state=state,
             best_weights=best_weights,
@@ -182,7 +185,7 @@ def train(
             _log_eval(step, state.last_eval, metrics_log, hooks)
             is_best, early_stopped = _record_eval(state, step, hp.early_stopping)
             if is_best:
-                best_weights = _snapshot(model)
+                best_weights = _snapshot(model, weights)
 
         # checkpoint (not after the last step: the output is written instead)
         last = step == hp.total_steps or early_stopped
@@ -203,12 +206,13 @@ def train(
     # 6. Keep the best evaluation's weights, and write the output.
     best_step = state.early_stopping.best_step
     if best_weights is not None and best_step != state.step:
-        set_peft_model_state_dict(model, best_weights)
+        weights.restore(model, best_weights)
         hooks.on_event(Event("info", f"kept the weights of step {best_step}, the best eval loss"))
     result = _result(job, state, started, early_stopped)
     output_dir = outputs.write_output(
         workdir,
         model=model,
+        weights=weights,
         tokenizer=job.tokenizer,
         job=job,
         result=result,
@@ -285,8 +289,8 @@ def _early_stop_message(state: ckpt.TrainerState, rule: Any) -> str:
     )
 
 
-def _snapshot(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+def _snapshot(model: Any, weights: WeightsFormat) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in weights.state(model).items()}
 
 
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -12,10 +12,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peft_engine import DataPaths, Hooks, train
 from peft_engine.methods import METHODS
+from peft_engine.methods.weights import PEFT_ADAPTER, TRAINED_WEIGHTS_FILE
 from tests.conftest import chat, logits_from_plain_peft, write_jsonl
 
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(32)]
@@ -28,6 +29,7 @@ METHOD_SPECS = {
     "ia3": {"type": "ia3"},
     "vera": {"type": "vera", "r": 16},
     "oft": {"type": "oft", "block_size": 8},
+    "full": {"type": "full"},
 }
 
 
@@ -43,6 +45,18 @@ VARIANTS = {
     },  # fmt: skip
 }
 CASES = {**METHOD_SPECS, **VARIANTS}
+PEFT_CASES = sorted(k for k, v in CASES.items() if METHODS[v["type"]].weights is PEFT_ADAPTER)
+
+LOAD_WITH_TUNEQ_LOADER = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from peft_engine import load_trained
+base_dir, output_dir, io = sys.argv[1:]
+model = load_trained(output_dir, base_dir).eval()
+with torch.no_grad():
+    logits = model(input_ids=load_file(io)["input_ids"]).logits
+save_file({"logits": logits.contiguous()}, io)
+"""
 
 
 def test_the_table_covers_every_causal_method():
@@ -80,7 +94,7 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("method", sorted(CASES))
+@pytest.mark.parametrize("method", PEFT_CASES)
 def test_method_trains_only_its_parameters_and_reloads_in_plain_peft(
     method, tmp_path, data, tiny_registry, cache_dir, tiny_model_dir
 ):
@@ -119,6 +133,42 @@ def test_method_trains_only_its_parameters_and_reloads_in_plain_peft(
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad(), model.disable_adapter():
         assert not torch.allclose(model(input_ids=ids).logits, expected)
+
+
+def test_full_fine_tuning_trains_everything_and_reloads_with_the_tuneq_loader(
+    tmp_path, data, tiny_registry, cache_dir, tiny_model_dir
+):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    spec = _spec("full", learning_rate=1e-3)
+    result = train(spec, tmp_path / "run", data=data, registry=tiny_registry, cache_dir=cache_dir)
+    assert result.status == "succeeded"
+    out = result.output_dir
+    report = json.loads((out / "result.json").read_text())
+    assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
+    assert not (out / "adapter_config.json").exists() and (out / TRAINED_WEIGHTS_FILE).is_file()
+    assert "load_trained" in (out / "README.md").read_text()  # the card says how to load it
+
+    model = result.model.eval()
+    assert all(p.requires_grad for p in model.parameters())
+    saved = load_file(out / TRAINED_WEIGHTS_FILE)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, saved[n])]
+    assert len(changed) == len(saved)  # every trained tensor moved
+
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    io = tmp_path / "io.safetensors"
+    save_file({"input_ids": ids}, io)
+    subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_TUNEQ_LOADER, str(tiny_model_dir), str(out), str(io)],
+        check=True,
+    )
+    torch.testing.assert_close(load_file(io)["logits"], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

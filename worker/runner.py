@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import peft_engine
 from peft_engine.errors import UserError
 from peft_engine.hooks import Event, Hooks
+from peft_engine.methods.weights import TRAINED_WEIGHTS_FILE, TRAINED_WEIGHTS_INFO
 from peft_engine.models import ModelRegistry
 from peft_engine.prepare import DataPaths
 from peft_engine.progress import quiet_library_output
@@ -45,8 +46,15 @@ from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
-# The files of a checkpoint a user downloads: a PEFT adapter (resume state stays server-side).
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+# The files of a checkpoint a user downloads: the method's weights (a PEFT adapter, or the
+# trained weights of full fine-tuning); the resume state stays server-side.
+_ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    TRAINED_WEIGHTS_FILE,
+    TRAINED_WEIGHTS_INFO,
+    "README.md",
+)
 
 
 def worker_identity() -> str:

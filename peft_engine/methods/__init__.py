@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from peft_engine.methods.weights import PEFT_ADAPTER, WeightsFormat
+
 
 @dataclass(frozen=True)
 class MethodDef:
@@ -22,6 +24,8 @@ class MethodDef:
     tasks: tuple[str, ...]
     # The learning rate "auto" resolves to: methods with few parameters want larger steps.
     default_learning_rate: Callable[[Any], float]
+    # How its trained weights are saved and restored: a PEFT adapter unless said otherwise.
+    weights: WeightsFormat = PEFT_ADAPTER
 
 
 METHODS: dict[str, MethodDef] = {}
@@ -37,4 +41,4 @@ def method_for(method_type: str) -> MethodDef:
 
 
 # Each module registers itself; the order is the order `GET /models` lists them in.
-from peft_engine.methods import ia3, loha, lokr, lora, oft, vera  # noqa: E402,F401
+from peft_engine.methods import full, ia3, loha, lokr, lora, oft, vera  # noqa: E402,F401
