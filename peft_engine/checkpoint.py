@@ -6,6 +6,9 @@ A checkpoint directory holds:
 - `optimizer.safetensors` (AdamW moments) + the optimizer's param groups in the state JSON;
 - `rng.safetensors`: torch CPU and CUDA generator states;
 - `best_adapter.safetensors`: the weights of the best evaluation so far, when there is one;
+- `method_state.safetensors`: what a method keeps besides weights (AdaLoRA's importance
+  scores), when it keeps anything;
+- `tuneq_model.json`: the task head, labels and method spec (what rebuilds the model);
 - `trainer_state.json`: step, data position, scheduler, early-stopping state, Python and
   NumPy RNG states, counters. Written last: a directory without it is not a checkpoint.
 """
@@ -26,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from peft_engine.methods.weights import WeightsFormat
 
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "method_state.safetensors"
+from peft_engine.methods.weights import MODEL_INFO_FILE  # noqa: E402
+
 FORMAT_VERSION = 1
 
 
@@ -51,7 +57,14 @@ class TrainerState:
     initial_metrics: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     best_metrics: dict[str, float] = field(default_factory=dict)
+    # the task's evaluation reports (per class, per entity type) of the last and best eval
+    last_report: dict[str, Any] = field(default_factory=dict)
+    best_report: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    # reduce_on_plateau: the learning-rate scale, the best eval loss, evaluations without gain
+    plateau: dict[str, Any] = field(
+        default_factory=lambda: {"scale": 1.0, "best": None, "bad_evals": 0}
+    )
     spec_fingerprint: str = ""
 
     @classmethod
@@ -69,6 +82,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     best_weights: dict[str, torch.Tensor] | None,
+    method_state: dict[str, torch.Tensor] | None = None,
+    model_info: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint into `directory` atomically (a temporary sibling, then a rename)."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -80,6 +95,11 @@ def save_checkpoint(
     save_file(_torch_rng_tensors(), tmp / "rng.safetensors")
     if best_weights is not None:
         save_file(best_weights, tmp / "best_adapter.safetensors")
+    if method_state:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in method_state.items()}
+        save_file(tensors, tmp / METHOD_STATE_FILE)
+    if model_info is not None:
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(model_info, indent=2))
     payload = {
         "format_version": FORMAT_VERSION,
         **asdict(state),
@@ -98,6 +118,7 @@ class LoadedCheckpoint:
     state: TrainerState
     trained_weights: dict[str, torch.Tensor]
     best_weights: dict[str, torch.Tensor] | None
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_checkpoint(
@@ -118,10 +139,12 @@ def load_checkpoint(
         payload.pop("numpy_rng"),
     )
     best_path = directory / "best_adapter.safetensors"
+    method_path = directory / METHOD_STATE_FILE
     return LoadedCheckpoint(
         state=TrainerState.from_json(payload),
         trained_weights=load_file(directory / weights.file),
         best_weights=load_file(best_path) if best_path.is_file() else None,
+        method_state=load_file(method_path) if method_path.is_file() else {},
     )
 
 

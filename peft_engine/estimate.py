@@ -5,12 +5,18 @@ loads weights. Tokens are counted with the model's own tokenizer (the Rust `toke
 library and the model's chat template) when its files are on disk; a GGUF model not yet
 dequantised has none, and then a characters-per-token rule is used and the estimate says
 so (`exact: false`). The worker's engine counts exactly again when the job runs.
+
+Classification text is counted as the model's encoder sees it (special tokens, and a
+text_a/text_b pair as one pair); token classification as its words joined by spaces.
+Image classification has no tokens: each image counts as one, so its "tokens" are
+examples (see `_token_counter`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,8 @@ def estimate_job(
     )
     train_examples, validation_examples = read_job_examples(spec, data)
     count = _token_counter(path)
+    # Images count one "token" each, so for image_classification the token fields below
+    # are examples: trained_tokens is examples x epochs, the duration examples / throughput.
     lengths = [count(example) for example in train_examples]
     cap = resolve_max_seq_length(spec.hyperparameters, limits)
     stats = DatasetStats(
@@ -97,16 +105,30 @@ def estimate_job(
     )
 
 
-def _token_counter(path: Path | None) -> Any:
+TokenCounter = Callable[[Example], int]
+
+
+def _token_counter(path: Path | None) -> TokenCounter:
+    """How many tokens an example is, with the model's tokenizer when it has one.
+
+    An image is one "token": the estimate's token fields then count examples, and trained
+    tokens are examples x epochs (and the duration is examples over the throughput figure).
+    """
     if path is None or not (path / "tokenizer.json").is_file():
-        return lambda example: max(1, math.ceil(len(_example_text(example)) / _CHARS_PER_TOKEN))
+        return _approximate_tokens
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    # A tokenizer.json may pad and truncate every encoding to a fixed length (all-MiniLM-L6-v2
+    # pads to 128): lengths are counted here, and truncation is the estimate's business.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     template = _chat_template(path)
 
     def count(example: Example) -> int:
         record = example.record
+        if example.format is DataFormat.IMAGE_CLASSIFICATION:
+            return 1
         if example.format is DataFormat.CHAT and template is not None:
             text = template.render(messages=record["messages"], add_generation_prompt=False)
             return len(tokenizer.encode(text, add_special_tokens=False).ids)
@@ -114,9 +136,23 @@ def _token_counter(path: Path | None) -> Any:
             prompt = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
             completion = tokenizer.encode(record["completion"], add_special_tokens=False).ids
             return len(prompt) + len(completion) + 1  # + end of sequence
+        if example.format is DataFormat.CLASSIFICATION and "text_a" in record:
+            return len(tokenizer.encode(record["text_a"], record["text_b"]).ids)
+        if example.format in _ENCODER_FORMATS:  # an encoder's special tokens, no end token
+            return len(tokenizer.encode(_example_text(example), add_special_tokens=True).ids)
         return len(tokenizer.encode(_example_text(example), add_special_tokens=True).ids) + 1
 
     return count
+
+
+_ENCODER_FORMATS = (DataFormat.CLASSIFICATION, DataFormat.TOKEN_CLASSIFICATION)
+
+
+def _approximate_tokens(example: Example) -> int:
+    """Without a tokenizer: characters over a usual characters-per-token ratio."""
+    if example.format is DataFormat.IMAGE_CLASSIFICATION:
+        return 1
+    return max(1, math.ceil(len(_example_text(example)) / _CHARS_PER_TOKEN))
 
 
 def _chat_template(path: Path) -> Any:
@@ -151,9 +187,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _example_text(example: Example) -> str:
+    """The example's text, for the tokenizer or the characters-per-token rule."""
     record = example.record
     if example.format is DataFormat.CHAT:
         return "\n".join(str(m.get("content") or "") for m in record["messages"])
     if example.format is DataFormat.PROMPT_COMPLETION:
         return record["prompt"] + record["completion"]
+    if example.format is DataFormat.TOKEN_CLASSIFICATION:
+        return " ".join(record["tokens"])  # as the engine tokenizes the words
+    if example.format is DataFormat.IMAGE_CLASSIFICATION:
+        return ""
+    if "text_a" in record:
+        return record["text_a"] + " " + record["text_b"]
     return record["text"]

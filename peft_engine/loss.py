@@ -8,8 +8,7 @@ most of the activation memory of a small model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,13 +16,7 @@ import torch.nn.functional as F
 
 from peft_engine.data.batching import Batch
 from peft_engine.data.tokenize import IGNORE
-
-
-@dataclass
-class LossSum:
-    loss: torch.Tensor  # summed over loss tokens (a graph when training)
-    n_loss_tokens: int
-    n_correct: int
+from peft_engine.tasks import LossSum
 
 
 def batch_loss(model: Any, batch: Batch) -> LossSum:
@@ -46,13 +39,18 @@ def batch_loss(model: Any, batch: Batch) -> LossSum:
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    batches: Iterable[Batch],
+    device: torch.device,
+    loss: Callable[[Any, Batch], LossSum] = batch_loss,
+) -> dict[str, float]:
     """Mean loss per target token, its perplexity, and next-token accuracy."""
     was_training = model.training
     model.eval()
     loss_total, tokens, correct = 0.0, 0, 0
     for batch in batches:
-        result = batch_loss(model, batch.to(device))
+        result = loss(model, batch.to(device))
         loss_total += float(result.loss)
         tokens += result.n_loss_tokens
         correct += result.n_correct

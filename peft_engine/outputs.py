@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from peft_engine import __version__
-from peft_engine.methods.weights import WeightsFormat
+from peft_engine.methods.weights import MODEL_INFO_FILE, WeightsFormat
 from peft_engine.model_card import render_model_card
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ def build_result(
             "best": state.best_metrics,
         },
         "best_step": state.early_stopping.best_step,
+        # the task's report for the weights in the output (the best evaluation's, or the last)
+        "report": state.best_report or state.last_report,
+        "labels": list(job.labels) if job.labels else None,
         "steps": state.step,
         "total_steps": state.total_steps,
         "early_stopped": early_stopped,
@@ -96,15 +99,18 @@ def write_output(
     job: PreparedJob,
     result: dict[str, Any],
     metrics_log: MetricsLog,
+    model_info: dict[str, Any] | None = None,
 ) -> Path:
     final = workdir / "output"
     tmp = workdir / "output.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights.save(model, tmp)
+    (weights.export or weights.save)(model, tmp)
     if (tmp / "adapter_config.json").is_file():
         _name_base_model(tmp / "adapter_config.json", job.entry.name)
     tokenizer.save_pretrained(tmp)
+    if model_info is not None:
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(model_info, indent=2))
     shutil.copyfile(metrics_log.path, tmp / "metrics.jsonl")
     (tmp / "result.json").write_text(json.dumps(result, indent=2))
     (tmp / "README.md").write_text(render_model_card(job, result))

@@ -8,21 +8,14 @@ same function.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_engine.data.formats import Example, read_examples
-from peft_engine.data.tokenize import TokenizedDataset, tokenize_dataset
-from peft_engine.errors import SpecError
-from peft_engine.methods import method_for
-from peft_engine.models import (
-    ModelEntry,
-    ModelRegistry,
-    load_tokenizer,
-    model_dir,
-    read_model_info,
-)
+from peft_engine.data.formats import TASK_FORMATS, Example, read_examples
+from peft_engine.errors import DataError, SpecError
+from peft_engine.methods import MethodDef, method_for
+from peft_engine.models import ModelEntry, ModelRegistry, model_dir, read_model_info
 from peft_engine.spec import (
     DatasetStats,
     JobSpec,
@@ -58,46 +51,45 @@ class PreparedJob:
     spec: ResolvedSpec
     entry: ModelEntry
     model_path: Path
-    tokenizer: Any
-    train: TokenizedDataset
-    validation: TokenizedDataset | None
+    tokenizer: Any  # the task's processor: a tokenizer, or an image processor
+    train: Any  # the task's prepared datasets (peft_engine.tasks)
+    validation: Any | None
     n_train_examples: int  # as read, before any were dropped
     n_validation_examples: int
+    labels: tuple[str, ...] | None = None  # class or tag names, in id order
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        return pad if pad is not None else 0
 
 
 def prepare_job(
     spec: JobSpec, data: DataPaths, *, registry: ModelRegistry, cache_dir: Path
 ) -> PreparedJob:
+    from peft_engine.tasks import task_for
+
     entry = registry.get(spec.model)
     check_support(spec, entry)
     path = model_dir(entry, cache_dir)
     info = read_model_info(path)
+    check_family(method_for(spec.method.type), info.model_type)
     limits = ModelLimits(max_position_embeddings=info.max_position_embeddings)
-    tokenizer = load_tokenizer(path)
 
     train_examples, validation_examples = read_job_examples(spec, data)
-
-    hp = spec.hyperparameters
-    cap = resolve_max_seq_length(hp, limits)
-    train = tokenize_dataset(
-        train_examples, tokenizer, max_seq_length=cap, train_on_inputs=hp.train_on_inputs
+    cap = resolve_max_seq_length(spec.hyperparameters, limits)
+    prepared = task_for(spec.task).prepare(
+        spec,
+        train_examples,
+        validation_examples,
+        path,
+        max_seq_length=cap,
+        validation_param="validation_file" if data.validation else "training_file",
     )
-    validation = (
-        tokenize_dataset(
-            validation_examples,
-            tokenizer,
-            max_seq_length=cap,
-            train_on_inputs=hp.train_on_inputs,
-            param="validation_file" if data.validation else "training_file",
-        )
-        if validation_examples
-        else None
-    )
+    train, validation = prepared.train, prepared.validation
     stats = DatasetStats(
         n_train=len(train.examples),
         n_validation=len(validation.examples) if validation else 0,
@@ -105,22 +97,27 @@ def prepare_job(
         mean_tokens=train.n_tokens / len(train.examples),
     )
     return PreparedJob(
-        spec=resolve_spec(spec, stats, limits),
+        spec=resolve_spec(spec, stats, limits, pooling=prepared.options.get("pooling")),
         entry=entry,
         model_path=path,
-        tokenizer=tokenizer,
+        tokenizer=prepared.processor,
         train=train,
         validation=validation,
         n_train_examples=len(train_examples),
         n_validation_examples=len(validation_examples),
+        labels=prepared.labels,
+        task_options=prepared.options,
     )
 
 
 def read_job_examples(spec: JobSpec, data: DataPaths) -> tuple[list[Example], list[Example]]:
     """The training and evaluation examples: the validation file's, or a held-out split."""
     train_examples = read_examples(data.train, param="training_file")
+    check_format(spec.task, train_examples, "training_file")
     if data.validation is not None:
-        return train_examples, read_examples(data.validation, param="validation_file")
+        validation = read_examples(data.validation, param="validation_file")
+        check_format(spec.task, validation, "validation_file")
+        return train_examples, validation
     return split_validation(train_examples, spec.validation_split, seed=spec.hyperparameters.seed)
 
 
@@ -140,7 +137,19 @@ def split_validation(
     )
 
 
+def check_format(task: str, examples: list[Example], param: str) -> None:
+    """The file's format must be one the task trains on (a file holds one format)."""
+    found = examples[0].format
+    if found not in TASK_FORMATS[task]:
+        wanted = " or ".join(str(f) for f in TASK_FORMATS[task])
+        raise DataError(
+            f"the file is in {found} format, but task {task} trains on {wanted} data",
+            param=param,
+        )
+
+
 def check_support(spec: JobSpec, entry: ModelEntry) -> None:
+    """The model offers the task, and the method works for the task and the model's family."""
     if spec.task not in entry.tasks:
         raise SpecError(
             f"model {entry.name!r} does not support task {spec.task!r} "
@@ -150,5 +159,18 @@ def check_support(spec: JobSpec, entry: ModelEntry) -> None:
     method = method_for(spec.method.type)
     if spec.task not in method.tasks:
         raise SpecError(
-            f"method {method.type!r} does not support task {spec.task!r}", param="method.type"
+            f"method {method.type!r} does not support task {spec.task!r} "
+            f"(it supports: {', '.join(method.tasks)})",
+            param="method.type",
+        )
+    if entry.family is not None:
+        check_family(method, entry.family)
+
+
+def check_family(method: MethodDef, family: str) -> None:
+    if method.families is not None and family not in method.families:
+        raise SpecError(
+            f"method {method.type!r} does not support model family {family!r} "
+            f"(it supports: {', '.join(method.families)})",
+            param="method.type",
         )

@@ -32,6 +32,16 @@ class EarlyStopping(_Strict):
     min_delta: float = Field(0.0, ge=0.0, le=10.0)
 
 
+class ReduceOnPlateau(_Strict):
+    """Multiply the learning rate by `factor` when eval loss has not improved by more than
+    `threshold` (relative) for `patience` evaluations; never below `min_lr_ratio` of the peak."""
+
+    factor: float = Field(0.5, gt=0.0, lt=1.0)
+    patience: int = Field(1, ge=1, le=1000)
+    threshold: float = Field(1e-4, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+
+
 def _method_type(value: Any) -> Any:
     # A method without "type" is LoRA, the default.
     return value.get("type", "lora") if isinstance(value, dict) else getattr(value, "type", None)
@@ -49,7 +59,9 @@ class Hyperparameters(_Strict):
     n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = "auto"
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto = "auto"
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    lr_scheduler: Literal["linear", "cosine", "constant", "reduce_on_plateau"] = "cosine"
+    # The plateau rule when lr_scheduler is "reduce_on_plateau" (defaults when null).
+    reduce_on_plateau: ReduceOnPlateau | None = None
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0, le=1000.0)
@@ -63,11 +75,27 @@ class Hyperparameters(_Strict):
     eval_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     checkpoint_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(42, ge=0, le=2**32 - 1)
+    # seq_classification: how the head pools the body ("auto": as the model was trained),
+    # and per-class loss weights ("balanced", or {label: weight}, others 1).
+    pooling: Literal["auto", "mean", "cls", "pooler", "last"] = "auto"
+    class_weights: (
+        Literal["balanced"]
+        | Annotated[
+            dict[Annotated[str, Field(max_length=256)], Annotated[float, Field(gt=0, le=1e6)]],
+            Field(min_length=1, max_length=10_000),
+        ]
+        | None
+    ) = None
+
+
+TaskName = Literal[
+    "causal_lm", "seq_classification", "token_classification", "image_classification"
+]
 
 
 class JobSpec(_Strict):
     model: str = Field(min_length=1, max_length=64)
-    task: Literal["causal_lm"] = "causal_lm"
+    task: TaskName = "causal_lm"
     training_file: str | None = Field(None, min_length=1, max_length=4096)
     validation_file: str | None = Field(None, min_length=1, max_length=4096)
     validation_split: float = Field(0.1, ge=0.0, le=0.5)
@@ -83,9 +111,35 @@ class JobSpec(_Strict):
 def parse_spec(data: Any) -> JobSpec:
     """Validate a decoded JSON spec; the first problem becomes a SpecError naming its field."""
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise spec_error_from(exc) from None
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: JobSpec) -> None:
+    """Rules across fields: options that only one task or method can use."""
+    hp = spec.hyperparameters
+    if spec.task != "seq_classification":
+        for name in ("pooling", "class_weights"):
+            if name in hp.model_fields_set and getattr(hp, name) not in (None, "auto"):
+                raise SpecError(
+                    f"applies to seq_classification only, not {spec.task}",
+                    param=f"hyperparameters.{name}",
+                )
+    if hp.reduce_on_plateau is not None and hp.lr_scheduler != "reduce_on_plateau":
+        raise SpecError(
+            'is used only with lr_scheduler "reduce_on_plateau"',
+            param="hyperparameters.reduce_on_plateau",
+        )
+    method = METHODS[spec.method.type]
+    if method.needs_padding and hp.packing and "packing" in hp.model_fields_set:
+        raise SpecError(
+            f"method {method.type!r} puts virtual tokens in front of every example, so "
+            "examples cannot be packed; set packing to false",
+            param="hyperparameters.packing",
+        )
 
 
 def spec_error_from(exc: ValidationError) -> SpecError:
@@ -154,6 +208,9 @@ class ResolvedHyperparameters(Hyperparameters):
     steps_per_epoch: int = Field(ge=1)
     warmup_steps: int = Field(ge=0)
 
+    # the pooling a seq_classification head uses; None for other tasks
+    pooling: Literal["mean", "cls", "pooler", "last"] | None = None
+
 
 class ResolvedSpec(JobSpec):
     hyperparameters: ResolvedHyperparameters
@@ -178,7 +235,10 @@ def resolve_max_seq_length(hp: Hyperparameters, limits: ModelLimits) -> int:
     return hp.max_seq_length
 
 
-def resolve_spec(spec: JobSpec, stats: DatasetStats, limits: ModelLimits) -> ResolvedSpec:
+def resolve_spec(
+    spec: JobSpec, stats: DatasetStats, limits: ModelLimits, *, pooling: str | None = None
+) -> ResolvedSpec:
+    """Every "auto" made a number; `pooling` is the task's resolved pooling, when it has one."""
     hp = spec.hyperparameters
     max_seq_length = resolve_max_seq_length(hp, limits)
     if hp.max_seq_length == "auto":
@@ -199,6 +259,19 @@ def resolve_spec(spec: JobSpec, stats: DatasetStats, limits: ModelLimits) -> Res
             )
         batch_size = stats.n_train
     learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
+    # Only causal LM packs examples, and never with virtual tokens in front of each.
+    packing = (
+        hp.packing and spec.task == "causal_lm" and not METHODS[spec.method.type].needs_padding
+    )
+    plateau = hp.reduce_on_plateau
+    if hp.lr_scheduler == "reduce_on_plateau":
+        if stats.n_validation == 0:
+            raise SpecError(
+                "reduce_on_plateau lowers the learning rate when eval loss stops improving, "
+                "so it needs validation data (a validation file or validation_split > 0)",
+                param="hyperparameters.lr_scheduler",
+            )
+        plateau = plateau or ReduceOnPlateau()
 
     examples_per_step = batch_size * hp.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(stats.n_train / examples_per_step))
@@ -219,8 +292,14 @@ def resolve_spec(spec: JobSpec, stats: DatasetStats, limits: ModelLimits) -> Res
                 "max_seq_length",
                 "eval_every_steps",
                 "checkpoint_every_steps",
+                "packing",
+                "reduce_on_plateau",
+                "pooling",
             }
         ),
+        packing=packing,
+        reduce_on_plateau=plateau,
+        pooling=pooling,
         n_epochs=n_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,

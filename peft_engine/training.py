@@ -26,15 +26,16 @@ import torch
 
 from peft_engine import checkpoint as ckpt
 from peft_engine import outputs
-from peft_engine.data.batching import Batch, collate, epoch_order, micro_batches
+from peft_engine.data.batching import epoch_order, micro_batches
 from peft_engine.errors import SpecError
 from peft_engine.hooks import Event, Hooks
-from peft_engine.loss import batch_loss, evaluate
 from peft_engine.methods import method_for
+from peft_engine.methods.common import MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
-from peft_engine.models import ModelRegistry, load_causal_lm, load_registry
+from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job
 from peft_engine.spec import JobSpec, parse_spec
+from peft_engine.tasks import Task, task_for
 
 
 @dataclass
@@ -75,23 +76,32 @@ def train(
     hp = job.spec.hyperparameters
     _announce(job, hooks)
 
-    # 2. Model: the base weights, then the method's trainable parameters (seeded init).
+    # 2. Model: the base weights and the task's head, then the method (seeded init).
+    task = task_for(job.spec.task)
     device, dtype = select_device()
     _seed_everything(hp.seed)
-    base = load_causal_lm(job.model_path, dtype=dtype, device=device)
+    base = task.load_model(job, dtype=dtype, device=device)
     method = method_for(job.spec.method.type)
     model = method.build(base, job.spec.method, job.spec.task)
     weights = method.weights  # how this method's trained weights are saved and restored
+    method_trainer = (
+        method.trainer(model, job.spec.method, hp, job.spec.task)
+        if method.trainer
+        else MethodTrainer()
+    )
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # 3. Optimizer and learning-rate schedule.
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999)
+    # 3. Optimizer and learning-rate schedule (reduce_on_plateau scales it after evaluations).
+    groups = method_trainer.param_groups(hp.weight_decay) or _param_groups(model, hp.weight_decay)
+    for group in groups:  # a group's lr_scale (discriminative learning rates) scales the peak
+        group["lr"] = hp.learning_rate * group.get("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999))
+    plateau = PlateauScale()
+    schedule = partial(
+        lr_multiplier, kind=hp.lr_scheduler, warmup=hp.warmup_steps, total=hp.total_steps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        partial(lr_multiplier, kind=hp.lr_scheduler, warmup=hp.warmup_steps, total=hp.total_steps),
+        optimizer, lambda step: schedule(step) * plateau.scale
     )
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
@@ -100,7 +110,10 @@ def train(
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, optimizer=optimizer, weights=weights)
         _check_same_job(loaded.state, job)
+        method_trainer.before_step(loaded.state.step + 1)  # e.g. the layers unfrozen by then
         weights.restore(model, loaded.trained_weights)
+        method_trainer.load_state(loaded.method_state)
+        plateau.scale = loaded.state.plateau["scale"]
         scheduler.load_state_dict(
             {**loaded.state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)}
         )
@@ -113,9 +126,9 @@ def train(
         )
         metrics_log.reset()
         if job.validation is not None:
-            state.initial_metrics = _evaluate(model, job, device)
+            state.initial_metrics, state.last_report = _evaluate(model, job, task, device)
             state.last_eval = dict(state.initial_metrics)
-            _log_eval(0, state.initial_metrics, metrics_log, hooks, "base model")
+            _log_eval(0, state.initial_metrics, task, metrics_log, hooks, "base model")
 
     def save_checkpoint() -> None:
         state.scheduler = _scheduler_state(scheduler)
@@ -126,6 +139,8 @@ def train(
             optimizer=optimizer,
             state=state,
             best_weights=best_weights,
+            method_state=method_trainer.state(),
+            model_info=_model_info(job, task),
         )
         hooks.on_checkpoint(path, state.step, dict(state.last_eval))
 
@@ -138,21 +153,26 @@ def train(
             break
         step_started = time.monotonic()
         step = state.step + 1
-        micro = step_micro_batches(job, step)
+        method_trainer.before_step(step)
+        micro = step_micro_batches(job, step, task)
         step_loss_tokens = sum(b.n_loss_tokens for b in micro)
 
         # forward + backward per micro-batch; loss normalised by the step's loss tokens
         loss_sum = 0.0
         for batch in micro:
-            result = batch_loss(model, batch.to(device))
+            result = task.loss(model, batch.to(device), job)
             (result.loss / step_loss_tokens).backward()
             loss_sum += float(result.loss.detach())
+        if (extra := method_trainer.extra_loss()) is not None:
+            extra.backward()  # a method's regulariser (AdaLoRA's orthogonality), once a step
 
         # clip, step, schedule
+        trainable = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm or math.inf)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
+        method_trainer.after_optimizer_step(step)
         optimizer.zero_grad(set_to_none=True)
 
         # log
@@ -181,11 +201,21 @@ def train(
         if job.validation is not None and (
             step % hp.eval_every_steps == 0 or step == hp.total_steps
         ):
-            state.last_eval = _evaluate(model, job, device)
-            _log_eval(step, state.last_eval, metrics_log, hooks)
+            state.last_eval, state.last_report = _evaluate(model, job, task, device)
+            _log_eval(step, state.last_eval, task, metrics_log, hooks)
             is_best, early_stopped = _record_eval(state, step, hp.early_stopping)
             if is_best:
                 best_weights = _snapshot(model, weights)
+                state.best_report = state.last_report
+            if hp.lr_scheduler == "reduce_on_plateau" and plateau.update(state, hp):
+                hooks.on_event(
+                    Event(
+                        "info",
+                        f"eval loss has not improved for {hp.reduce_on_plateau.patience} "
+                        f"evaluations: learning rate x{plateau.scale:g} of the peak",
+                        {"step": step, "lr_scale": plateau.scale},
+                    )
+                )
 
         # checkpoint (not after the last step: the output is written instead)
         last = step == hp.total_steps or early_stopped
@@ -217,6 +247,7 @@ def train(
         job=job,
         result=result,
         metrics_log=metrics_log,
+        model_info=_model_info(job, task),
     )
     hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
     return TrainResult("succeeded", output_dir, result, model)
@@ -234,7 +265,35 @@ def lr_multiplier(step: int, *, kind: str, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def step_micro_batches(job: PreparedJob, step: int) -> list[Batch]:
+class PlateauScale:
+    """reduce_on_plateau: the factor on the scheduled learning rate, lowered on plateaus.
+
+    Its state lives in `TrainerState.plateau` (scale, best loss, evaluations without
+    improvement), so a resumed run goes on with the same learning rate.
+    """
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def update(self, state: ckpt.TrainerState, hp: Any) -> bool:
+        """Record an evaluation; True when it lowered the learning rate."""
+        rule, record = hp.reduce_on_plateau, state.plateau
+        loss = state.last_eval["eval_loss"]
+        best = record.get("best")
+        if best is None or loss < best * (1.0 - rule.threshold):
+            record["best"], record["bad_evals"] = loss, 0
+            return False
+        record["bad_evals"] += 1
+        if record["bad_evals"] < rule.patience:
+            return False
+        record["bad_evals"] = 0
+        lowered = max(rule.min_lr_ratio, self.scale * rule.factor)
+        changed = lowered < self.scale
+        self.scale = record["scale"] = lowered
+        return changed
+
+
+def step_micro_batches(job: PreparedJob, step: int, task: Task | None = None) -> list[Any]:
     """The micro-batches of optimizer step `step` (1-based), fixed by seed and step alone."""
     hp = job.spec.hyperparameters
     epoch, index_in_epoch = divmod(step - 1, hp.steps_per_epoch)
@@ -242,9 +301,9 @@ def step_micro_batches(job: PreparedJob, step: int) -> list[Batch]:
     order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
     groups = micro_batches(examples, order, hp.batch_size)
     first = index_in_epoch * hp.gradient_accumulation_steps
+    task = task or task_for(job.spec.task)
     return [
-        collate(group, packing=hp.packing, pad_token_id=job.pad_token_id)
-        for group in groups[first : first + hp.gradient_accumulation_steps]
+        task.collate(group, job) for group in groups[first : first + hp.gradient_accumulation_steps]
     ]
 
 
@@ -255,15 +314,27 @@ def select_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _evaluate(model: Any, job: PreparedJob, device: torch.device) -> dict[str, float]:
+def _evaluate(
+    model: Any, job: PreparedJob, task: Task, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The task's metrics on the validation data, and its report (per class, per type)."""
     assert job.validation is not None
     hp = job.spec.hyperparameters
     examples = job.validation.examples
     batches = (
-        collate(examples[i : i + hp.batch_size], packing=hp.packing, pad_token_id=job.pad_token_id)
+        task.collate(examples[i : i + hp.batch_size], job)
         for i in range(0, len(examples), hp.batch_size)
     )
-    return evaluate(model, batches, device)
+    return task.evaluate(model, batches, device, job)
+
+
+def _model_info(job: PreparedJob, task: Task) -> dict[str, Any]:
+    """tuneq_model.json: what rebuilds the trained model (task head, labels, method)."""
+    return {
+        **task.model_info(job),
+        "base_model": job.entry.name,
+        "method": job.spec.method.model_dump(mode="json"),
+    }
 
 
 def _record_eval(state: ckpt.TrainerState, step: int, rule: Any) -> tuple[bool, bool]:
@@ -334,11 +405,14 @@ def _check_same_job(state: ckpt.TrainerState, job: PreparedJob) -> None:
 def _announce(job: PreparedJob, hooks: Hooks) -> None:
     hp = job.spec.hyperparameters
     train = job.train
+    unit = task_for(job.spec.task).unit
+    with_loss = "with loss" if unit == "tokens" else f"{unit} with labels"
+    labels = f"; {len(job.labels)} labels" if job.labels else ""
     hooks.on_event(
         Event(
             "info",
             f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
-            f"{train.n_loss_tokens} with loss), "
+            f"{train.n_loss_tokens} {with_loss}{labels}), "
             f"{len(job.validation.examples) if job.validation else 0} validation examples; "
             f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
             f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
@@ -366,19 +440,18 @@ def _announce(job: PreparedJob, hooks: Hooks) -> None:
 
 
 def _log_eval(
-    step: int, metrics: dict[str, float], log: outputs.MetricsLog, hooks: Hooks, what: str = ""
+    step: int,
+    metrics: dict[str, float],
+    task: Task,
+    log: outputs.MetricsLog,
+    hooks: Hooks,
+    what: str = "",
 ) -> None:
     log.write(step, metrics)
     hooks.on_metrics(step, metrics)
     label = what or f"step {step}"
     hooks.on_event(
-        Event(
-            "info",
-            f"eval ({label}): loss {metrics['eval_loss']:.4f}, "
-            f"perplexity {metrics['eval_perplexity']:.2f}, "
-            f"token accuracy {metrics['eval_token_accuracy']:.3f}",
-            {"step": step, **metrics},
-        )
+        Event("info", f"eval ({label}): {task.describe_eval(metrics)}", {"step": step, **metrics})
     )
 
 

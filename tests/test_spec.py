@@ -111,7 +111,7 @@ def test_no_validation_data_means_no_evaluation():
         (
             {"model": "m", "hyperparameters": {"lr_scheduler": "step"}},
             "hyperparameters.lr_scheduler",
-            "'linear', 'cosine' or 'constant'",
+            "'constant' or 'reduce_on_plateau'",
         ),
         ({"model": "m", "validation_split": 0.9}, "validation_split", "less than or equal to 0.5"),
         ({"model": "m", "method": {"type": "adalora"}}, "method", "unknown method 'adalora'"),

@@ -1,15 +1,21 @@
-"""Reading and validating JSONL datasets (DESIGN §6), line by line, without torch.
+"""Reading and validating datasets (DESIGN §6), line by line, without torch.
 
 One pass over the file: every line must be a UTF-8 JSON object in one of the formats, and
-all lines in the same one. Problems are collected with their line numbers (up to a limit,
-the rest counted) so a user fixes the whole file in one go rather than one error a run.
-The API's upload validation uses `scan_lines` on the stream; the engine uses `read_examples`.
+all lines in the same one. Classification data may also be CSV (a header row naming
+`text,label` or `text_a,text_b,label`); a file is CSV when its first non-blank byte is not
+`{`, and its line numbers are the physical lines, header included, as an editor shows them.
+Problems are collected with their line numbers (up to a limit, the rest counted) so a user
+fixes the whole file in one go rather than one error a run. The API's upload validation
+scans the stream as it arrives; the engine uses `read_examples`.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +31,21 @@ class DataFormat(StrEnum):
     CHAT = "chat"
     PROMPT_COMPLETION = "prompt_completion"
     TEXT = "text"
+    CLASSIFICATION = "classification"
+    TOKEN_CLASSIFICATION = "token_classification"
+    IMAGE_CLASSIFICATION = "image_classification"
+
+
+# The data formats each task trains on.
+TASK_FORMATS: dict[str, tuple[DataFormat, ...]] = {
+    "causal_lm": (DataFormat.CHAT, DataFormat.PROMPT_COMPLETION, DataFormat.TEXT),
+    "seq_classification": (DataFormat.CLASSIFICATION,),
+    "token_classification": (DataFormat.TOKEN_CLASSIFICATION,),
+    "image_classification": (DataFormat.IMAGE_CLASSIFICATION,),
+}
+
+CSV_COLUMNS = (("text", "label"), ("text_a", "text_b", "label"))
+_TAG = re.compile(r"O|[BI]-\S+")
 
 
 @dataclass(frozen=True)
@@ -77,10 +98,17 @@ class ScanReport:
 
 
 def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
-    """All examples of a JSONL file, or a DataError listing the lines at fault."""
+    """All examples of a JSONL file, or a DataError listing the lines at fault.
+
+    A directory is an image folder (`<dir>/<label>/<image>`, `peft_engine.data.images`).
+    """
+    if path.is_dir():
+        from peft_engine.data.images import read_image_folder
+
+        return read_image_folder(path, param=param)
     try:
         with path.open("rb") as handle:
-            report = scan_lines(handle)
+            report = scan_csv(handle) if is_csv(path) else scan_lines(handle)
     except FileNotFoundError:
         raise DataError(f"file not found: {path}", param=param) from None
     except IsADirectoryError:
@@ -95,7 +123,93 @@ def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
         )
     if not report.examples:
         raise DataError(f"{path.name} has no examples (the file is empty)", param=param)
+    if report.format is DataFormat.IMAGE_CLASSIFICATION:  # image paths: from the file's folder
+        from peft_engine.data.images import resolve_image_paths
+
+        return resolve_image_paths(report.examples, path.parent)
     return report.examples
+
+
+def is_csv(path: Path) -> bool:
+    """A data file is CSV when its first non-blank byte is not `{` (JSONL lines are objects)."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                return not raw.lstrip().startswith((b"{", b"\xef\xbb\xbf{"))
+    return False
+
+
+def scan_csv(lines: Iterable[bytes]) -> ScanReport:
+    """Check a CSV classification file: a header naming the columns, then one example a row.
+
+    Fields may be quoted and hold newlines; numbers in errors are physical line numbers.
+    """
+    report = ScanReport()
+    physical = _LineCounter(lines)
+    try:
+        rows = csv.reader(physical, strict=True)
+        header_row = next(rows, None)
+        while header_row is not None and not any(cell.strip() for cell in header_row):
+            header_row = next(rows, None)  # leading blank lines
+        if header_row is None:
+            return report
+        header = [cell.strip().lstrip("\ufeff") for cell in header_row]
+        columns = next((c for c in CSV_COLUMNS if set(c) <= set(header)), None)
+        if columns is None:
+            report.add_error(
+                LineError(
+                    physical.line,
+                    f"a CSV file needs a header row with the columns text,label or "
+                    f"text_a,text_b,label; found {','.join(header) or 'nothing'}",
+                )
+            )
+            return report
+        index = {name: header.index(name) for name in columns}
+        while True:
+            start = physical.line + 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            report.lines = physical.line
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                report.add_error(
+                    LineError(start, f"has {len(row)} fields but the header has {len(header)}")
+                )
+                continue
+            record: dict[str, Any] = {name: row[i] for name, i in index.items()}
+            try:
+                _validate_classification(record)
+            except _LineProblem as problem:
+                report.add_error(LineError(start, problem.message, problem.field))
+                continue
+            report.format = DataFormat.CLASSIFICATION
+            report.examples.append(Example(start, DataFormat.CLASSIFICATION, record))
+    except csv.Error as exc:
+        report.add_error(LineError(physical.line, f"not valid CSV ({exc})"))
+    except UnicodeDecodeError as exc:
+        report.add_error(LineError(physical.line + 1, f"not valid UTF-8 (byte {exc.start + 1})"))
+    return report
+
+
+class _LineCounter:
+    """Decodes byte lines for the csv module, counting physical lines as they go by."""
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self._lines = iter(lines)
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self.line = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._lines)
+        text = self._decoder.decode(raw)
+        self.line += 1
+        return text
 
 
 def scan_lines(lines: Iterable[bytes]) -> ScanReport:
@@ -135,12 +249,19 @@ def detect_format(record: dict[str, Any]) -> DataFormat:
         return DataFormat.CHAT
     if "prompt" in record or "completion" in record:
         return DataFormat.PROMPT_COMPLETION
+    if "tokens" in record or "tags" in record:
+        return DataFormat.TOKEN_CLASSIFICATION
+    if "image" in record:
+        return DataFormat.IMAGE_CLASSIFICATION
+    if "label" in record or "text_a" in record or "text_b" in record:
+        return DataFormat.CLASSIFICATION
     if "text" in record:
         return DataFormat.TEXT
     keys = ", ".join(sorted(record)) or "none"
     raise _LineProblem(
         f"unknown format (keys: {keys}); expected 'messages' (chat), "
-        "'prompt' and 'completion', or 'text'"
+        "'prompt' and 'completion', 'text', 'text' and 'label' (classification), "
+        "'tokens' and 'tags' (token classification) or 'image' and 'label'"
     )
 
 
@@ -184,6 +305,55 @@ def _validate_text(record: dict[str, Any]) -> None:
     _require_string(record, "text", None, allow_empty=False)
 
 
+def _validate_classification(record: dict[str, Any]) -> None:
+    if "text" in record and ("text_a" in record or "text_b" in record):
+        raise _LineProblem("give either 'text' or the pair 'text_a' and 'text_b', not both")
+    if "text_a" in record or "text_b" in record:
+        _require_string(record, "text_a", None, allow_empty=False)
+        _require_string(record, "text_b", None, allow_empty=False)
+    else:
+        _require_string(record, "text", None, allow_empty=False)
+    _validate_label(record)
+
+
+def _validate_label(record: dict[str, Any]) -> None:
+    if "label" not in record:
+        raise _LineProblem("missing", "label")
+    label = record["label"]
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise _LineProblem(f"expected a string or an integer, found {_json_type(label)}", "label")
+    if isinstance(label, str) and not label.strip():
+        raise _LineProblem("is empty", "label")
+
+
+def _validate_token_classification(record: dict[str, Any]) -> None:
+    for key in ("tokens", "tags"):
+        if key not in record:
+            raise _LineProblem("missing", key)
+        value = record[key]
+        if not isinstance(value, list):
+            raise _LineProblem(f"expected a list, found {_json_type(value)}", key)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _LineProblem(f"expected a string, found {_json_type(item)}", f"{key}[{i}]")
+            if not item.strip():
+                raise _LineProblem("is empty", f"{key}[{i}]")
+    tokens, tags = record["tokens"], record["tags"]
+    if not tokens:
+        raise _LineProblem("the sentence is empty", "tokens")
+    if len(tags) != len(tokens):
+        raise _LineProblem(f"has {len(tags)} tags for {len(tokens)} tokens", "tags")
+    for i, tag in enumerate(tags):
+        if not _TAG.fullmatch(tag):
+            raise _LineProblem(f"{tag!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)", f"tags[{i}]")
+
+
+def _validate_image_classification(record: dict[str, Any]) -> None:
+    # A relative path (from the data file's folder) or base64 image bytes; decoded when read.
+    _require_string(record, "image", None, allow_empty=False)
+    _validate_label(record)
+
+
 def _require_string(obj: dict[str, Any], key: str, where: str | None, *, allow_empty: bool) -> None:
     name = f"{where}.{key}" if where else key
     if key not in obj:
@@ -212,4 +382,7 @@ _VALIDATORS = {
     DataFormat.CHAT: _validate_chat,
     DataFormat.PROMPT_COMPLETION: _validate_prompt_completion,
     DataFormat.TEXT: _validate_text,
+    DataFormat.CLASSIFICATION: _validate_classification,
+    DataFormat.TOKEN_CLASSIFICATION: _validate_token_classification,
+    DataFormat.IMAGE_CLASSIFICATION: _validate_image_classification,
 }

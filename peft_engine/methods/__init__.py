@@ -26,6 +26,13 @@ class MethodDef:
     default_learning_rate: Callable[[Any], float]
     # How its trained weights are saved and restored: a PEFT adapter unless said otherwise.
     weights: WeightsFormat = PEFT_ADAPTER
+    # Model families (config.json's model_type) it works on; None: every family.
+    families: tuple[str, ...] | None = None
+    # Methods that put virtual tokens in front of the input cannot pack examples in one row.
+    needs_padding: bool = False
+    # trainer(model, spec, hyperparameters, task) -> a MethodTrainer, for methods that act during
+    # training (a rank budget, an unfreezing schedule, per-group learning rates).
+    trainer: Callable[[Any, Any, Any], Any] | None = None
 
 
 METHODS: dict[str, MethodDef] = {}
@@ -40,5 +47,19 @@ def method_for(method_type: str) -> MethodDef:
     return METHODS[method_type]
 
 
-# Each module registers itself; the order is the order `GET /models` lists them in.
-from peft_engine.methods import full, ia3, loha, lokr, lora, oft, vera  # noqa: E402,F401
+# Each module registers itself on import.
+from peft_engine.methods import (  # noqa: E402,F401
+    adalora,
+    bitfit,
+    bottleneck,
+    full,
+    head_only,
+    ia3,
+    layerwise,
+    loha,
+    lokr,
+    lora,
+    oft,
+    prompt_learning,
+    vera,
+)

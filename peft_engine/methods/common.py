@@ -9,7 +9,84 @@ from pydantic import BaseModel, ConfigDict, Field
 # A method's target layers: "all-linear" (every linear layer but the output head) or names.
 TargetModules = Literal["all-linear"] | Annotated[list[str], Field(min_length=1)]
 
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM"}
+# peft's task type per task; None: a plain PeftModel (its forward passes inputs through).
+PEFT_TASK_TYPES: dict[str, str | None] = {
+    "causal_lm": "CAUSAL_LM",
+    "seq_classification": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+    "image_classification": None,
+}
+TEXT_TASKS = ("causal_lm", "seq_classification", "token_classification")
+HEAD_TASKS = ("seq_classification", "token_classification", "image_classification")
+ALL_TASKS = ("causal_lm", *HEAD_TASKS)
+# The new task head of a classification model (peft_engine.tasks builds it): always trained.
+TASK_HEAD = "classifier"
+
+
+def peft_task_options(task: str) -> dict[str, Any]:
+    """peft config options that make a method train and save the task head."""
+    task_type = PEFT_TASK_TYPES[task]
+    if task_type is None:  # peft knows no image task type: name the head to train and save
+        return {"task_type": None, "modules_to_save": [TASK_HEAD]}
+    return {"task_type": task_type}
+
+
+def peft_targets(model: Any, targets: str | list[str], task: str) -> str | list[str]:
+    """peft's target_modules for a method's `target_modules`.
+
+    "all-linear" on a classification model names every linear layer of the body: peft's own
+    "all-linear" leaves out a causal LM's output layer but not a task head, and the head is
+    trained whole (modules_to_save), so it must not get an adapter as well.
+    """
+    if targets != "all-linear" or task not in HEAD_TASKS:
+        return targets
+    from torch import nn
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.startswith(TASK_HEAD)
+    ]
+
+
+def unfreeze_task_head(model: Any, task: str) -> int:
+    """Make the task head of a classification model trainable; the number of its parameters."""
+    if task not in HEAD_TASKS:
+        return 0
+    head = getattr(model, TASK_HEAD)
+    count = 0
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+        count += parameter.numel()
+    return count
+
+
+class MethodTrainer:
+    """What a method does during training, beyond building the model. Every hook is optional.
+
+    Steps are 1-based. `before_step(step)` runs before each optimizer step's forward passes,
+    and once more right after a resume with the step about to run, so a schedule that is a
+    function of the step (unfreezing) is restored by construction. State that is not (a rank
+    budget's importance scores) goes through `state()`/`load_state()` into the checkpoint.
+    """
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        return None  # None: the loop's default groups (decay on matrices only)
+
+    def before_step(self, step: int) -> None:
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        return None
+
+    def extra_loss(self) -> Any:
+        return None  # a tensor added to the step's loss, or None
+
+    def state(self) -> dict[str, Any]:
+        return {}  # tensors by name, saved in the checkpoint (safetensors)
+
+    def load_state(self, tensors: dict[str, Any]) -> None:
+        return None
 
 
 class MethodSpec(BaseModel):
@@ -25,12 +102,12 @@ class LycorisSpec(MethodSpec):
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: TargetModules = "all-linear"
 
-    def peft_options(self, task: str) -> dict[str, Any]:
+    def peft_options(self, model: Any, task: str) -> dict[str, Any]:
         return {
             "r": self.r,
             "alpha": self.alpha,
             "rank_dropout": self.rank_dropout,
             "module_dropout": self.module_dropout,
-            "target_modules": self.target_modules,
-            "task_type": PEFT_TASK_TYPES[task],
+            "target_modules": peft_targets(model, self.target_modules, task),
+            **peft_task_options(task),
         }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import MethodSpec
+from peft_engine.methods.common import ALL_TASKS, MethodSpec
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 
@@ -25,7 +25,7 @@ register(
         type="full",
         spec=FullMethod,
         build=build_full,
-        tasks=("causal_lm",),
+        tasks=ALL_TASKS,
         default_learning_rate=lambda spec: 2e-5,
         weights=TRAINED_WEIGHTS,
     )

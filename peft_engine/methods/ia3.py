@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import PEFT_TASK_TYPES, MethodSpec
+from peft_engine.methods.common import TEXT_TASKS, MethodSpec, peft_task_options
 
 
 class Ia3Method(MethodSpec):
@@ -17,7 +17,7 @@ class Ia3Method(MethodSpec):
 def build_ia3(model: Any, spec: Ia3Method, task: str) -> Any:
     from peft import IA3Config, get_peft_model
 
-    return get_peft_model(model, IA3Config(task_type=PEFT_TASK_TYPES[task]))
+    return get_peft_model(model, IA3Config(**peft_task_options(task)))
 
 
 register(
@@ -25,7 +25,7 @@ register(
         type="ia3",
         spec=Ia3Method,
         build=build_ia3,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 3e-3,  # scaling vectors need large steps
     )
 )

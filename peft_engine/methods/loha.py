@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import LycorisSpec
+from peft_engine.methods.common import TEXT_TASKS, LycorisSpec
 
 
 class LohaMethod(LycorisSpec):
@@ -16,7 +16,7 @@ class LohaMethod(LycorisSpec):
 def build_loha(model: Any, spec: LohaMethod, task: str) -> Any:
     from peft import LoHaConfig, get_peft_model
 
-    return get_peft_model(model, LoHaConfig(**spec.peft_options(task)))
+    return get_peft_model(model, LoHaConfig(**spec.peft_options(model, task)))
 
 
 register(
@@ -24,7 +24,7 @@ register(
         type="loha",
         spec=LohaMethod,
         build=build_loha,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 2e-4,
     )
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import LycorisSpec
+from peft_engine.methods.common import TEXT_TASKS, LycorisSpec
 
 
 class LokrMethod(LycorisSpec):
@@ -16,7 +16,7 @@ class LokrMethod(LycorisSpec):
 def build_lokr(model: Any, spec: LokrMethod, task: str) -> Any:
     from peft import LoKrConfig, get_peft_model
 
-    return get_peft_model(model, LoKrConfig(**spec.peft_options(task)))
+    return get_peft_model(model, LoKrConfig(**spec.peft_options(model, task)))
 
 
 register(
@@ -24,7 +24,7 @@ register(
         type="lokr",
         spec=LokrMethod,
         build=build_lokr,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 1e-3,
     )
 )

@@ -7,7 +7,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import PEFT_TASK_TYPES, MethodSpec, TargetModules
+from peft_engine.methods.common import (
+    TEXT_TASKS,
+    MethodSpec,
+    TargetModules,
+    peft_targets,
+    peft_task_options,
+)
 
 
 class LoraMethod(MethodSpec):
@@ -29,12 +35,12 @@ def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
+        target_modules=peft_targets(model, spec.target_modules, task),
         use_dora=spec.use_dora,
         use_rslora=spec.use_rslora,
         init_lora_weights=True if spec.init == "default" else spec.init,
         bias="none",
-        task_type=PEFT_TASK_TYPES[task],
+        **peft_task_options(task),
     )
     return get_peft_model(model, config)
 
@@ -44,7 +50,7 @@ register(
         type="lora",
         spec=LoraMethod,
         build=build_lora,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         # LoRA's usual rate; large ranks make bigger updates, so a smaller step.
         default_learning_rate=lambda spec: 2e-4 if spec.r <= 64 else 1e-4,
     )

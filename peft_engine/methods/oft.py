@@ -8,7 +8,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import PEFT_TASK_TYPES, MethodSpec, TargetModules
+from peft_engine.methods.common import (
+    TEXT_TASKS,
+    MethodSpec,
+    TargetModules,
+    peft_targets,
+    peft_task_options,
+)
 
 
 class OftMethod(MethodSpec):
@@ -26,8 +32,8 @@ def build_oft(model: Any, spec: OftMethod, task: str) -> Any:
         r=0,  # the block size decides the number of blocks
         oft_block_size=spec.block_size,
         module_dropout=spec.module_dropout,
-        target_modules=spec.target_modules,
-        task_type=PEFT_TASK_TYPES[task],
+        target_modules=peft_targets(model, spec.target_modules, task),
+        **peft_task_options(task),
     )
     return get_peft_model(model, config)
 
@@ -37,7 +43,7 @@ register(
         type="oft",
         spec=OftMethod,
         build=build_oft,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 1e-3,
     )
 )

@@ -8,7 +8,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import PEFT_TASK_TYPES, MethodSpec, TargetModules
+from peft_engine.methods.common import (
+    TEXT_TASKS,
+    MethodSpec,
+    TargetModules,
+    peft_targets,
+    peft_task_options,
+)
 
 
 class VeraMethod(MethodSpec):
@@ -26,8 +32,8 @@ def build_vera(model: Any, spec: VeraMethod, task: str) -> Any:
         r=spec.r,
         vera_dropout=spec.dropout,
         d_initial=spec.d_initial,
-        target_modules=spec.target_modules,
-        task_type=PEFT_TASK_TYPES[task],
+        target_modules=peft_targets(model, spec.target_modules, task),
+        **peft_task_options(task),
     )
     return get_peft_model(model, config)
 
@@ -37,7 +43,7 @@ register(
         type="vera",
         spec=VeraMethod,
         build=build_vera,
-        tasks=("causal_lm",),
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 4e-3,  # only scaling vectors train
     )
 )

@@ -17,6 +17,8 @@ from typing import Any
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 TRAINED_WEIGHTS_INFO = "tuneq_weights.json"
+# What rebuilds the trained model: task, labels, pooling, method spec (outputs, checkpoints).
+MODEL_INFO_FILE = "tuneq_model.json"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class WeightsFormat:
     state: Callable[[Any], dict[str, Any]]  # the trained tensors, by name
     restore: Callable[[Any, dict[str, Any]], None]
     save: Callable[[Any, Path], None]  # write the loadable files into a directory
+    # How the job's output is written, where it differs from a checkpoint's save (a
+    # conversion for loading on the original base model); None: the same as `save`.
+    export: Callable[[Any, Path], None] | None = None
 
 
 def _peft_state(model: Any) -> dict[str, Any]:
@@ -39,11 +44,19 @@ def _peft_restore(model: Any, weights: dict[str, Any]) -> None:
     set_peft_model_state_dict(model, weights)
 
 
-def _peft_save(model: Any, directory: Path) -> None:
+def peft_save(model: Any, directory: Path) -> None:
     model.save_pretrained(directory)
 
 
+# A method whose trainable set changes during training (layer-wise unfreezing) names the
+# whole set on the model, so checkpoints and the best weights always hold all of it.
+TRAINED_NAMES_ATTRIBUTE = "_tuneq_trained_names"
+
+
 def _trained_state(model: Any) -> dict[str, Any]:
+    names = getattr(model, TRAINED_NAMES_ATTRIBUTE, None)
+    if names is not None:
+        return {name: p for name, p in model.named_parameters() if name in names}
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -64,26 +77,38 @@ def _trained_save(model: Any, directory: Path) -> None:
     (directory / TRAINED_WEIGHTS_INFO).write_text(json.dumps(info, indent=2))
 
 
-PEFT_ADAPTER = WeightsFormat("adapter_model.safetensors", _peft_state, _peft_restore, _peft_save)
+PEFT_ADAPTER = WeightsFormat("adapter_model.safetensors", _peft_state, _peft_restore, peft_save)
 TRAINED_WEIGHTS = WeightsFormat(
     TRAINED_WEIGHTS_FILE, _trained_state, _trained_restore, _trained_save
 )
 
 
 def load_trained(output_dir: Path | str, base_dir: Path | str, **kwargs: Any) -> Any:
-    """A job's output on its base model: a PEFT adapter, or the trained weights put back.
+    """A job's output (or checkpoint) on its base model, ready to run.
 
-    `base_dir` is the base model's directory (`peft_engine.models.model_dir(...)`); extra
-    keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
+    `base_dir` is the base model's directory (`peft_engine.models.model_dir(...)`). The
+    output's `tuneq_model.json` says what to rebuild: the task head (classification labels,
+    pooling) and the method; then a PEFT adapter is loaded with `PeftModel.from_pretrained`,
+    or the trained tensors are put back by name on the rebuilt model. Extra keyword arguments
+    go to `from_pretrained` of the base model (`dtype=`, `device_map=`).
     """
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+
+    from peft_engine.tasks import task_for
 
     output_dir = Path(output_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False, **kwargs)
+    info_path = output_dir / MODEL_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"task": "causal_lm"}
+    task = info["task"]
+    model = task_for(task).build_model(Path(base_dir), info, **kwargs)
     if (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, output_dir)
+    if "method" in info:  # re-create the method's own modules (bottleneck adapters)
+        from peft_engine.methods import METHODS
+
+        method = METHODS[info["method"]["type"]]
+        model = method.build(model, method.spec.model_validate(info["method"]), task)
     _trained_restore(model, load_file(output_dir / TRAINED_WEIGHTS_FILE))
     return model

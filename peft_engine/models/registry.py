@@ -25,7 +25,7 @@ from pydantic import (
 
 from peft_engine.errors import ModelNotFoundError, SpecError
 
-Task = Literal["causal_lm", "seq_classification", "token_classification"]
+Task = Literal["causal_lm", "seq_classification", "token_classification", "image_classification"]
 SourceType = Literal["gguf", "local", "hub"]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

@@ -1,26 +1,32 @@
 """Datasets: upload (validated while it streams in), list, read, delete, local copies.
 
 An upload is read once: each chunk goes to a temporary file, the SHA-256 and the size,
-and its lines go to the engine's validator (DESIGN §6). Memory holds one line at most,
-never the file. Only a valid file reaches the store, and its row is
-inserted only after the object is there, so a row never points at nothing.
+and its lines go to the engine's validator (DESIGN §6). JSONL is checked a line at a time;
+CSV (classification only; a file is CSV when its first non-blank line does not start with
+`{`, as the engine decides) goes through the csv module a physical line at a time, so a
+quoted field may span lines and errors still name physical lines. Memory holds one line
+(or one CSV row) at most, never the file. Only a valid file reaches the store, and its row
+is inserted only after the object is there, so a row never points at nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import itertools
+import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Literal, Self
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from peft_engine.data.formats import DataFormat, Example, ScanReport
+from peft_engine.data.formats import CSV_COLUMNS, DataFormat, Example, ScanReport
 from peft_engine.errors import LineError
 from tuneq.errors import Conflict, ErrorItem, InvalidFile, InvalidRequest, NotFound, PayloadTooLarge
 from tuneq.files.models import File
@@ -67,8 +73,7 @@ def ingest_upload(*, chunks: Iterable[bytes], settings: Settings) -> IngestedUpl
     try:
         with os.fdopen(fd, "wb") as out:
             scanner = _UploadScanner(out, settings)
-            for chunk in chunks:
-                scanner.feed(chunk)
+            scanner.scan(chunks)
             return scanner.finish(path)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -159,47 +164,114 @@ def delete_file(*, db: Session, store: ObjectStore, team: Team, file_id: str) ->
 
 
 def local_copy(store: ObjectStore, file: File, cache_dir: Path) -> Path:
-    """A local copy of the file's content, downloaded once: files never change."""
-    path = cache_dir / "files" / f"{file.id}.jsonl"
+    """A local copy of the file's content, downloaded once: files never change.
+
+    The suffix follows the content (`.csv` or `.jsonl`); the engine sniffs it anyway.
+    """
+    suffix = ".csv" if (file.report or {}).get("syntax") == "csv" else ".jsonl"
+    path = cache_dir / "files" / f"{file.id}{suffix}"
     if not path.is_file():
         store.get_file(file.storage_key, path)  # atomic: a reader never sees half a file
     return path
 
 
+Syntax = Literal["jsonl", "csv"]
+
+
+def entity_types(tags: Sequence[str]) -> Iterator[str]:
+    """The type of each entity in a sentence's IOB2 tags, in order.
+
+    A `B-X` starts an entity of type X; an `I-X` continues the entity before it when that
+    one is also an X, and otherwise (after `O` or another type) starts one.
+    """
+    current: str | None = None
+    for tag in tags:
+        prefix, _, kind = tag.partition("-")
+        if prefix == "B" or (prefix == "I" and kind != current):
+            yield kind
+        current = kind if prefix in ("B", "I") else None
+
+
 @dataclass
 class _Stats:
-    """The counts kept in a file's report."""
+    """The counts kept in a file's report; each format adds its own (see `as_report`)."""
 
     lines: int = 0
     examples: int = 0
     max_example_chars: int = 0
     messages_by_role: Counter[str] = field(default_factory=Counter)
+    label_counts: Counter[str] = field(default_factory=Counter)  # labels as strings
+    pair_examples: int = 0  # classification examples given as text_a/text_b
+    tag_counts: Counter[str] = field(default_factory=Counter)
+    entity_counts: Counter[str] = field(default_factory=Counter)
+    max_tokens: int = 0  # the most words in one token-classification example
 
     def add(self, example: Example) -> None:
+        """Count one valid example."""
         self.examples += 1
-        record = example.record
-        if example.format is DataFormat.CHAT:
-            self.messages_by_role.update(m["role"] for m in record["messages"])
-            chars = sum(len(m["content"]) for m in record["messages"])
-        elif example.format is DataFormat.PROMPT_COMPLETION:
-            chars = len(record["prompt"]) + len(record["completion"])
-        else:
-            chars = len(record["text"])
+        chars = self._add_record(example.format, example.record)
         self.max_example_chars = max(self.max_example_chars, chars)
 
-    def as_report(self, data_format: DataFormat) -> dict[str, Any]:
-        report: dict[str, Any] = {
-            "lines": self.lines,
-            "examples": self.examples,
-            "max_example_chars": self.max_example_chars,
-        }
+    def _add_record(self, data_format: DataFormat, record: dict[str, Any]) -> int:
+        """Count what the record holds; returns its length in characters of text."""
+        if data_format is DataFormat.CHAT:
+            self.messages_by_role.update(m["role"] for m in record["messages"])
+            return sum(len(m["content"]) for m in record["messages"])
+        if data_format is DataFormat.PROMPT_COMPLETION:
+            return len(record["prompt"]) + len(record["completion"])
+        if data_format is DataFormat.CLASSIFICATION:
+            self.label_counts[str(record["label"])] += 1
+            if "text_a" in record:
+                self.pair_examples += 1
+                return len(record["text_a"]) + len(record["text_b"])
+            return len(record["text"])
+        if data_format is DataFormat.TOKEN_CLASSIFICATION:
+            self.tag_counts.update(record["tags"])
+            self.entity_counts.update(entity_types(record["tags"]))
+            self.max_tokens = max(self.max_tokens, len(record["tokens"]))
+            return len(" ".join(record["tokens"]))  # the text the tokenizer sees
+        if data_format is DataFormat.IMAGE_CLASSIFICATION:
+            self.label_counts[str(record["label"])] += 1
+            return 0  # an image has no text; its report leaves max_example_chars out
+        return len(record["text"])
+
+    def as_report(self, data_format: DataFormat, syntax: Syntax) -> dict[str, Any]:
+        """The report stored with the file and shown by the API."""
+        report: dict[str, Any] = {"syntax": syntax, "lines": self.lines, "examples": self.examples}
+        if data_format is not DataFormat.IMAGE_CLASSIFICATION:
+            report["max_example_chars"] = self.max_example_chars
         if data_format is DataFormat.CHAT:
             report["messages_by_role"] = dict(sorted(self.messages_by_role.items()))
+        elif data_format is DataFormat.CLASSIFICATION:
+            report["label_counts"] = dict(sorted(self.label_counts.items()))
+            report["pairs"] = self.pair_examples > 0
+        elif data_format is DataFormat.TOKEN_CLASSIFICATION:
+            report["tag_counts"] = dict(sorted(self.tag_counts.items()))
+            report["entity_counts"] = dict(sorted(self.entity_counts.items()))
+            report["max_tokens"] = self.max_tokens
+        elif data_format is DataFormat.IMAGE_CLASSIFICATION:
+            report["label_counts"] = dict(sorted(self.label_counts.items()))
         return report
 
 
+@dataclass(frozen=True)
+class _Line:
+    """One physical line, without its newline; `data` is None when it was over the limit."""
+
+    number: int
+    data: bytes | None
+
+
+class _StopParsing(Exception):
+    """The rest of a CSV file cannot be parsed reliably (the problem is already reported)."""
+
+
 class _UploadScanner:
-    """Splits chunks into lines as they come and validates each line as it completes."""
+    """Reads the chunks once: copies, hashes and splits them, validating lines as they end.
+
+    `scan` pulls the chunks through a generator of physical lines; the first non-blank
+    line decides between JSONL (it starts with `{`) and CSV, as the engine's `is_csv` does.
+    """
 
     def __init__(self, out: BinaryIO, settings: Settings) -> None:
         self.out = out
@@ -212,26 +284,27 @@ class _UploadScanner:
         self.line_too_long = False
         self.found = ScanReport()  # format and errors only: examples are counted, not kept
         self.stats = _Stats()
+        self.syntax: Syntax = "jsonl"
+        self.csv_line = 0  # CSV: the last physical line handed to the csv module
+        self.row_start = 0  # CSV: the physical line the row being read starts on
+        self.row_bytes = 0  # CSV: the bytes of that row so far (capped at max_line_bytes)
 
-    def feed(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"the file is larger than the limit of {self.max_upload_bytes} bytes",
-                param="file",
-            )
-        self.digest.update(chunk)
-        self.out.write(chunk)
-        start = 0
-        while (end := chunk.find(b"\n", start)) != -1:
-            self._extend_line(chunk[start:end])
-            self._end_line()
-            start = end + 1
-        self._extend_line(chunk[start:])
+    def scan(self, chunks: Iterable[bytes]) -> None:
+        """Read the whole upload (unless a limit stops it), validating as it comes."""
+        lines = self._lines(chunks)
+        for line in lines:
+            if line.data is not None and not line.data.strip():
+                continue  # blank lines are not examples, in either syntax
+            rest = itertools.chain([line], lines)
+            if line.data is None or _starts_object(line.data):
+                self._scan_jsonl(rest)
+            else:
+                self.syntax = "csv"
+                self._scan_csv(rest, first=line.number)
+            return
 
     def finish(self, path: Path) -> IngestedUpload:
-        if self.line or self.line_too_long:  # a last line without a newline
-            self._end_line()
+        """The valid upload, or InvalidFile with the problems found."""
         if self.found.total_errors:
             self._reject()
         if self.found.format is None:
@@ -247,8 +320,33 @@ class _UploadScanner:
             bytes=self.size,
             format=self.found.format,
             examples=self.stats.examples,
-            report=self.stats.as_report(self.found.format),
+            report=self.stats.as_report(self.found.format, self.syntax),
         )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _lines(self, chunks: Iterable[bytes]) -> Iterator[_Line]:
+        """The physical lines of the upload as they complete; every byte is kept and hashed."""
+        for chunk in chunks:
+            self._take(chunk)
+            start = 0
+            while (end := chunk.find(b"\n", start)) != -1:
+                self._extend_line(chunk[start:end])
+                yield self._end_line()
+                start = end + 1
+            self._extend_line(chunk[start:])
+        if self.line or self.line_too_long:  # a last line without a newline
+            yield self._end_line()
+
+    def _take(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"the file is larger than the limit of {self.max_upload_bytes} bytes",
+                param="file",
+            )
+        self.digest.update(chunk)
+        self.out.write(chunk)
 
     def _extend_line(self, piece: bytes) -> None:
         if self.line_too_long:
@@ -259,22 +357,160 @@ class _UploadScanner:
             return
         self.line += piece
 
-    def _end_line(self) -> None:
+    def _end_line(self) -> _Line:
         self.stats.lines += 1
-        number = self.stats.lines
-        if self.line_too_long:
-            self.found.add_error(
-                LineError(number, f"is longer than the limit of {self.max_line_bytes} bytes")
-            )
-        elif (example := self.found.scan(bytes(self.line), number)) is not None:
-            if self.stats.examples == self.max_examples:
-                self.found.add_error(
-                    LineError(number, f"is past the limit of {self.max_examples} examples per file")
-                )
-                self._reject()  # no point reading on
-            self.stats.add(example)
+        line = _Line(self.stats.lines, None if self.line_too_long else bytes(self.line))
         self.line.clear()
         self.line_too_long = False
+        return line
+
+    # -- JSONL ---------------------------------------------------------------------------
+
+    def _scan_jsonl(self, lines: Iterable[_Line]) -> None:
+        for line in lines:
+            if line.data is None:
+                self._too_long(line.number)
+            elif (example := self.found.scan(line.data, line.number)) is not None:
+                self._count(example)
+
+    # -- CSV -----------------------------------------------------------------------------
+
+    def _scan_csv(self, lines: Iterator[_Line], *, first: int) -> None:
+        """Validate CSV rows as their lines arrive; after a problem that leaves the rest
+        unparseable, the remaining lines are still read (stored, hashed, length-checked)."""
+        self.csv_line = self.row_start = first - 1
+        rows = csv.reader(self._csv_text(lines), strict=True)
+        try:
+            self._csv_rows(rows)
+        except csv.Error as exc:
+            self.found.add_error(LineError(self.csv_line, self._csv_problem(exc)))
+        except _StopParsing:
+            pass
+        for line in lines:
+            if line.data is None:
+                self._too_long(line.number)
+
+    def _csv_text(self, lines: Iterable[_Line]) -> Iterator[str]:
+        """Lines as the csv module reads them: decoded, newline restored."""
+        for line in lines:
+            self.csv_line = line.number
+            if line.data is None:
+                self._too_long(line.number)
+                raise _StopParsing  # its content is gone: where its quotes end is unknown
+            self.row_bytes += len(line.data) + (self.row_bytes > 0)  # + the newline between
+            if self.row_bytes > self.max_line_bytes:  # a row of many quoted multi-line fields
+                self.found.add_error(
+                    LineError(
+                        self.row_start,
+                        f"starts a row longer than the limit of {self.max_line_bytes} bytes",
+                    )
+                )
+                raise _StopParsing
+            try:
+                text = line.data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.found.add_error(
+                    LineError(line.number, f"not valid UTF-8 (byte {exc.start + 1})")
+                )
+                text = line.data.decode("utf-8", errors="replace")  # quotes are ASCII: go on
+            yield text + "\n"
+
+    def _csv_rows(self, rows: Iterator[list[str]]) -> None:
+        """The header row, then one example a row; blank rows are skipped."""
+        header = self._csv_header(rows)
+        if header is None:
+            return
+        columns = next((c for c in CSV_COLUMNS if set(c) <= set(header)), None)
+        if columns is None:
+            found = ",".join(header) or "nothing"
+            self.found.add_error(
+                LineError(
+                    self.row_start,
+                    "does not start with '{' so the file is read as CSV, and a CSV file "
+                    "needs a header row with the columns text,label or text_a,text_b,label; "
+                    f"found {found}",
+                )
+            )
+            raise _StopParsing
+        index = {name: header.index(name) for name in columns}
+        for row in self._numbered(rows):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                self.found.add_error(
+                    LineError(
+                        self.row_start, f"has {len(row)} fields but the header has {len(header)}"
+                    )
+                )
+                continue
+            self._csv_example({name: row[i] for name, i in index.items()})
+
+    def _csv_header(self, rows: Iterator[list[str]]) -> list[str] | None:
+        for row in self._numbered(rows):
+            if any(cell.strip() for cell in row):
+                return [cell.strip().lstrip("\ufeff") for cell in row]
+        return None
+
+    def _numbered(self, rows: Iterator[list[str]]) -> Iterator[list[str]]:
+        """The rows, with `row_start` set to the physical line each one starts on."""
+        while True:
+            self.row_start = self.csv_line + 1  # the next line not yet read
+            self.row_bytes = 0
+            row = next(rows, None)
+            if row is None:
+                return
+            yield row
+
+    def _csv_example(self, record: dict[str, str]) -> None:
+        # Through the same validator as a JSONL line, so both syntaxes say the same things.
+        raw = json.dumps(record).encode()
+        if (example := self.found.scan(raw, self.row_start)) is not None:
+            self._count(example)
+
+    def _csv_problem(self, exc: csv.Error) -> str:
+        if "unexpected end of data" in str(exc):
+            return (
+                f"not valid CSV ({exc}): the quoted field of the row that starts on line "
+                f"{self.row_start} is never closed"
+            )
+        return f"not valid CSV ({exc})"
+
+    # -- both ----------------------------------------------------------------------------
+
+    def _count(self, example: Example) -> None:
+        """Count a valid example, unless it breaks a per-file rule or a limit."""
+        if (problem := self._shape_problem(example)) is not None:
+            self.found.add_error(problem)
+            return
+        if self.stats.examples == self.max_examples:
+            self.found.add_error(
+                LineError(
+                    example.line, f"is past the limit of {self.max_examples} examples per file"
+                )
+            )
+            self._reject()  # no point reading on
+        self.stats.add(example)
+
+    def _shape_problem(self, example: Example) -> LineError | None:
+        """Classification: all single texts or all text_a/text_b pairs (trained as one batch
+        shape; the engine reads the first example's)."""
+        if example.format is not DataFormat.CLASSIFICATION or not self.stats.examples:
+            return None
+        pair, file_pairs = "text_a" in example.record, self.stats.pair_examples > 0
+        if pair == file_pairs:
+            return None
+        shapes = ("a single text", "a text_a/text_b pair")
+        return LineError(
+            example.line,
+            f"is {shapes[pair]} but the file's first example is {shapes[file_pairs]}; "
+            "use one shape per file",
+            "text_a" if pair else "text",
+        )
+
+    def _too_long(self, number: int) -> None:
+        self.found.add_error(
+            LineError(number, f"is longer than the limit of {self.max_line_bytes} bytes")
+        )
 
     def _reject(self) -> None:
         total = self.found.total_errors
@@ -284,3 +520,8 @@ class _UploadScanner:
             param="file",
             extra={"total_errors": total},
         )
+
+
+def _starts_object(line: bytes) -> bool:
+    """A JSONL line starts with `{` (after blanks and a UTF-8 byte order mark)."""
+    return line.lstrip().startswith((b"{", b"\xef\xbb\xbf{"))

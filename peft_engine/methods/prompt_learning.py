@@ -1,0 +1,106 @@
+"""Prompt learning: trained virtual tokens in front of the input, the model frozen.
+
+- `prompt_tuning` (Lester et al. 2021): `num_virtual_tokens` trained input embeddings;
+- `p_tuning` (Liu et al. 2021): the virtual tokens come from a small trained encoder (an MLP
+  or LSTM), which trains more stably than free embeddings;
+- `prefix_tuning` (Li & Liang 2021): trained keys and values in front of every layer's
+  attention (P-Tuning v2 for encoders), optionally through a reparameterising MLP.
+
+peft implements all three for causal LM, sequence and token classification; a
+classification head trains with them (peft's modules_to_save). Virtual tokens cannot share
+a packed row, so these methods train on padded batches (the spec's `packing` resolves to
+false). The output is a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from peft_engine.methods import MethodDef, register
+from peft_engine.methods.common import TEXT_TASKS, MethodSpec, peft_task_options
+
+
+class PromptTuningMethod(MethodSpec):
+    type: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+
+    @property
+    def virtual_tokens_in_logits(self) -> int:
+        return self.num_virtual_tokens
+
+
+class PTuningMethod(MethodSpec):
+    type: Literal["p_tuning"] = "p_tuning"
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+    encoder_hidden_size: int = Field(128, ge=1, le=16384)
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+
+    @property
+    def virtual_tokens_in_logits(self) -> int:
+        return self.num_virtual_tokens
+
+
+class PrefixTuningMethod(MethodSpec):
+    type: Literal["prefix_tuning"] = "prefix_tuning"
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+    # Train the prefixes through an MLP (more stable, more parameters while training).
+    prefix_projection: bool = False
+    encoder_hidden_size: int = Field(128, ge=1, le=16384)
+
+    @property
+    def virtual_tokens_in_logits(self) -> int:
+        return 0  # prefixes live in the attention's keys and values, not in the sequence
+
+
+def build_prompt_tuning(model: Any, spec: PromptTuningMethod, task: str) -> Any:
+    from peft import PromptTuningConfig, get_peft_model
+
+    config = PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, **_options(task))
+    return get_peft_model(model, config)
+
+
+def build_p_tuning(model: Any, spec: PTuningMethod, task: str) -> Any:
+    from peft import PromptEncoderConfig, get_peft_model
+
+    config = PromptEncoderConfig(
+        num_virtual_tokens=spec.num_virtual_tokens,
+        encoder_hidden_size=spec.encoder_hidden_size,
+        encoder_reparameterization_type=spec.encoder_type,
+        **_options(task),
+    )
+    return get_peft_model(model, config)
+
+
+def build_prefix_tuning(model: Any, spec: PrefixTuningMethod, task: str) -> Any:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(
+        num_virtual_tokens=spec.num_virtual_tokens,
+        prefix_projection=spec.prefix_projection,
+        encoder_hidden_size=spec.encoder_hidden_size,
+        **_options(task),
+    )
+    return get_peft_model(model, config)
+
+
+def _options(task: str) -> dict[str, Any]:
+    return {"task_type": peft_task_options(task)["task_type"]}
+
+
+for _type, _spec, _build, _lr in (
+    ("prompt_tuning", PromptTuningMethod, build_prompt_tuning, 1e-2),
+    ("p_tuning", PTuningMethod, build_p_tuning, 5e-3),
+    ("prefix_tuning", PrefixTuningMethod, build_prefix_tuning, 5e-3),
+):
+    register(
+        MethodDef(
+            type=_type,
+            spec=_spec,
+            build=_build,
+            tasks=TEXT_TASKS,
+            default_learning_rate=lambda spec, lr=_lr: lr,
+            needs_padding=True,
+        )
+    )

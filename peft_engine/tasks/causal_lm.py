@@ -1,0 +1,112 @@
+"""Causal language modelling: chat, prompt/completion or plain text; next-token loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peft_engine.data.batching import Batch, collate
+from peft_engine.data.tokenize import IGNORE, TokenizedExample, tokenize_dataset
+from peft_engine.loss import batch_loss, evaluate
+from peft_engine.tasks import LossSum, TaskData
+
+
+class CausalLMTask:
+    name = "causal_lm"
+    unit = "tokens"
+
+    def prepare(
+        self,
+        spec: Any,
+        train: Sequence[Any],
+        validation: Sequence[Any],
+        model_path: Path,
+        *,
+        max_seq_length: int,
+        validation_param: str,
+    ) -> TaskData:
+        from peft_engine.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+        on_inputs = spec.hyperparameters.train_on_inputs
+        train_set = tokenize_dataset(
+            train, tokenizer, max_seq_length=max_seq_length, train_on_inputs=on_inputs
+        )
+        validation_set = (
+            tokenize_dataset(
+                validation,
+                tokenizer,
+                max_seq_length=max_seq_length,
+                train_on_inputs=on_inputs,
+                param=validation_param,
+            )
+            if validation
+            else None
+        )
+        return TaskData(tokenizer, train_set, validation_set)
+
+    def load_model(self, job: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
+        from peft_engine.models import load_causal_lm
+
+        return load_causal_lm(job.model_path, dtype=dtype, device=device)
+
+    def collate(self, examples: Sequence[TokenizedExample], job: Any) -> Batch:
+        hp = job.spec.hyperparameters
+        return collate(examples, packing=hp.packing, pad_token_id=job.pad_token_id)
+
+    def loss(self, model: Any, batch: Batch, job: Any) -> LossSum:
+        virtual = _virtual_tokens(job)
+        if virtual is None:
+            return batch_loss(model, batch)
+        return _prompt_learning_loss(model, batch, virtual)
+
+    def evaluate(
+        self, model: Any, batches: Iterable[Batch], device: torch.device, job: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        virtual = _virtual_tokens(job)
+        if virtual is None:
+            return evaluate(model, batches, device), {}
+        return evaluate(
+            model, batches, device, loss=lambda m, b: _prompt_learning_loss(m, b, virtual)
+        ), {}
+
+    def describe_eval(self, metrics: dict[str, float]) -> str:
+        return (
+            f"loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+            f"token accuracy {metrics['eval_token_accuracy']:.3f}"
+        )
+
+    def model_info(self, job: Any) -> dict[str, Any]:
+        return {"task": self.name}
+
+    def build_model(self, base_dir: Path, info: dict[str, Any], **kwargs: Any) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False, **kwargs)
+
+
+def _virtual_tokens(job: Any) -> int | None:
+    """None for ordinary methods; for prompt-learning methods, the virtual tokens that peft
+    puts in front of the input and that come back as extra logits (0 for prefix tuning)."""
+    return getattr(job.spec.method, "virtual_tokens_in_logits", None)
+
+
+def _prompt_learning_loss(model: Any, batch: Batch, virtual: int) -> LossSum:
+    # peft's prompt-learning forward takes neither position ids nor logits_to_keep; examples
+    # are padded (never packed) and the virtual tokens' logits are dropped.
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits[:, virtual:].float()
+    targets = batch.targets
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    with torch.no_grad():
+        correct = int(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum())
+    return LossSum(loss, batch.n_loss_tokens, correct)
+
+
+CAUSAL_LM = CausalLMTask()
