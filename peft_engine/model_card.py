@@ -10,7 +10,13 @@ from peft_engine.methods.weights import TRAINED_WEIGHTS_FILE
 if TYPE_CHECKING:
     from peft_engine.prepare import PreparedJob
 
-_METRICS = ("eval_loss", "eval_perplexity", "eval_token_accuracy")
+# The headline metrics of each task, in the card's evaluation table.
+_METRICS = {
+    "causal_lm": ("eval_loss", "eval_perplexity", "eval_token_accuracy"),
+    "seq_classification": ("eval_loss", "accuracy", "macro_f1"),
+    "token_classification": ("eval_loss", "entity_f1", "entity_precision", "entity_recall"),
+    "image_classification": ("eval_loss", "accuracy", "macro_f1"),
+}
 
 
 def render_model_card(job: PreparedJob, result: dict[str, Any]) -> str:
@@ -44,8 +50,8 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 ## Evaluation
 
-{_metrics_table(result["metrics"])}
-
+{_metrics_table(result["metrics"], spec.task)}
+{_labels(result)}
 ## Loading
 
 {_loading(job)}
@@ -76,14 +82,26 @@ def _kept(result: dict[str, Any]) -> str:
     return f"step {best}, the lowest eval loss"
 
 
-def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+def _metrics_table(metrics: dict[str, dict[str, float]], task: str) -> str:
     if not metrics["initial"] and not metrics["best"]:
         return "No validation data: nothing was evaluated."
     rows = ["| metric | base model | final step | kept (best) |", "|---|---|---|---|"]
-    for name in _METRICS:
+    for name in _METRICS[task]:
         cells = [_fmt(metrics[k].get(name)) for k in ("initial", "final", "best")]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _labels(result: dict[str, Any]) -> str:
+    labels = result.get("labels")
+    if not labels:
+        return ""
+    text = ", ".join(f"`{label}`" for label in labels[:50])
+    more = f" and {len(labels) - 50} more" if len(labels) > 50 else ""
+    return (
+        f"\nLabels, in id order ({len(labels)}): {text}{more}. `tuneq_model.json` holds "
+        "`id2label`; `result.json`'s `report` the per-class (or per-entity-type) figures.\n"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -94,15 +112,26 @@ def _loading(job: PreparedJob) -> str:
     base_hint = f"""# BASE: the base model's files. With tuneq installed:
 #   from peft_engine.models import load_registry, model_dir
 #   BASE = model_dir(load_registry().get("{job.entry.name}"), cache_dir)"""
-    if method_for(job.spec.method.type).weights.file == TRAINED_WEIGHTS_FILE:
-        return f"""The trained weights (`{TRAINED_WEIGHTS_FILE}`, by parameter name) go back on
-the base model with tuneq's loader:
+    trained_weights = method_for(job.spec.method.type).weights.file == TRAINED_WEIGHTS_FILE
+    if job.spec.task != "causal_lm" or trained_weights:
+        what = (
+            f"The trained weights (`{TRAINED_WEIGHTS_FILE}`, by parameter name) go back on"
+            if trained_weights
+            else "The PEFT adapter (`adapter_model.safetensors`) is loaded with"
+        )
+        how = (
+            "the rebuilt model"
+            if trained_weights
+            else "`PeftModel.from_pretrained` on the base model with the task head rebuilt"
+        )
+        return f"""{what} {how} by tuneq's loader, which reads `tuneq_model.json` (task, labels,
+pooling, method):
 
 ```python
 from peft_engine import load_trained
 
 {base_hint}
-model = load_trained("path/to/this/directory", BASE)
+model = load_trained("path/to/this/directory", BASE).eval()
 ```"""
     return f"""```python
 from peft import PeftModel

@@ -121,17 +121,25 @@ def parse_spec(data: Any) -> JobSpec:
 def check_spec(spec: JobSpec) -> None:
     """Rules across fields: options that only one task or method can use."""
     hp = spec.hyperparameters
-    if spec.task != "seq_classification":
-        for name in ("pooling", "class_weights"):
-            if name in hp.model_fields_set and getattr(hp, name) not in (None, "auto"):
-                raise SpecError(
-                    f"applies to seq_classification only, not {spec.task}",
-                    param=f"hyperparameters.{name}",
-                )
+    for name, tasks in (
+        ("pooling", ("seq_classification",)),
+        ("class_weights", ("seq_classification", "image_classification")),
+    ):
+        chosen = name in hp.model_fields_set and getattr(hp, name) not in (None, "auto")
+        if chosen and spec.task not in tasks:
+            raise SpecError(
+                f"applies to {' and '.join(tasks)} only, not {spec.task}",
+                param=f"hyperparameters.{name}",
+            )
     if hp.reduce_on_plateau is not None and hp.lr_scheduler != "reduce_on_plateau":
         raise SpecError(
             'is used only with lr_scheduler "reduce_on_plateau"',
             param="hyperparameters.reduce_on_plateau",
+        )
+    if getattr(spec.method, "init", None) in ("pissa", "olora") and spec.task != "causal_lm":
+        # peft's conversion back to a plain adapter does not handle a trained task head
+        raise SpecError(
+            f"init {spec.method.init!r} is available for causal_lm only", param="method.init"
         )
     method = METHODS[spec.method.type]
     if method.needs_padding and hp.packing and "packing" in hp.model_fields_set:

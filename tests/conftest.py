@@ -74,6 +74,77 @@ def build_tiny_llama(directory: Path, *, vocab_size: int) -> Path:
     return directory
 
 
+# The tiny BERT's vocabulary (plus single letters): what its test sentences are made of.
+WORDS = [  # fmt: skip
+    "the",
+    "a",
+    "film",
+    "movie",
+    "plot",
+    "was",
+    "is",
+    "great",
+    "good",
+    "awful",
+    "bad",
+    "dull",
+    "fine",
+    "okay",
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "paris",
+    "rome",
+    "berlin",
+    "oslo",
+    "met",
+    "in",
+    "visited",
+    "and",
+    "saw",
+]
+
+
+def build_tiny_bert(directory: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [*specials, *WORDS, *letters, *(f"##{c}" for c in letters)]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

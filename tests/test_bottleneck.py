@@ -435,12 +435,7 @@ def test_registration() -> None:
     assert method.spec is BottleneckAdapterMethod
     assert method.build is build_bottleneck
     assert method.weights is TRAINED_WEIGHTS
-    assert set(method.tasks) == {
-        "causal_lm",
-        "seq_classification",
-        "token_classification",
-        "image_classification",
-    }
+    assert set(method.tasks) == {"causal_lm", "seq_classification", "token_classification"}
     assert method.default_learning_rate(BottleneckAdapterMethod()) == 1e-3
     assert {"bert", "llama", "vit", "distilbert", "qwen3"} <= set(method.families or ())
 

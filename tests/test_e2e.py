@@ -215,6 +215,7 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "tuneq_model.json",
     ]
 
 

@@ -114,7 +114,7 @@ def test_no_validation_data_means_no_evaluation():
             "'constant' or 'reduce_on_plateau'",
         ),
         ({"model": "m", "validation_split": 0.9}, "validation_split", "less than or equal to 0.5"),
-        ({"model": "m", "method": {"type": "adalora"}}, "method", "unknown method 'adalora'"),
+        ({"model": "m", "method": {"type": "qlora"}}, "method", "unknown method 'qlora'"),
         ({"model": "m", "method": "lora"}, "method", "must be an object"),
         ({"model": "m", "method": {"alpha": 0}}, "method.alpha", "greater than 0"),
         ({"model": "m", "task": "translation"}, "task", "'causal_lm'"),

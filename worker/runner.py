@@ -29,7 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 import peft_engine
 from peft_engine.errors import UserError
 from peft_engine.hooks import Event, Hooks
-from peft_engine.methods.weights import TRAINED_WEIGHTS_FILE, TRAINED_WEIGHTS_INFO
+from peft_engine.methods.weights import (
+    MODEL_INFO_FILE,
+    TRAINED_WEIGHTS_FILE,
+    TRAINED_WEIGHTS_INFO,
+)
 from peft_engine.models import ModelRegistry
 from peft_engine.prepare import DataPaths
 from peft_engine.progress import quiet_library_output
@@ -47,12 +51,14 @@ from worker.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 # The files of a checkpoint a user downloads: the method's weights (a PEFT adapter, or the
-# trained weights of full fine-tuning); the resume state stays server-side.
+# trained tensors by name) and what rebuilds the model for `load_trained` (task head,
+# labels, method); the resume state stays server-side.
 _ADAPTER_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
     TRAINED_WEIGHTS_FILE,
     TRAINED_WEIGHTS_INFO,
+    MODEL_INFO_FILE,
     "README.md",
 )
 

@@ -67,31 +67,38 @@ def read_image_folder(path: Path, *, param: str = "training_file") -> list[Examp
 def _scan_folder(path: Path) -> tuple[list[Path], str]:
     """The image files, sorted, and what does not fit the layout (empty when all fits)."""
     files: list[Path] = []
-    stray: list[str] = []  # files beside the label folders, folders inside them, non-images
+    not_folders: list[str] = []  # files beside the label folders
+    not_images: list[str] = []  # folders or other files inside a label folder
     empty: list[str] = []
     for label_dir in _visible(path):
         if not label_dir.is_dir():
-            stray.append(label_dir.name)
+            not_folders.append(label_dir.name)
             continue
         images = []
         for entry in _visible(label_dir):
             if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
                 images.append(entry)
             else:
-                stray.append(entry.relative_to(path).as_posix())
+                not_images.append(entry.relative_to(path).as_posix())
         if not images:
             empty.append(label_dir.name)
         files.extend(images)
     problems = []
-    if stray:
-        problems.append(f"{_listed(stray)} {'is' if len(stray) == 1 else 'are'} not label/image")
+    if not_folders:
+        problems.append(f"{_listed(not_folders)} {_is(not_folders)} not a label folder")
+    if not_images:
+        problems.append(f"{_listed(not_images)} {_is(not_images)} not an image file")
     if empty:
-        problems.append(f"label folder{'s' if len(empty) > 1 else ''} {_listed(empty)} empty")
+        problems.append(f"label folder {_listed(empty)} {_is(empty)} empty")
     return sorted(files, key=lambda f: f.relative_to(path).as_posix()), "; ".join(problems)
 
 
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is(names: Sequence[str]) -> str:
+    return "is" if len(names) == 1 else "are"
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -139,7 +146,7 @@ def decode_image(value: Path | str) -> Image.Image:
             data = value.read_bytes()
         except OSError as exc:
             raise ImageProblem(f"cannot read {value.name}: {exc.strerror or exc}") from None
-        return _open(data, f"{value.name} is not an image Pillow can read")
+        return _open(data, f"{value.parent.name}/{value.name} is not an image Pillow can read")
     if value.startswith("data:"):
         header, comma, payload = value.partition(",")
         if not comma or not header.endswith(";base64"):
@@ -160,11 +167,13 @@ def _base64(text: str, problem: str) -> bytes:
 
 
 def _open(data: bytes, problem: str) -> Image.Image:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageProblem(f"{problem} (not an image format it knows)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageProblem(f"{problem} ({exc})") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import ALL_TASKS, MethodSpec, unfreeze_task_head
+from peft_engine.methods.common import TEXT_TASKS, MethodSpec, unfreeze_task_head
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 # Families whose layers carry bias terms.
@@ -23,8 +23,6 @@ BIAS_FAMILIES = (
     "deberta",
     "deberta-v2",
     "gpt2",
-    "vit",
-    "mobilenet_v2",
 )
 
 
@@ -49,7 +47,7 @@ register(
         type="bitfit",
         spec=BitfitMethod,
         build=build_bitfit,
-        tasks=ALL_TASKS,
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 1e-3,
         weights=TRAINED_WEIGHTS,
         families=BIAS_FAMILIES,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import ALL_TASKS, TASK_HEAD, MethodSpec, unfreeze_task_head
+from peft_engine.methods.common import TASK_HEAD, TEXT_TASKS, MethodSpec, unfreeze_task_head
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ register(
         type="bottleneck_adapter",
         spec=BottleneckAdapterMethod,
         build=build_bottleneck,
-        tasks=ALL_TASKS,
+        tasks=TEXT_TASKS,
         # Zero-initialised adapters with few parameters take larger steps than full tuning.
         default_learning_rate=lambda spec: 1e-3,
         weights=TRAINED_WEIGHTS,

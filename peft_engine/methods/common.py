@@ -42,11 +42,20 @@ def peft_targets(model: Any, targets: str | list[str], task: str) -> str | list[
         return targets
     from torch import nn
 
-    return [
+    from peft_engine.errors import SpecError
+
+    names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not name.startswith(TASK_HEAD)
     ]
+    if not names:  # a convolutional body (MobileNetV2): the user names the layers
+        raise SpecError(
+            f"{type(model.body).__name__} has no linear layers for 'all-linear'; name the "
+            "layers to adapt in target_modules (convolutions such as 'conv_1x1.convolution')",
+            param="method.target_modules",
+        )
+    return names
 
 
 def unfreeze_task_head(model: Any, task: str) -> int:

@@ -26,9 +26,9 @@ from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import (
-    ALL_TASKS,
     HEAD_TASKS,
     TASK_HEAD,
+    TEXT_TASKS,
     MethodSpec,
     MethodTrainer,
 )
@@ -146,7 +146,7 @@ register(
         type="layerwise_unfreeze",
         spec=LayerwiseUnfreezeMethod,
         build=build_layerwise,
-        tasks=ALL_TASKS,
+        tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 5e-5,
         weights=TRAINED_WEIGHTS,
         trainer=lambda model, spec, hp, task: LayerwiseTrainer(model, spec, hp, task),

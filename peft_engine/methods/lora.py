@@ -8,12 +8,13 @@ from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import (
-    TEXT_TASKS,
+    ALL_TASKS,
     MethodSpec,
     TargetModules,
     peft_targets,
     peft_task_options,
 )
+from peft_engine.methods.weights import INITIAL_ADAPTER_ATTRIBUTE
 
 
 class LoraMethod(MethodSpec):
@@ -24,8 +25,12 @@ class LoraMethod(MethodSpec):
     target_modules: TargetModules = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
-    # How B·A starts: "default" (A Kaiming-uniform, B zero) or "gaussian" (A Gaussian).
-    init: Literal["default", "gaussian"] = "default"
+    # How B·A starts: "default" (A Kaiming-uniform, B zero), "gaussian" (A Gaussian), or
+    # from the weights themselves: "pissa" (the top singular vectors, Meng et al. 2024) or
+    # "olora" (a QR decomposition, Büyükakyüz 2024). Those two move the principal part out
+    # of the base weights while training; the output is converted back to a plain LoRA
+    # adapter (rank 2r) on the original base model, so it loads like any other.
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
 
 
 def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
@@ -42,7 +47,29 @@ def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
         bias="none",
         **peft_task_options(task),
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if spec.init in ("pissa", "olora"):
+        _keep_initial_adapter(model, spec.init)
+    return model
+
+
+def _keep_initial_adapter(model: Any, init: str) -> None:
+    """Save the adapter as initialised, which the output's conversion subtracts (peft's
+    `path_initial_model_for_weight_conversion`); saved as a plain LoRA init, as peft asks."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="tuneq-lora-init-"))
+    atexit.register(shutil.rmtree, folder, True)
+    config = model.peft_config["default"]
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(folder / "initial")
+    finally:
+        config.init_lora_weights = init
+    setattr(model, INITIAL_ADAPTER_ATTRIBUTE, str(folder / "initial"))
 
 
 register(
@@ -50,7 +77,7 @@ register(
         type="lora",
         spec=LoraMethod,
         build=build_lora,
-        tasks=TEXT_TASKS,
+        tasks=ALL_TASKS,
         # LoRA's usual rate; large ranks make bigger updates, so a smaller step.
         default_learning_rate=lambda spec: 2e-4 if spec.r <= 64 else 1e-4,
     )

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import TEXT_TASKS, MethodSpec, peft_task_options
+from peft_engine.methods.weights import PEFT_ADAPTER, PROMPT_ENCODER_ADAPTER
 
 
 class PromptTuningMethod(MethodSpec):
@@ -89,10 +90,12 @@ def _options(task: str) -> dict[str, Any]:
     return {"task_type": peft_task_options(task)["task_type"]}
 
 
-for _type, _spec, _build, _lr in (
-    ("prompt_tuning", PromptTuningMethod, build_prompt_tuning, 1e-2),
-    ("p_tuning", PTuningMethod, build_p_tuning, 5e-3),
-    ("prefix_tuning", PrefixTuningMethod, build_prefix_tuning, 5e-3),
+# p-tuning's encoder and prefix tuning's (optional) projection are trained but not in
+# peft's adapter, which holds their output: checkpoints keep the parameters themselves.
+for _type, _spec, _build, _lr, _weights in (
+    ("prompt_tuning", PromptTuningMethod, build_prompt_tuning, 1e-2, PEFT_ADAPTER),
+    ("p_tuning", PTuningMethod, build_p_tuning, 5e-3, PROMPT_ENCODER_ADAPTER),
+    ("prefix_tuning", PrefixTuningMethod, build_prefix_tuning, 5e-3, PROMPT_ENCODER_ADAPTER),
 ):
     register(
         MethodDef(
@@ -102,5 +105,6 @@ for _type, _spec, _build, _lr in (
             tasks=TEXT_TASKS,
             default_learning_rate=lambda spec, lr=_lr: lr,
             needs_padding=True,
+            weights=_weights,
         )
     )

@@ -54,14 +54,23 @@ TRAINED_NAMES_ATTRIBUTE = "_tuneq_trained_names"
 
 
 def _trained_state(model: Any) -> dict[str, Any]:
+    """The trained parameters by name, and the persistent buffers of the modules that own
+    them (batch norm's running statistics move with its trained scale and shift)."""
     names = getattr(model, TRAINED_NAMES_ATTRIBUTE, None)
     if names is not None:
-        return {name: p for name, p in model.named_parameters() if name in names}
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+        state = {name: p for name, p in model.named_parameters() if name in names}
+    else:
+        state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    owners = {name.rpartition(".")[0] for name in state}
+    persistent = model.state_dict(keep_vars=True)
+    for name, buffer in model.named_buffers():
+        if name in persistent and name.rpartition(".")[0] in owners:
+            state[name] = buffer
+    return state
 
 
 def _trained_restore(model: Any, weights: dict[str, Any]) -> None:
-    known = dict(model.named_parameters())
+    known = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(weights) - set(known))
     if unknown:
         raise ValueError(f"weights for parameters the model does not have: {unknown[:5]}")
@@ -77,9 +86,53 @@ def _trained_save(model: Any, directory: Path) -> None:
     (directory / TRAINED_WEIGHTS_INFO).write_text(json.dumps(info, indent=2))
 
 
-PEFT_ADAPTER = WeightsFormat("adapter_model.safetensors", _peft_state, _peft_restore, peft_save)
+# LoRA initialised from the weights (PiSSA, OLoRA) trains on a changed base model; the
+# output is converted against the adapter as it was initialised, saved here by the builder.
+INITIAL_ADAPTER_ATTRIBUTE = "_tuneq_initial_adapter"
+
+
+def peft_export(model: Any, directory: Path) -> None:
+    """The output adapter: as saved, or converted to load on the original base model."""
+    initial = getattr(model, INITIAL_ADAPTER_ATTRIBUTE, None)
+    if initial is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, path_initial_model_for_weight_conversion=initial)
+
+
+PEFT_ADAPTER = WeightsFormat(
+    "adapter_model.safetensors", _peft_state, _peft_restore, peft_save, export=peft_export
+)
 TRAINED_WEIGHTS = WeightsFormat(
     TRAINED_WEIGHTS_FILE, _trained_state, _trained_restore, _trained_save
+)
+
+
+# Prompt learning with an encoder (p-tuning's MLP or LSTM, prefix tuning's projection):
+# peft saves the prompts the encoder produces, which is all inference needs but not what
+# training continues from. Its checkpoints hold the trainable parameters themselves, and
+# the peft adapter beside them; the output is peft's adapter alone.
+PROMPT_TRAINING_FILE = "prompt_training_state.safetensors"
+
+
+def _trainable_parameters(model: Any) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_adapter_and_trainable(model: Any, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory)
+    tensors = {n: p.detach().contiguous().cpu() for n, p in _trainable_parameters(model).items()}
+    save_file(tensors, directory / PROMPT_TRAINING_FILE)
+
+
+PROMPT_ENCODER_ADAPTER = WeightsFormat(
+    PROMPT_TRAINING_FILE,
+    state=_trainable_parameters,
+    restore=_trained_restore,
+    save=_save_adapter_and_trainable,
+    export=peft_save,
 )
 
 

@@ -202,14 +202,22 @@ def load_body(
     options: dict[str, Any] = {}
     if config.model_type in ("bert", "roberta", "xlm-roberta") and not with_pooler:
         options["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(
-        path,
-        dtype=dtype or torch.float32,
-        device_map=device,
-        trust_remote_code=False,
-        local_files_only=True,
-        **options,
-    )
+    from transformers.utils import logging as hf_logging
+
+    # Without its pooler, loading reports the checkpoint's pooler weights as unused: expected.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(
+            path,
+            dtype=dtype or torch.float32,
+            device_map=device,
+            trust_remote_code=False,
+            local_files_only=True,
+            **options,
+        )
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 class ImageClassifier(nn.Module):
@@ -283,9 +291,24 @@ class ImageClassifier(nn.Module):
     ) -> ImageClassifierOutput:
         if pixel_values is None:
             raise ValueError("an image classifier needs pixel_values")
+        self._expose_wrapped_convolutions()
         out = self.body(pixel_values=pixel_values.to(self.dtype), return_dict=True)
         pooled = self._pool(out)
         return ImageClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+    def _expose_wrapped_convolutions(self) -> None:
+        """Give an adapter wrapping a convolution (peft's LoRA Conv2d) the conv's geometry.
+
+        MobileNetV2 with TensorFlow padding (every Google checkpoint) reads `stride`,
+        `kernel_size` and `dilation` off its convolution at each forward; peft's wrapper does
+        not pass them through to the layer it wraps, so they are copied onto it.
+        """
+        for module in self.body.modules():
+            base = getattr(module, "base_layer", None)
+            if isinstance(base, nn.Conv2d) and not isinstance(module, nn.Conv2d):
+                for name in _CONV_GEOMETRY:
+                    if name not in module.__dict__:
+                        setattr(module, name, getattr(base, name))
 
     @staticmethod
     def _pool(out: Any) -> torch.Tensor:
@@ -296,3 +319,6 @@ class ImageClassifier(nn.Module):
         if pooled is not None:  # (batch, channels[, 1, 1]): the body's own global pool
             return pooled.flatten(1)
         return hidden.mean(dim=(2, 3))  # (batch, channels, height, width): average pool
+
+
+_CONV_GEOMETRY = ("stride", "padding", "dilation", "kernel_size", "groups")

@@ -1,0 +1,250 @@
+"""Image classification: one label per image, on a vision backbone (ViT, MobileNetV2).
+
+The data is JSONL `{"image", "label"}` (the image a path relative to the data file's folder,
+or base64 bytes, optionally a `data:` URI) or an image folder `<dir>/<label>/<image>`
+(`peft_engine.data.images`). Every image is decoded with Pillow as RGB and preprocessed once
+by the model's own image processor (`AutoImageProcessor`, local files only); the pixel
+tensors stay in memory for the whole run. An image that cannot be decoded is a DataError on
+its line, field `image`.
+
+Labels, class weights and metrics are the text classifier's: the label set is the training
+data's (integers sort as numbers, strings as strings), stored in the output with
+`id2label`; evaluation reports accuracy and macro-F1, with per-class scores and the
+confusion matrix in the report. An image counts as one "token" in the loop's accounting.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peft_engine.data.formats import MAX_REPORTED_ERRORS, Example
+from peft_engine.data.images import ImageProblem, decode_image
+from peft_engine.errors import DataError, LineError, UserError
+from peft_engine.metrics import classification_metrics
+from peft_engine.tasks import Dataset, LossSum, TaskData
+from peft_engine.tasks.classification import (
+    _check_known_labels,
+    _ClassificationTask,
+    class_weights,
+    label_set,
+)
+
+# Images decoded and preprocessed at a time (bounds the decoded images held in memory).
+_PROCESS_CHUNK = 256
+# Model types whose AutoModel adds a pooler with weights of its own that the head never reads.
+_NO_POOLER_TYPES = frozenset({"vit"})
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One preprocessed image and its class id."""
+
+    line: int
+    pixel_values: torch.Tensor  # (channels, height, width), as the image processor made it
+    label: int
+
+    @property
+    def n_tokens(self) -> int:
+        return 1
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return 1
+
+
+@dataclass
+class ImageBatch:
+    pixel_values: torch.Tensor  # (rows, channels, height, width)
+    labels: torch.Tensor  # (rows,)
+    n_tokens: int
+    n_loss_tokens: int
+    examples: Sequence[ImageExample]
+
+    def to(self, device: torch.device | str) -> ImageBatch:
+        return ImageBatch(
+            self.pixel_values.to(device),
+            self.labels.to(device),
+            self.n_tokens,
+            self.n_loss_tokens,
+            self.examples,
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values}
+
+
+def collate_images(examples: Sequence[ImageExample]) -> ImageBatch:
+    """Stack the images (the processor made them one size) and their labels."""
+    return ImageBatch(
+        pixel_values=torch.stack([e.pixel_values for e in examples]),
+        labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+        n_tokens=len(examples),
+        n_loss_tokens=len(examples),
+        examples=examples,
+    )
+
+
+class ImageClassificationTask(_ClassificationTask):
+    name = "image_classification"
+    unit = "images"
+
+    def prepare(
+        self,
+        spec: Any,
+        train: Sequence[Example],
+        validation: Sequence[Example],
+        model_path: Path,
+        *,
+        max_seq_length: int,
+        validation_param: str,
+    ) -> TaskData:
+        labels = label_set(e.record["label"] for e in train)
+        ids = {label: i for i, label in enumerate(labels)}
+        _check_known_labels(validation, ids, validation_param)
+        options: dict[str, Any] = {}
+        weights_option = spec.hyperparameters.class_weights
+        if weights_option is not None:
+            counts = Counter(str(e.record["label"]) for e in train)
+            options["class_weights"] = class_weights(weights_option, labels, counts)
+        processor = load_image_processor(model_path)
+        validation_set = (
+            _preprocess(validation, processor, ids, validation_param) if validation else None
+        )
+        return TaskData(
+            processor,
+            _preprocess(train, processor, ids, "training_file"),
+            validation_set,
+            labels=labels,
+            options=options,
+        )
+
+    def build_model(self, base_dir: Path, info: dict[str, Any], **kwargs: Any) -> Any:
+        from peft_engine.models.heads import ImageClassifier
+
+        return ImageClassifier(load_image_body(base_dir, **kwargs), len(info["labels"]))
+
+    def collate(self, examples: Sequence[ImageExample], job: Any) -> ImageBatch:
+        return collate_images(examples)
+
+    def loss(self, model: Any, batch: ImageBatch, job: Any) -> LossSum:
+        logits = model(**batch.model_inputs()).logits.float()
+        weights = job.task_options.get("class_weights")
+        weight = torch.tensor(weights, device=logits.device) if weights else None
+        loss = F.cross_entropy(logits, batch.labels, weight=weight, reduction="sum")
+        with torch.no_grad():
+            correct = int((logits.argmax(-1) == batch.labels).sum())
+        return LossSum(loss, batch.n_loss_tokens, correct)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: Any, batches: Iterable[ImageBatch], device: torch.device, job: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        was_training = model.training
+        model.eval()
+        total, count, truth, predicted = 0.0, 0, [], []
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(**batch.model_inputs()).logits.float()
+            total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+            count += len(batch.labels)
+            truth.extend(batch.labels.tolist())
+            predicted.extend(logits.argmax(-1).tolist())
+        model.train(was_training)
+        report = classification_metrics(truth, predicted, list(job.labels))
+        metrics = {
+            "eval_loss": total / max(count, 1),
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+        }
+        return metrics, {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
+
+    def describe_eval(self, metrics: dict[str, float]) -> str:
+        return (
+            f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['accuracy']:.4f}, "
+            f"macro-F1 {metrics['macro_f1']:.4f}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The model's files
+# ---------------------------------------------------------------------------------------
+
+
+def load_image_processor(path: Path) -> Any:
+    """The model's image processor, from its directory only (`preprocessor_config.json`)."""
+    from transformers import AutoImageProcessor
+
+    if not (path / "preprocessor_config.json").is_file():
+        raise UserError(
+            "this model has no image processor (no preprocessor_config.json in its "
+            "directory), so images cannot be prepared for it",
+            param="model",
+        )
+    return AutoImageProcessor.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+
+
+def load_image_body(
+    path: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The vision backbone without its pretraining head (AutoModel), from local files only."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    options: dict[str, Any] = {}
+    if config.model_type in _NO_POOLER_TYPES:
+        options["add_pooling_layer"] = False  # the head reads the CLS state
+    return AutoModel.from_pretrained(
+        path,
+        dtype=dtype or torch.float32,
+        device_map=device,
+        trust_remote_code=False,
+        local_files_only=True,
+        **options,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding and preprocessing
+# ---------------------------------------------------------------------------------------
+
+
+def _preprocess(
+    examples: Sequence[Example], processor: Any, ids: dict[str, int], param: str
+) -> Dataset:
+    """Decode and preprocess every image, a chunk at a time; report every bad image at once."""
+    out: list[ImageExample] = []
+    problems: list[LineError] = []
+    for start in range(0, len(examples), _PROCESS_CHUNK):
+        chunk = examples[start : start + _PROCESS_CHUNK]
+        images = []
+        for e in chunk:
+            try:
+                images.append(decode_image(e.record["image"]))
+            except ImageProblem as problem:
+                problems.append(LineError(e.line, str(problem), "image"))
+        if problems:
+            continue  # keep decoding only to find the other bad images
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].float()
+        out += [
+            ImageExample(e.line, values.contiguous(), ids[str(e.record["label"])])
+            for e, values in zip(chunk, pixels, strict=True)
+        ]
+    if problems:
+        n = len(problems)
+        raise DataError(
+            f"{n} image{'s' if n != 1 else ''} could not be read",
+            param=param,
+            errors=problems[:MAX_REPORTED_ERRORS],
+            total_errors=n,
+        )
+    return Dataset(out, longest=1)
+
+
+IMAGE_CLASSIFICATION = ImageClassificationTask()

