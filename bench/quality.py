@@ -117,10 +117,10 @@ def run_one(job_json: str, workdir: str) -> dict:
     }
     if job["task"] != "seq_classification":
         del spec["hyperparameters"]["pooling"]
-    # four evaluations (and checkpoints) a run: the whole validation set each time
+    # two evaluations (and checkpoints) a run, half-way and at the end, on the whole set
     n_train = len(Path(job["train"]).read_text(encoding="utf-8").splitlines())
     steps = -(-n_train // job["batch_size"]) * job["epochs"]
-    spec["hyperparameters"]["eval_every_steps"] = max(1, steps // 4)
+    spec["hyperparameters"]["eval_every_steps"] = max(1, steps // 2)
     started = time.monotonic()
     result = train(spec, Path(workdir), data=DataPaths(job["train"], job["validation"]))
     wall = time.monotonic() - started
@@ -212,8 +212,8 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--sst2-train", type=int, default=8000)
-    parser.add_argument("--conll-train", type=int, default=4000)
+    parser.add_argument("--sst2-train", type=int, default=2000)
+    parser.add_argument("--conll-train", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)

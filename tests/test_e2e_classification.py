@@ -224,7 +224,7 @@ def test_unsupported_pairs_are_refused_at_post_jobs(api, key):
         "method": {"type": "head_only"},
     }
     response = api.post("/jobs", headers=auth(key), json=spec)
-    assert response.status_code == 422
+    assert response.status_code == 422, response.text
     problem = response.json()
     assert response.headers["content-type"].startswith("application/problem+json")
     assert "head_only" in problem["detail"] and "causal_lm" in problem["detail"]

@@ -54,6 +54,8 @@ def as_tuneq_error(err: UserError) -> TuneqError:
     """The engine's user errors, as the API reports them."""
     if isinstance(err, DataError):
         items = [ErrorItem(e.message, field=e.field, line=e.line) for e in err.errors]
+        if not items:  # a problem with the file as a whole: name the field that holds it
+            items = [ErrorItem(err.message, field=err.param)]
         return InvalidFile(
             err.message, errors=items, param=err.param, extra={"total_errors": err.total_errors}
         )
@@ -128,7 +130,9 @@ def create_job(*, db: Session, settings: Settings, team: Team, plan: Plan) -> Jo
         task=spec.task,
         training_file_id=plan.training_file.id,
         validation_file_id=plan.validation_file.id if plan.validation_file else None,
-        spec=spec.model_dump(mode="json"),
+        # What the user asked, as asked: defaults stay defaults when the worker parses it
+        # (a default fitted to the model, such as max_seq_length, is not a user's choice).
+        spec=spec.model_dump(mode="json", exclude_unset=True),
         resolved=resolved_view(plan),
         estimate=plan.estimate.as_dict(),
         suffix=spec.suffix,
