@@ -22,8 +22,7 @@ The experiment (CPU, about five minutes on one thread):
 The digits are 8x8 (values 0..16), scaled to 32x32 grayscale PNGs; the image processor
 resizes to 32 and normalises. One table, then one JSON line with the figures: per method
 trainable parameters (count and % of the model), validation accuracy and macro-F1 (mean,
-sd, per seed), wall seconds and the ratio to scratch's. LoRA declares text tasks only until
-it is signed off for images: the script widens it for this run (and says so in the JSON).
+sd, per seed), wall seconds and the ratio to scratch's.
 
 Torch runs on one thread by default (`--threads`): on a small shared machine two OpenMP
 threads fighting other processes for two cores made steps 10-50x slower.
@@ -50,8 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peft_engine import DataPaths, train  # noqa: E402
-from peft_engine.methods import METHODS  # noqa: E402
-from peft_engine.methods.common import ALL_TASKS  # noqa: E402
 from peft_engine.models import load_registry  # noqa: E402
 from peft_engine.prepare import prepare_job  # noqa: E402
 from peft_engine.spec import parse_spec  # noqa: E402
@@ -313,15 +310,6 @@ def transfer(
     return runs, model_size, sizes
 
 
-def widen_lora() -> bool:
-    """Let LoRA run on image classification here; True when it had to be widened."""
-    lora = METHODS["lora"]
-    if "image_classification" in lora.tasks:
-        return False
-    METHODS["lora"] = dataclasses.replace(lora, tasks=ALL_TASKS)
-    return True
-
-
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
@@ -405,7 +393,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    lora_widened = widen_lora()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="digits-transfer-") as tmp:
         root = Path(tmp)
@@ -435,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": args.batch_size,
                 "sizes": sizes,
                 "pretrain": pre,
-                "lora_widened_for_images": lora_widened,
                 "methods": figures,
                 "total_wall_seconds": time.monotonic() - started,
             }

@@ -137,7 +137,50 @@ class _ClassificationTask:
         }
 
 
-class SequenceClassificationTask(_ClassificationTask):
+class OneLabelTask(_ClassificationTask):
+    """One label per example (texts, images): weighted cross-entropy; accuracy, macro-F1,
+    and per-class figures with a confusion matrix in the report."""
+
+    def loss(self, model: Any, batch: Any, job: Any) -> LossSum:
+        logits = model(**batch.model_inputs()).logits.float()
+        weights = job.task_options.get("class_weights")
+        weight = torch.tensor(weights, device=logits.device) if weights else None
+        loss = F.cross_entropy(logits, batch.labels, weight=weight, reduction="sum")
+        with torch.no_grad():
+            correct = int((logits.argmax(-1) == batch.labels).sum())
+        return LossSum(loss, batch.n_loss_tokens, correct)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: Any, batches: Iterable[Any], device: torch.device, job: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        was_training = model.training
+        model.eval()
+        total, count, truth, predicted = 0.0, 0, [], []
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(**batch.model_inputs()).logits.float()
+            total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+            count += len(batch.labels)
+            truth.extend(batch.labels.tolist())
+            predicted.extend(logits.argmax(-1).tolist())
+        model.train(was_training)
+        report = classification_metrics(truth, predicted, list(job.labels))
+        metrics = {
+            "eval_loss": total / max(count, 1),
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+        }
+        return metrics, {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
+
+    def describe_eval(self, metrics: dict[str, float]) -> str:
+        return (
+            f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['accuracy']:.4f}, "
+            f"macro-F1 {metrics['macro_f1']:.4f}"
+        )
+
+
+class SequenceClassificationTask(OneLabelTask):
     name = "seq_classification"
     unit = "examples"
 
@@ -181,44 +224,6 @@ class SequenceClassificationTask(_ClassificationTask):
 
     def model_info(self, job: Any) -> dict[str, Any]:
         return {**super().model_info(job), "pooling": job.task_options["pooling"]}
-
-    def loss(self, model: Any, batch: LabelledBatch, job: Any) -> LossSum:
-        logits = model(**batch.model_inputs()).logits.float()
-        weights = job.task_options.get("class_weights")
-        weight = torch.tensor(weights, device=logits.device) if weights else None
-        loss = F.cross_entropy(logits, batch.labels, weight=weight, reduction="sum")
-        with torch.no_grad():
-            correct = int((logits.argmax(-1) == batch.labels).sum())
-        return LossSum(loss, batch.n_loss_tokens, correct)
-
-    @torch.no_grad()
-    def evaluate(
-        self, model: Any, batches: Iterable[LabelledBatch], device: torch.device, job: Any
-    ) -> tuple[dict[str, float], dict[str, Any]]:
-        was_training = model.training
-        model.eval()
-        total, count, truth, predicted = 0.0, 0, [], []
-        for batch in batches:
-            batch = batch.to(device)
-            logits = model(**batch.model_inputs()).logits.float()
-            total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-            count += len(batch.labels)
-            truth.extend(batch.labels.tolist())
-            predicted.extend(logits.argmax(-1).tolist())
-        model.train(was_training)
-        report = classification_metrics(truth, predicted, list(job.labels))
-        metrics = {
-            "eval_loss": total / max(count, 1),
-            "accuracy": report["accuracy"],
-            "macro_f1": report["macro_f1"],
-        }
-        return metrics, {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
-
-    def describe_eval(self, metrics: dict[str, float]) -> str:
-        return (
-            f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['accuracy']:.4f}, "
-            f"macro-F1 {metrics['macro_f1']:.4f}"
-        )
 
 
 class TokenClassificationTask(_ClassificationTask):

@@ -16,22 +16,20 @@ confusion matrix in the report. An image counts as one "token" in the loop's acc
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from peft_engine.data.formats import MAX_REPORTED_ERRORS, Example
 from peft_engine.data.images import ImageProblem, decode_image
 from peft_engine.errors import DataError, LineError, UserError
-from peft_engine.metrics import classification_metrics
-from peft_engine.tasks import Dataset, LossSum, TaskData
+from peft_engine.tasks import Dataset, TaskData
 from peft_engine.tasks.classification import (
+    OneLabelTask,
     _check_known_labels,
-    _ClassificationTask,
     class_weights,
     label_set,
 )
@@ -91,7 +89,7 @@ def collate_images(examples: Sequence[ImageExample]) -> ImageBatch:
     )
 
 
-class ImageClassificationTask(_ClassificationTask):
+class ImageClassificationTask(OneLabelTask):
     name = "image_classification"
     unit = "images"
 
@@ -132,44 +130,6 @@ class ImageClassificationTask(_ClassificationTask):
 
     def collate(self, examples: Sequence[ImageExample], job: Any) -> ImageBatch:
         return collate_images(examples)
-
-    def loss(self, model: Any, batch: ImageBatch, job: Any) -> LossSum:
-        logits = model(**batch.model_inputs()).logits.float()
-        weights = job.task_options.get("class_weights")
-        weight = torch.tensor(weights, device=logits.device) if weights else None
-        loss = F.cross_entropy(logits, batch.labels, weight=weight, reduction="sum")
-        with torch.no_grad():
-            correct = int((logits.argmax(-1) == batch.labels).sum())
-        return LossSum(loss, batch.n_loss_tokens, correct)
-
-    @torch.no_grad()
-    def evaluate(
-        self, model: Any, batches: Iterable[ImageBatch], device: torch.device, job: Any
-    ) -> tuple[dict[str, float], dict[str, Any]]:
-        was_training = model.training
-        model.eval()
-        total, count, truth, predicted = 0.0, 0, [], []
-        for batch in batches:
-            batch = batch.to(device)
-            logits = model(**batch.model_inputs()).logits.float()
-            total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-            count += len(batch.labels)
-            truth.extend(batch.labels.tolist())
-            predicted.extend(logits.argmax(-1).tolist())
-        model.train(was_training)
-        report = classification_metrics(truth, predicted, list(job.labels))
-        metrics = {
-            "eval_loss": total / max(count, 1),
-            "accuracy": report["accuracy"],
-            "macro_f1": report["macro_f1"],
-        }
-        return metrics, {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
-
-    def describe_eval(self, metrics: dict[str, float]) -> str:
-        return (
-            f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['accuracy']:.4f}, "
-            f"macro-F1 {metrics['macro_f1']:.4f}"
-        )
 
 
 # ---------------------------------------------------------------------------------------
