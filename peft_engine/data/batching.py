@@ -24,6 +24,9 @@ class Batch:
     attention_mask: torch.Tensor | None  # None when packed: boundaries come from position ids
     n_tokens: int  # real tokens, padding excluded
     n_loss_tokens: int
+    # Packed rows: where each example starts and ends ([0, len0, len0 + len1, ...]), kept on
+    # the CPU (the attention reads it as Python ints); None when padded.
+    cu_seqlens: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -34,7 +37,15 @@ class Batch:
             move(self.attention_mask),
             self.n_tokens,
             self.n_loss_tokens,
+            self.cu_seqlens,
         )
+
+    @property
+    def longest(self) -> int:
+        """The longest example's length (a packed row's segments, or the padded width)."""
+        if self.cu_seqlens is None:
+            return self.input_ids.shape[1]
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
 
 def collate(examples: Sequence[TokenizedExample], *, packing: bool, pad_token_id: int) -> Batch:
@@ -45,6 +56,7 @@ def pack(examples: Sequence[TokenizedExample]) -> Batch:
     input_ids = [t for e in examples for t in e.input_ids]
     targets = [t for e in examples for t in e.targets]
     positions = [p for e in examples for p in range(len(e.input_ids))]
+    lengths = torch.tensor([0, *(len(e.input_ids) for e in examples)])
     return Batch(
         input_ids=torch.tensor([input_ids]),
         targets=torch.tensor([targets]),
@@ -52,6 +64,7 @@ def pack(examples: Sequence[TokenizedExample]) -> Batch:
         attention_mask=None,
         n_tokens=len(input_ids),
         n_loss_tokens=sum(t != IGNORE for t in targets),
+        cu_seqlens=torch.cumsum(lengths, 0, dtype=torch.int32),
     )
 
 
