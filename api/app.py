@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import metrics, problems
+from api.deps import Reads
 from api.routes import files, health, jobs, models
 from peft_engine.models import load_registry
 from tuneq import __version__
@@ -15,6 +16,7 @@ from tuneq.db import make_engine, make_sessionmaker
 from tuneq.queue import make_celery
 from tuneq.settings import Settings
 from tuneq.storage import open_store
+from tuneq.teams.service import VerifiedKeys
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -26,6 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
+        app.state.reads = Reads.for_engine(engine)
+        app.state.verified_keys = VerifiedKeys(settings.api_key_cache_seconds)
         app.state.store = open_store(settings)
         app.state.registry = load_registry(settings.model_registry)
         app.state.celery = make_celery(settings)

@@ -1,33 +1,79 @@
 """Request dependencies: one database session per request, the caller's team, the services.
 
 The session commits once, when the route returns without an error (before the response is
-sent, so a client never sees a 2xx for something that was not committed).
+sent, so a client never sees a 2xx for something that was not committed). The GET routes
+polled the most read through `Reads` instead: nothing to commit, one trip to a thread.
+
+The getters are `async def` on purpose: FastAPI runs a plain `def` dependency in the
+thread pool, a trip per dependency per request for a dictionary lookup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
+import anyio
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
+from tuneq.db import make_sessionmaker
 from tuneq.errors import Unauthorized
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
-from tuneq.teams.service import authenticate
+from tuneq.teams.service import VerifiedKeys, authenticate
+
+T = TypeVar("T")
 
 
-def get_settings(request: Request) -> Settings:
+@dataclass(frozen=True)
+class Reads:
+    """Read-only database work, each in one worker thread with its session closed there.
+
+    One trip to the thread pool instead of three (a session dependency's entry and exit,
+    then the route), and no session left open while the event loop serialises a response:
+    on SQLite every transaction holds the write lock, and under 50 clients the waiting
+    sessions starved the pool for 30 s. At most `limiter` reads run at once, as many as
+    the connection pool keeps: past that, each read opened and closed a connection of its
+    own (a PostgreSQL backend forked per request), which cost more than the read.
+    """
+
+    sessions: sessionmaker[Session]
+    limiter: anyio.CapacityLimiter
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> Reads:
+        if engine.dialect.name == "postgresql":
+            # A single SELECT needs no transaction: no BEGIN and ROLLBACK round trips. (SQLite
+            # keeps its transactions: tuneq.db's begin hook is what orders its writers.)
+            engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        pool_size = getattr(engine.pool, "size", lambda: 1)()
+        return cls(make_sessionmaker(engine), anyio.CapacityLimiter(max(1, pool_size)))
+
+    async def run(self, read: Callable[[Session], T]) -> T:
+        def in_thread() -> T:
+            with self.sessions() as session:
+                return read(session)
+
+        return await anyio.to_thread.run_sync(in_thread, limiter=self.limiter)
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_sessions(request: Request) -> sessionmaker[Session]:
+async def get_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
+
+
+async def get_reads(request: Request) -> Reads:
+    return request.app.state.reads
 
 
 def get_db(request: Request) -> Iterator[Session]:
@@ -35,33 +81,41 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: tuneq admin create-key")
 
 
-def get_team(
+async def get_team(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Team:
+    """The caller's team: from the keys this process verified lately, else the database."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    with request.app.state.sessions() as session:
-        return authenticate(db=session, key=credentials.credentials)
+    key = credentials.credentials
+    verified: VerifiedKeys = request.app.state.verified_keys
+    team = verified.team_for(key)
+    if team is None:
+        reads: Reads = request.app.state.reads
+        team = await reads.run(lambda db: authenticate(db=db, key=key))
+        verified.remember(key, team)
+    return team
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+ReadsDep = Annotated[Reads, Depends(get_reads)]
 DbDep = Annotated[Session, Depends(get_db, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

@@ -3,18 +3,21 @@
 `request.form()` writes each file part to a temporary file before the route runs; here
 the `file` part's bytes go on to the caller chunk by chunk, so hashing, validation and
 the temporary copy all happen in one pass over the body. The parsing is synchronous (and
-CPU-bound), so it runs in a worker thread that awaits each body chunk on the event loop.
+CPU-bound), so it runs in a worker thread, fed by the event loop reading the body ahead.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import PureWindowsPath
+from typing import TypeVar
 
+import anyio
 from anyio import from_thread
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from tuneq.errors import ErrorItem, InvalidRequest, PayloadTooLarge
@@ -22,9 +25,12 @@ from tuneq.errors import ErrorItem, InvalidRequest, PayloadTooLarge
 # Room for the boundaries, the part headers and the small fields around the file's bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 1024
+READ_AHEAD_BYTES = 4 << 20  # body read ahead of the parsing thread, at most (plus one piece)
 FILE_FIELD = "file"
 OTHER_FIELDS = frozenset({"purpose"})
 DEFAULT_FILENAME = "upload.jsonl"
+
+T = TypeVar("T")
 
 
 class MultipartUpload:
@@ -128,11 +134,13 @@ class MultipartUpload:
         self._ended = True
 
 
-def open_upload(request: Request, *, max_upload_bytes: int) -> MultipartUpload:
-    """Check the request's headers and get ready to read its body.
+async def read_upload(
+    request: Request, *, max_upload_bytes: int, work: Callable[[MultipartUpload], T]
+) -> T:
+    """Check the request's headers, then run `work(upload)` in a worker thread while the
+    event loop reads the body ahead of it.
 
-    A declared Content-Length over the limit is refused before any byte is read. The
-    upload's `file_chunks` must be consumed in a worker thread (anyio's to_thread).
+    A declared Content-Length over the limit is refused before any byte is read.
     """
     max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     length = request.headers.get("content-length", "")
@@ -147,25 +155,82 @@ def open_upload(request: Request, *, max_upload_bytes: int) -> MultipartUpload:
             "send the file as multipart/form-data, in a field named 'file'",
             param="Content-Type",
         )
-    return MultipartUpload(
-        _in_thread(request.stream()),
-        boundary=options[b"boundary"],
-        max_body_bytes=max_body_bytes,
+    body = _BodyReader(request.stream())
+    upload = MultipartUpload(
+        body.in_thread(), boundary=options[b"boundary"], max_body_bytes=max_body_bytes
     )
+    error: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(body.fill)
+        try:
+            result = await run_in_threadpool(work, upload)
+        except Exception as exc:  # raised below: out of the task group, not wrapped in a group
+            error = exc
+        finally:
+            tasks.cancel_scope.cancel()  # `work` may stop early (a limit, an invalid file)
+    if error is not None:
+        raise error
+    return result
 
 
-def _in_thread(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
-    """The body for a worker thread: each chunk is awaited on the event loop."""
-    while (chunk := from_thread.run(_next_chunk, stream)) is not None:
-        if chunk:
-            yield chunk
+class _BodyReader:
+    """The request body, read on the event loop ahead of the thread that parses it.
 
+    The server hands the body over in pieces of about 64 kB; fetching each one from the
+    worker thread cost a trip to the event loop per piece, and nothing arrived while the
+    thread parsed. Here the loop keeps reading (up to READ_AHEAD_BYTES) and the thread
+    takes everything that has arrived in one trip. State is touched on the loop only.
+    """
 
-async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
+    def __init__(self, stream: AsyncIterator[bytes]) -> None:
+        self._stream = stream
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._ended = False
+        self._error: Exception | None = None
+        self._changed = anyio.Event()
+
+    async def fill(self) -> None:
+        """Read the body to its end, pausing while the thread is READ_AHEAD_BYTES behind."""
+        try:
+            async for chunk in self._stream:
+                if not chunk:  # Starlette ends the stream with an empty piece
+                    continue
+                while self._size >= READ_AHEAD_BYTES:
+                    await self._wait()
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                self._notify()
+        except Exception as exc:  # the client went away: the thread hears of it in order
+            self._error = exc
+        finally:
+            self._ended = True
+            self._notify()
+
+    def in_thread(self) -> Iterator[bytes]:
+        """The body for the worker thread, in the batches it finds waiting."""
+        while (batch := from_thread.run(self._take)) is not None:
+            yield batch
+
+    async def _take(self) -> bytes | None:
+        while not self._chunks and not self._ended:
+            await self._wait()
+        if self._chunks:
+            batch = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self._notify()
+            return batch
+        if self._error is not None:
+            raise self._error
         return None
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()  # anyio events fire once
 
 
 def _field_error(field: str, message: str) -> InvalidRequest:

@@ -322,8 +322,13 @@ def test_upload_is_read_while_it_arrives(api: Service) -> None:
         chunks = list(_chunks(body, 4096))
         for chunk in chunks[:-1]:
             yield chunk
-        # The body is not all sent yet, and most of the file is already in the upload's
-        # temporary copy: the server reads the stream as it comes, it does not spool it.
+        # The body is not all sent yet, and most of the file reaches the upload's temporary
+        # copy: the server reads the stream as it comes, it does not spool it. (It reads
+        # ahead of its parsing thread, so give the thread a moment to catch up.)
+        for _ in range(1000):
+            if sum(p.stat().st_size for p in api.temp_files()) > len(data) // 2:
+                break
+            await anyio.sleep(0.01)
         on_disk_before_last_chunk.extend(p.stat().st_size for p in api.temp_files())
         yield chunks[-1]
 

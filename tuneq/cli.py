@@ -19,6 +19,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tuneq.errors import TuneqError
 from tuneq.settings import Settings
@@ -126,24 +127,32 @@ def _migrate(settings: Settings, _: argparse.Namespace) -> None:
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> None:
-    import uvicorn
-
     _ensure_home(settings)
-    uvicorn.run(
+    serve_http(
         "api.app:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
-        proxy_headers=True,
-        log_level="info",
     )
 
 
+def serve_http(app: Any, *, host: str, port: int, factory: bool = False) -> None:
+    """Run an ASGI app under uvicorn the way `tuneq api` runs the control plane.
+
+    bench/api_load.py serves its bare baseline endpoint through here too, so the two are
+    measured under the same server settings.
+    """
+    import uvicorn
+
+    uvicorn.run(app, factory=factory, host=host, port=port, proxy_headers=True, log_level="info")
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
-    from worker.tasks import create_worker_app
+    from worker.tasks import create_worker_app, import_training_stack
 
     _ensure_home(settings)
     app = create_worker_app(settings)
+    import_training_stack()  # before taking jobs, so that the first one does not wait
     app.worker_main(
         [
             "worker",

@@ -77,8 +77,21 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         None, description="workers' scratch space and file copies; unset: home/work"
     )
+    resident_models: int = Field(
+        1, ge=0, description="base models a worker keeps in memory between jobs (0: none)"
+    )
+    resident_model_bytes: int = Field(
+        8 * 1024**3, ge=0, description="most bytes of base-model weights a worker keeps in memory"
+    )
     estimated_tokens_per_second: float = Field(
         100.0, gt=0, description="throughput the duration estimate assumes"
+    )
+
+    api_key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="an API process trusts a verified key this long; a revoked key is refused "
+        "within it (0: check every request)",
     )
 
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")

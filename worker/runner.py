@@ -35,6 +35,7 @@ from peft_engine.methods.weights import (
     TRAINED_WEIGHTS_INFO,
 )
 from peft_engine.models import ModelRegistry
+from peft_engine.models.resident import ResidentModels
 from peft_engine.prepare import DataPaths
 from peft_engine.progress import quiet_library_output
 from tuneq.db import db_now, transaction
@@ -76,6 +77,8 @@ class JobRunner:
     # Set when the worker is asked to shut down (a deploy, a scale-in): the job stops at
     # its next step with a checkpoint and goes back to the queue for another worker.
     shutting_down: threading.Event = field(default_factory=threading.Event)
+    # Base models kept in memory between this process's jobs (none: load every job).
+    resident: ResidentModels = field(default_factory=lambda: ResidentModels(max_models=0))
 
     def run(self, job_id: str) -> str:
         """Run the job if this worker wins the claim; returns what happened, for the log."""
@@ -122,20 +125,8 @@ class _Attempt:
         try:
             data = DataPaths(self._copy(training), self._copy(validation) if validation else None)
             resume_from = self._download_checkpoint(job)
-            result = peft_engine.train(
-                job.spec,
-                self.workdir,
-                Hooks(
-                    on_event=self._on_event,
-                    on_metrics=self._on_metrics,
-                    on_checkpoint=self._on_checkpoint,
-                    should_stop=self._should_stop,
-                ),
-                data=data,
-                resume_from=resume_from,
-                registry=self.runner.registry,
-                cache_dir=self.runner.settings.resolved_cache_dir,
-            )
+            with self.runner.resident.active(report=self._on_model_load):
+                result = self._train(job, data, resume_from)
         except UserError as err:
             self._fail(err.code, str(err), err.param)
             return f"failed: {err}"
@@ -149,6 +140,24 @@ class _Attempt:
             assert result.output_dir is not None
             return self._succeed(result.output_dir, result.result)
         return self._stopped()
+
+    def _train(
+        self, job: Job, data: DataPaths, resume_from: Path | None
+    ) -> peft_engine.TrainResult:
+        return peft_engine.train(
+            job.spec,
+            self.workdir,
+            Hooks(
+                on_event=self._on_event,
+                on_metrics=self._on_metrics,
+                on_checkpoint=self._on_checkpoint,
+                should_stop=self._should_stop,
+            ),
+            data=data,
+            resume_from=resume_from,
+            registry=self.runner.registry,
+            cache_dir=self.runner.settings.resolved_cache_dir,
+        )
 
     def _should_stop(self) -> bool:
         return self.heartbeat.should_stop() or self.runner.shutting_down.is_set()
@@ -193,6 +202,9 @@ class _Attempt:
                 fenced_update(
                     db, self.claim, resolved={**job.resolved, "hyperparameters": hyperparameters}
                 )
+
+    def _on_model_load(self, message: str, data: dict[str, Any]) -> None:
+        self._event("info", message, data)  # where the base model came from, and how fast
 
     def _on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         kind = "train" if "train_loss" in metrics else "eval"

@@ -15,6 +15,7 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 
 from peft_engine.models import ModelRegistry, load_registry
+from peft_engine.models.resident import ResidentModels
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.idempotency.service import purge_expired
 from tuneq.jobs.lease import reap_expired_leases
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerContext:
-    """What the tasks of one worker process share: settings, database, store, registry."""
+    """What the tasks of one worker process share: settings, database, store, registry, and
+    the base models kept in memory from one job to the next."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -51,6 +53,19 @@ class WorkerContext:
     def registry(self) -> ModelRegistry:
         return load_registry(self.settings.model_registry)
 
+    @cached_property
+    def resident(self) -> ResidentModels:
+        return ResidentModels(
+            max_models=self.settings.resident_models,
+            max_bytes=self.settings.resident_model_bytes,
+        )
+
+
+def import_training_stack() -> None:
+    """Import torch, transformers and peft while the worker starts rather than in its first
+    job, which would otherwise wait for them (several seconds). Beat never calls this."""
+    import peft_engine.training  # noqa: F401
+
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     settings = context.settings
@@ -58,7 +73,12 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
         runner = JobRunner(
-            settings, context.sessions, context.store, context.registry, context.shutting_down
+            settings,
+            context.sessions,
+            context.store,
+            context.registry,
+            context.shutting_down,
+            context.resident,
         )
         outcome = runner.run(job_id)
         log.info("job %s: %s", job_id, outcome)

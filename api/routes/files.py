@@ -6,17 +6,17 @@ applies the Idempotency-Key around the upload.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
-from api.uploads import MultipartUpload, open_upload
+from api.uploads import MultipartUpload, read_upload
 from tuneq.db import transaction
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
@@ -58,22 +58,21 @@ async def upload_file(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    upload = open_upload(request, max_upload_bytes=settings.max_upload_bytes)
     # Parsing, hashing, validating and storing are blocking work: all of it off the loop.
-    return await run_in_threadpool(
+    create = partial(
         _create_file,
-        upload=upload,
         team=team,
         sessions=sessions,
         object_store=store,
         settings=settings,
         idempotency_key=idempotency_key,
     )
+    return await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
 
 
 def _create_file(
-    *,
     upload: MultipartUpload,
+    *,
     team: Team,
     sessions: sessionmaker[Session],
     object_store: ObjectStore,

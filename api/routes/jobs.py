@@ -8,10 +8,20 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from fastapi.responses import Response as FastAPIResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic_core import to_json
+from sqlalchemy.orm import Session
 
-from api.deps import CeleryDep, DbDep, RegistryDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from api.deps import (
+    CeleryDep,
+    DbDep,
+    ReadsDep,
+    RegistryDep,
+    SessionsDep,
+    SettingsDep,
+    StoreDep,
+    TeamDep,
+)
 from tuneq.db import transaction
 from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.jobs import service
@@ -93,33 +103,45 @@ def create_job(
 
 
 @router.get("")
-def list_jobs(
+async def list_jobs(
     request: Request,
     team: TeamDep,
-    db: DbDep,
+    reads: ReadsDep,
     limit: Limit = 20,
     after: str | None = None,
     status: str | None = None,
     model: str | None = None,
-) -> dict[str, Any]:
+) -> Response:
     metadata = {
         key[len("metadata[") : -1]: value
         for key, value in request.query_params.items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-    jobs, has_more = service.list_jobs(
-        db=db, team=team, limit=limit, after=after, status=status, model=model, metadata=metadata
-    )
-    return {
-        "object": "list",
-        "data": [JobPublic.of(j).model_dump(mode="json") for j in jobs],
-        "has_more": has_more,
-    }
+
+    def read(db: Session) -> bytes:
+        jobs, has_more = service.list_jobs(
+            db=db,
+            team=team,
+            limit=limit,
+            after=after,
+            status=status,
+            model=model,
+            metadata=metadata,
+        )
+        return to_json(
+            {"object": "list", "data": list(map(JobPublic.of, jobs)), "has_more": has_more}
+        )
+
+    return Response(await reads.run(read), media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
-    return JobPublic.of(service.get_job(db=db, team=team, job_id=job_id))
+async def get_job(job_id: str, team: TeamDep, reads: ReadsDep) -> Response:
+    # The most polled route: one thread trip (api.deps.Reads), serialised once by pydantic.
+    def read(db: Session) -> bytes:
+        return to_json(JobPublic.of(service.get_job(db=db, team=team, job_id=job_id)))
+
+    return Response(await reads.run(read), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
@@ -190,7 +212,7 @@ def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
 @router.get("/{job_id}/artifacts/{name}", response_model=None)
 def download_artifact(
     job_id: str, name: str, team: TeamDep, db: DbDep, store: StoreDep
-) -> FastAPIResponse:
+) -> Response:
     job = service.get_job(db=db, team=team, job_id=job_id)
     artifact = service.get_artifact(db=db, job=job, name=name)
     url = store.presigned_url(artifact.storage_key, filename=f"{job.id}-{artifact.name}")

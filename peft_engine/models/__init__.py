@@ -20,6 +20,7 @@ from peft_engine.models.registry import (
 _LOADERS = {
     "dequantized_dir": "peft_engine.models.gguf",
     "ModelInfo": "peft_engine.models.loading",
+    "ResidentModels": "peft_engine.models.resident",
     "load_causal_lm": "peft_engine.models.loading",
     "load_tokenizer": "peft_engine.models.loading",
     "model_dir": "peft_engine.models.loading",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+
+if TYPE_CHECKING:
+    from peft_engine.models.resident import ResidentLoader
 
 Pooling = Literal["mean", "cls", "pooler", "last"]
 POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler", "last")
@@ -194,8 +197,12 @@ def load_body(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     with_pooler: bool = False,
+    resident: ResidentLoader | None = None,
 ) -> nn.Module:
-    """The base model without its pretraining head (AutoModel), from local files only."""
+    """The base model without its pretraining head (AutoModel), from local files only, or
+    built from the resident weights (`resident`); the head is never part of what is kept."""
+    if resident is not None:
+        return resident.load(load_body, path, dtype=dtype, device=device, with_pooler=with_pooler)
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)

@@ -18,10 +18,13 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft_engine.errors import ModelNotFoundError
 from peft_engine.models.gguf import cached_dequantized_dir, dequantized_dir
 from peft_engine.models.registry import ModelEntry
+from peft_engine.models.resident import active_models
 
 if TYPE_CHECKING:  # locating files and reading configs needs neither (the API uses them)
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from peft_engine.models.resident import ResidentLoader
 
 CONFIG_FILE = "config.json"
 
@@ -92,6 +95,14 @@ def _not_found(entry: ModelEntry, reason: str) -> ModelNotFoundError:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; the worker's resident one when a cache is active."""
+    resident = active_models()
+    if resident is not None:
+        return resident.tokenizer(_read_tokenizer, path)
+    return _read_tokenizer(path)
+
+
+def _read_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
@@ -103,7 +114,17 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    resident: ResidentLoader | None = None,
 ) -> PreTrainedModel:
+    """The causal LM from its directory, or built from the resident weights (`resident`)."""
+    if resident is not None:
+        return resident.load(  # type: ignore[return-value]
+            load_causal_lm,
+            path,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+        )
     import torch
     from transformers import AutoModelForCausalLM
 

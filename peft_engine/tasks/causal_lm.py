@@ -51,8 +51,10 @@ class CausalLMTask:
 
     def load_model(self, job: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
         from peft_engine.models import load_causal_lm
+        from peft_engine.models.resident import resident_loader
 
-        return load_causal_lm(job.model_path, dtype=dtype, device=device)
+        resident = resident_loader(job.spec.method)  # the worker's cache, when one is active
+        return load_causal_lm(job.model_path, dtype=dtype, device=device, resident=resident)
 
     def collate(self, examples: Sequence[TokenizedExample], job: Any) -> Batch:
         hp = job.spec.hyperparameters

@@ -122,7 +122,13 @@ class _ClassificationTask:
     unit: str
 
     def load_model(self, job: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
-        return self.build_model(job.model_path, self.model_info(job), dtype=dtype, device=device)
+        from peft_engine.models.resident import resident_loader
+
+        # The body may come from the worker's cache; the head is always new, seeded per job.
+        resident = resident_loader(job.spec.method)
+        return self.build_model(
+            job.model_path, self.model_info(job), dtype=dtype, device=device, resident=resident
+        )
 
     def collate(self, examples: Sequence[LabelledExample], job: Any) -> LabelledBatch:
         return collate_labelled(examples, job.pad_token_id)

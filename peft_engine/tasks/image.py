@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from peft_engine.tasks.classification import (
     class_weights,
     label_set,
 )
+
+if TYPE_CHECKING:
+    from peft_engine.models.resident import ResidentLoader
 
 # Images decoded and preprocessed at a time (bounds the decoded images held in memory).
 _PROCESS_CHUNK = 256
@@ -151,9 +154,16 @@ def load_image_processor(path: Path) -> Any:
 
 
 def load_image_body(
-    path: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    resident: ResidentLoader | None = None,
 ) -> torch.nn.Module:
-    """The vision backbone without its pretraining head (AutoModel), from local files only."""
+    """The vision backbone without its pretraining head (AutoModel), from local files only,
+    or built from the resident weights (`resident`)."""
+    if resident is not None:
+        return resident.load(load_image_body, path, dtype=dtype, device=device)
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from tuneq.errors import Conflict, NotFound, Unauthorized
 from tuneq.ids import new_id
@@ -62,3 +66,56 @@ def authenticate(*, db: Session, key: str) -> Team:
     team = db.get(Team, row.team_id)
     assert team is not None  # foreign key
     return team
+
+
+@dataclass(frozen=True)
+class _Verified:
+    team_id: str
+    team_name: str
+    created_at: datetime
+    until: float  # on the cache's clock
+
+
+class VerifiedKeys:
+    """API keys this process verified in the last `ttl_seconds`, with their teams.
+
+    Verifying a key is two queries; a status poller sends the same key many times a
+    second. Only keys found valid are kept (a new key works at once, and bad keys cannot
+    fill the cache), under their SHA-256, never the key itself. Revoking or deleting a key
+    is a database write that no other process hears of: each API process keeps trusting
+    the key until its entry expires, `ttl_seconds` at most after it was verified (0: no
+    cache, every request reads the database). Used from the event loop only.
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, _Verified] = {}
+
+    def team_for(self, key: str) -> Team | None:
+        """The key's team when it was verified recently enough; None: ask the database."""
+        entry = self._entries.get(hash_key(key))
+        if entry is None or entry.until <= self._clock():
+            return None
+        team = Team(id=entry.team_id, name=entry.team_name, created_at=entry.created_at)
+        make_transient_to_detached(team)  # as `authenticate` returns it: loaded, no session
+        return team
+
+    def remember(self, key: str, team: Team) -> None:
+        if self.ttl_seconds <= 0:
+            return
+        now = self._clock()
+        if len(self._entries) >= self.max_entries:
+            self._entries = {h: e for h, e in self._entries.items() if e.until > now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()  # that many live keys in one process: start over
+        self._entries[hash_key(key)] = _Verified(
+            team.id, team.name, team.created_at, now + self.ttl_seconds
+        )
