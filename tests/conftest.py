@@ -52,11 +52,13 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_llama(directory: Path, *, vocab_size: int) -> Path:
+def build_tiny_llama(
+    directory: Path, *, vocab_size: int, tied: bool = False, seed: int = 0
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -68,7 +70,7 @@ def build_tiny_llama(directory: Path, *, vocab_size: int) -> Path:
         eos_token_id=2,
         pad_token_id=0,
         bos_token_id=1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory

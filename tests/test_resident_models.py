@@ -22,7 +22,7 @@ from peft_engine.models.heads import load_body
 from peft_engine.models.loading import load_causal_lm
 from peft_engine.models.resident import ResidentLoader, ResidentModels, shares_base_weights
 from peft_engine.spec import parse_spec
-from tests.conftest import build_tiny_bert, chat, write_jsonl
+from tests.conftest import build_tiny_bert, build_tiny_llama, chat, write_jsonl
 
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(24)]
 REVIEWS = [
@@ -36,25 +36,8 @@ PISSA = {**LORA, "init": "pissa"}
 
 
 def _tiny_llama(directory: Path, tokenizer, *, tied: bool, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer.save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        tie_word_embeddings=tied,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return build_tiny_llama(directory, vocab_size=len(tokenizer), tied=tied, seed=seed)
 
 
 @pytest.fixture(scope="module")

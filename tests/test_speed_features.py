@@ -29,7 +29,11 @@ from peft_engine.data.tokenize import IGNORE, tokenize_dataset
 from peft_engine.loss import batch_loss
 from peft_engine.methods.lora import LoraMethod, build_lora
 from peft_engine.methods.lora_dropout import DropoutLinear, fuse_lora_dropout
-from peft_engine.models.attention import PACKED_ATTENTION, use_packed_attention
+from peft_engine.models.attention import (
+    PACKED_ATTENTION,
+    packed_forward_kwargs,
+    use_packed_attention,
+)
 from peft_engine.training import split_by_tokens
 from tests.conftest import chat, write_jsonl
 
@@ -62,8 +66,7 @@ def _llama(tiny_model_dir, packed: bool):
 def _per_token_loss(model, batch, **extra):
     kwargs = {}
     if batch.cu_seqlens is not None and extra.get("bounds", True):
-        kwargs = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens}
-        kwargs |= {"max_length_q": batch.longest, "max_length_k": batch.longest}
+        kwargs = packed_forward_kwargs(batch.cu_seqlens, batch.longest)
     logits = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
