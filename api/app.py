@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from api import metrics, problems
 from api.deps import Reads
+from api.job_reads import open_job_reads
 from api.routes import files, health, jobs, models
 from peft_engine.models import load_registry
 from tuneq import __version__
@@ -29,6 +30,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
         app.state.reads = Reads.for_engine(engine)
+        app.state.job_reads = open_job_reads(
+            engine,
+            read_connections=settings.database_read_connections,
+            statement_cache_size=settings.database_statement_cache,
+        )
         app.state.verified_keys = VerifiedKeys(settings.api_key_cache_seconds)
         app.state.store = open_store(settings)
         app.state.registry = load_registry(settings.model_registry)
@@ -36,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.job_reads.close()
             engine.dispose()
 
     app = FastAPI(
@@ -46,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     metrics.install(app)
-    for module in (files, jobs, models, health):
+    # Routes are matched in order: the jobs routes, which clients poll, are tried first.
+    for module in (jobs, files, models, health):
         app.include_router(module.router)
     return app

@@ -1,8 +1,9 @@
 """Request dependencies: one database session per request, the caller's team, the services.
 
 The session commits once, when the route returns without an error (before the response is
-sent, so a client never sees a 2xx for something that was not committed). The GET routes
-polled the most read through `Reads` instead: nothing to commit, one trip to a thread.
+sent, so a client never sees a 2xx for something that was not committed). The two job reads
+clients poll go through `api.job_reads`; an API key not verified lately, through `Reads`:
+nothing to commit, one trip to a thread.
 
 The getters are `async def` on purpose: FastAPI runs a plain `def` dependency in the
 thread pool, a trip per dependency per request for a dictionary lookup.
@@ -17,10 +18,11 @@ from typing import Annotated, TypeVar
 import anyio
 from celery import Celery
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.job_reads import JobReads
 from peft_engine.models import ModelRegistry
 from tuneq.db import make_sessionmaker
 from tuneq.errors import Unauthorized
@@ -72,8 +74,8 @@ async def get_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
-async def get_reads(request: Request) -> Reads:
-    return request.app.state.reads
+async def get_job_reads(request: Request) -> JobReads:
+    return request.app.state.job_reads
 
 
 def get_db(request: Request) -> Iterator[Session]:
@@ -93,29 +95,35 @@ async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-_bearer = HTTPBearer(auto_error=False, description="an API key: tuneq admin create-key")
+class _TeamOfKey(HTTPBearer):
+    """The caller's team, from the keys this process verified lately, else the database.
+
+    The bearer scheme and the team in one dependency (OpenAPI still shows the scheme): a
+    dependency of a dependency is a level of FastAPI's solving on every request.
+    """
+
+    async def __call__(self, request: Request) -> Team:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        if credentials is None:
+            raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+        key = credentials.credentials
+        verified: VerifiedKeys = request.app.state.verified_keys
+        team = verified.team_for(key)
+        if team is None:
+            reads: Reads = request.app.state.reads
+            team = await reads.run(lambda db: authenticate(db=db, key=key))
+            verified.remember(key, team)
+        return team
 
 
-async def get_team(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Team:
-    """The caller's team: from the keys this process verified lately, else the database."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    key = credentials.credentials
-    verified: VerifiedKeys = request.app.state.verified_keys
-    team = verified.team_for(key)
-    if team is None:
-        reads: Reads = request.app.state.reads
-        team = await reads.run(lambda db: authenticate(db=db, key=key))
-        verified.remember(key, team)
-    return team
+get_team = _TeamOfKey(
+    auto_error=False, scheme_name="HTTPBearer", description="an API key: tuneq admin create-key"
+)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
-ReadsDep = Annotated[Reads, Depends(get_reads)]
+JobReadsDep = Annotated[JobReads, Depends(get_job_reads)]
 DbDep = Annotated[Session, Depends(get_db, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

@@ -26,6 +26,18 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL, e.g. postgresql+psycopg://...; unset: SQLite in home"
     )
+    database_read_connections: int = Field(
+        20,
+        ge=1,
+        description="connections an API process opens, at most, for the job reads clients poll "
+        "(PostgreSQL; besides SQLAlchemy's pool of 10 + 20 overflow)",
+    )
+    database_statement_cache: int = Field(
+        100,
+        ge=0,
+        description="prepared statements the API's PostgreSQL reads keep per connection "
+        "(0 behind PgBouncer in transaction mode)",
+    )
     broker_url: str | None = Field(
         None, description="Celery broker, e.g. redis://...; unset: a filesystem broker in home"
     )

@@ -9,20 +9,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
-from pydantic_core import to_json
-from sqlalchemy.orm import Session
 
 from api.deps import (
     CeleryDep,
     DbDep,
-    ReadsDep,
+    JobReadsDep,
     RegistryDep,
     SessionsDep,
     SettingsDep,
     StoreDep,
     TeamDep,
 )
+from api.job_reads import JobReads
 from tuneq.db import transaction
+from tuneq.errors import NotFound
 from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.jobs import service
 from tuneq.jobs.schemas import (
@@ -106,42 +106,33 @@ def create_job(
 async def list_jobs(
     request: Request,
     team: TeamDep,
-    reads: ReadsDep,
+    job_reads: JobReadsDep,
     limit: Limit = 20,
     after: str | None = None,
     status: str | None = None,
     model: str | None = None,
 ) -> Response:
+    # Polled with the status read: both go straight from rows to bytes (api.job_reads).
     metadata = {
         key[len("metadata[") : -1]: value
         for key, value in request.query_params.items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-
-    def read(db: Session) -> bytes:
-        jobs, has_more = service.list_jobs(
-            db=db,
-            team=team,
-            limit=limit,
-            after=after,
-            status=status,
-            model=model,
-            metadata=metadata,
-        )
-        return to_json(
-            {"object": "list", "data": list(map(JobPublic.of, jobs)), "has_more": has_more}
-        )
-
-    return Response(await reads.run(read), media_type="application/json")
+    page = await job_reads.page(
+        team_id=team.id, limit=limit, after=after, status=status, model=model, metadata=metadata
+    )
+    return Response(page, media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-async def get_job(job_id: str, team: TeamDep, reads: ReadsDep) -> Response:
-    # The most polled route: one thread trip (api.deps.Reads), serialised once by pydantic.
-    def read(db: Session) -> bytes:
-        return to_json(JobPublic.of(service.get_job(db=db, team=team, job_id=job_id)))
-
-    return Response(await reads.run(read), media_type="application/json")
+async def get_job(job_id: str, request: Request, team: TeamDep) -> Response:
+    # The most polled route: on the event loop with PostgreSQL, no ORM (api.job_reads), and
+    # the reader taken from the app rather than through a dependency (a tenth of the CPU).
+    job_reads: JobReads = request.app.state.job_reads
+    document = await job_reads.get(team_id=team.id, job_id=job_id)
+    if document is None:  # another team's job does not exist for you
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return Response(document, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -163,29 +163,6 @@ def get_job(*, db: Session, team: Team, job_id: str) -> Job:
     return job
 
 
-def list_jobs(
-    *,
-    db: Session,
-    team: Team,
-    limit: int,
-    after: str | None,
-    status: str | None,
-    model: str | None,
-    metadata: dict[str, str],
-) -> tuple[list[Job], bool]:
-    query = select(Job).where(Job.team_id == team.id)
-    if after:
-        query = query.where(Job.id < after)
-    if status:
-        query = query.where(Job.state == status)
-    if model:
-        query = query.where(Job.model == model)
-    for key, value in metadata.items():
-        query = query.where(Job.metadata_[key].as_string() == value)
-    rows = list(db.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
-
-
 def cancel_job(*, db: Session, team: Team, job_id: str) -> Job:
     """A queued or paused job is cancelled at once; a running one is asked to stop."""
     job = get_job(db=db, team=team, job_id=job_id)

@@ -7,7 +7,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -70,9 +69,7 @@ def authenticate(*, db: Session, key: str) -> Team:
 
 @dataclass(frozen=True)
 class _Verified:
-    team_id: str
-    team_name: str
-    created_at: datetime
+    team: Team  # detached, loaded; shared by the requests that present the key: read only
     until: float  # on the cache's clock
 
 
@@ -104,9 +101,7 @@ class VerifiedKeys:
         entry = self._entries.get(hash_key(key))
         if entry is None or entry.until <= self._clock():
             return None
-        team = Team(id=entry.team_id, name=entry.team_name, created_at=entry.created_at)
-        make_transient_to_detached(team)  # as `authenticate` returns it: loaded, no session
-        return team
+        return entry.team
 
     def remember(self, key: str, team: Team) -> None:
         if self.ttl_seconds <= 0:
@@ -116,6 +111,6 @@ class VerifiedKeys:
             self._entries = {h: e for h, e in self._entries.items() if e.until > now}
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()  # that many live keys in one process: start over
-        self._entries[hash_key(key)] = _Verified(
-            team.id, team.name, team.created_at, now + self.ttl_seconds
-        )
+        copy = Team(id=team.id, name=team.name, created_at=team.created_at)
+        make_transient_to_detached(copy)  # as `authenticate` returns it: loaded, no session
+        self._entries[hash_key(key)] = _Verified(copy, now + self.ttl_seconds)
