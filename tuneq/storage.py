@@ -8,6 +8,7 @@ a "prefix" names a directory of keys, so `jobs/1` never matches `jobs/10/...`.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -36,10 +37,12 @@ class ObjectStore(Protocol):
 
     `get_file` writes atomically, `size` and the reads raise NotFound for a missing key,
     deleting what is absent is fine, `presigned_url` is None where the API must stream,
-    and `check` raises Unavailable for readiness probes.
+    and `check` raises Unavailable for readiness probes. `move_file` is `put_file` for a
+    file the caller no longer needs: on success `path` is gone (a local store renames it).
     """
 
     def put_file(self, key: str, path: Path) -> None: ...
+    def move_file(self, key: str, path: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_dir(self, prefix: str, directory: Path) -> list[str]: ...
     def get_file(self, key: str, path: Path) -> None: ...
@@ -68,6 +71,11 @@ class _Store(ABC):
     @abstractmethod
     def _keys_under(self, base: str) -> Iterator[str]:
         """Every key that starts with `base` (a prefix ending in '/')."""
+
+    def move_file(self, key: str, path: Path) -> None:
+        """Store the file, then delete `path`; on failure `path` is left as it was."""
+        self.put_file(key, path)
+        path.unlink(missing_ok=True)
 
     def put_dir(self, prefix: str, directory: Path) -> list[str]:
         base = _dir_prefix(prefix)
@@ -105,6 +113,19 @@ class LocalStore(_Store):
     def put_file(self, key: str, path: Path) -> None:
         with _atomic_path(self._path(key)) as tmp:
             shutil.copyfile(path, tmp)
+
+    def move_file(self, key: str, path: Path) -> None:
+        """A rename when `path` is on the store's filesystem (an upload's temporary file
+        under the same home: no second copy of up to 1 GB), else a copy and a delete.
+        Either way the object appears whole or not at all (rename is atomic)."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another filesystem: copy instead
+                raise
+            super().move_file(key, path)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with _atomic_path(self._path(key)) as tmp:
