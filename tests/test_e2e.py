@@ -137,6 +137,19 @@ def _job(api, key, job_id):
     return response.json()
 
 
+def _events(api, key, job_id):
+    """All of a job's events, oldest first, page by page (a long job has more than a page:
+    a metrics event a step)."""
+    events, after = [], None
+    while True:
+        params = {"limit": 100} | ({"after": after} if after is not None else {})
+        page = api.get(f"/jobs/{job_id}/events", params=params, headers=auth(key)).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        after = page["data"][-1]["id"]
+
+
 def _wait_status(api, key, job_id, statuses, timeout=180):
     return wait_for(
         lambda: (job := _job(api, key, job_id))["status"] in statuses and job,
@@ -176,10 +189,10 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
     )
     assert [p["step"] for p in metrics["eval"]] == [0, 5, 10, 15, 20]
 
-    events = api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()
-    kinds = {e["type"] for e in events["data"]}
+    events = _events(api, key, job_id)
+    kinds = {e["type"] for e in events}
     assert kinds == {"message", "metrics"}
-    messages = [e["message"] for e in events["data"] if e["type"] == "message"]
+    messages = [e["message"] for e in events if e["type"] == "message"]
     assert any("eval (base model)" in m for m in messages) and messages[-1] == "job succeeded"
 
     checkpoints = api.get(f"/jobs/{job_id}/checkpoints", headers=auth(key)).json()["data"]
@@ -281,7 +294,7 @@ def test_duplicate_task_message_runs_the_job_once(stack, worker, api, key):
     job = _wait_status(api, key, job_id, {"succeeded", "failed"})
     assert job["status"] == "succeeded" and job["attempt"] == 1
     time.sleep(2)  # let the duplicates arrive and be dropped
-    events = api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
+    events = _events(api, key, job_id)
     assert sum(e["message"].startswith("attempt ") for e in events) == 1
     assert _job(api, key, job_id)["attempt"] == 1
 
@@ -307,10 +320,7 @@ def test_pause_a_running_job_then_resume_where_it_stopped(stack, worker, api, ke
     assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
     job = _wait_status(api, key, job_id, {"succeeded", "failed"})
     assert job["status"] == "succeeded" and job["attempt"] == 2
-    events = [
-        e["message"]
-        for e in api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
-    ]
+    events = [e["message"] for e in _events(api, key, job_id)]
     assert f"resuming from the checkpoint of step {stopped_at} (attempt 2)" in events
     train = api.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["train"]
     assert [p["step"] for p in train] == list(range(1, job["hyperparameters"]["total_steps"] + 1))
@@ -337,10 +347,7 @@ def test_a_worker_asked_to_shut_down_hands_its_job_over(stack, worker, api, key)
     finally:
         stack.kill(replacement, signal.SIGTERM)
     assert job["status"] == "succeeded" and job["attempt"] == 2
-    events = [
-        e["message"]
-        for e in api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
-    ]
+    events = [e["message"] for e in _events(api, key, job_id)]
     assert "worker shutting down; queued again" in events
     assert f"resuming from the checkpoint of step {stopped_at} (attempt 2)" in events
 
@@ -371,10 +378,7 @@ def test_worker_killed_mid_training_resumes_from_last_checkpoint(stack, api, key
     assert job["status"] == "succeeded", (job, stack.log("worker-2")[-3000:])
     assert job["attempt"] == 2
 
-    events = [
-        e["message"]
-        for e in api.get(f"/jobs/{job_id}/events?limit=100", headers=auth(key)).json()["data"]
-    ]
+    events = [e["message"] for e in _events(api, key, job_id)]
     resumed = [m for m in events if m.startswith("resuming from the checkpoint of step")]
     assert len(resumed) == 1, events
     resumed_step = int(resumed[0].split("step ")[1].split(" ")[0])
