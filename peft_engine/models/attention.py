@@ -84,8 +84,9 @@ def packed_attention(
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         if end > start
     ]
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    # (batch, tokens, heads, dim) as the model reads it, written once: a cat of the
+    # transposed outputs rather than a cat, then a copy to make the transpose contiguous.
+    return torch.cat([out.transpose(1, 2) for out in outputs], dim=1), None
 
 
 def _per_example_is_exact(
