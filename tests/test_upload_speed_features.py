@@ -19,10 +19,11 @@ from typing import Any
 import boto3
 import pytest
 
-from peft_engine.data.formats import DataFormat, ScanReport, parse_line
+from peft_engine.data.formats import DataFormat, ScanReport
 from peft_engine.errors import LineError
 from tests.s3server import start_moto_server
 from tests.service_fixtures import make_settings
+from tests.test_api_perf_features import _engine_answer as _engine_counts
 from tuneq.errors import InvalidFile
 from tuneq.files import chat_lines
 from tuneq.files.service import ingest_upload
@@ -109,18 +110,6 @@ INVALID = [
     b"\xff\xfe",
     b"not json",
 ]
-
-
-def _engine_counts(raw: bytes) -> tuple[tuple[str, ...], int] | None:
-    """The engine's verdict on one line, as the compiled check reports a valid one."""
-    try:
-        example = parse_line(raw, 1)
-    except Exception:  # noqa: BLE001 - the engine's line problems
-        return None
-    if example.format is not DataFormat.CHAT:
-        return None
-    messages = example.record["messages"]
-    return tuple(m["role"] for m in messages), sum(len(m["content"]) for m in messages)
 
 
 # ------------------------------------------------------------------- the compiled check
