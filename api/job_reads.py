@@ -28,12 +28,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import msgspec
 from sqlalchemy.engine import Engine
+
+from tuneq.jobs.schemas import unix_seconds
 
 COLUMNS = (
     "id",
@@ -155,8 +158,24 @@ def document(row: Sequence[Any], when: Callable[[Any], int | None]) -> JobDocume
     )
 
 
-def encode_list(documents: list[JobDocument], has_more: bool) -> bytes:
-    return _encode(JobList("list", documents, has_more))
+def _encode_page(
+    rows: Sequence[Sequence[Any]], limit: int, when: Callable[[Any], int | None]
+) -> bytes:
+    """A page's document from up to `limit` + 1 rows (the extra one: `has_more`)."""
+    documents = [document(row, when) for row in rows[:limit]]
+    return _encode(JobList("list", documents, len(rows) > limit))
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A page of a team's jobs: newest first, before `after`, with the filters given."""
+
+    team_id: str
+    limit: int
+    after: str | None = None
+    status: str | None = None
+    model: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 class JobReads(ABC):
@@ -167,16 +186,7 @@ class JobReads(ABC):
         """The job's document, or None when the team has no such job."""
 
     @abstractmethod
-    async def page(
-        self,
-        *,
-        team_id: str,
-        limit: int,
-        after: str | None,
-        status: str | None,
-        model: str | None,
-        metadata: dict[str, str],
-    ) -> bytes:
+    async def page(self, query: JobQuery) -> bytes:
         """`{"object": "list", "data": [...], "has_more": ...}`, newest first."""
 
     async def close(self) -> None:  # noqa: B027 - most readers hold nothing
@@ -204,44 +214,31 @@ class _Sql:
         self.columns = ", ".join(column.format(**fields) for column in COLUMNS)
         self.get = f"SELECT {self.columns} FROM jobs WHERE id = {param(1)} AND team_id = {param(2)}"
 
-    def page(
-        self,
-        *,
-        team_id: str,
-        limit: int,
-        after: str | None,
-        status: str | None,
-        model: str | None,
-        metadata: dict[str, str],
-    ) -> tuple[str, list[Any]]:
-        """The statement and its arguments; the same filters as tuneq.jobs.service.list_jobs."""
-        args: list[Any] = [team_id]
+    def page(self, query: JobQuery) -> tuple[str, list[Any]]:
+        """The statement and its arguments (one more row than the page: `has_more`)."""
+        args: list[Any] = [query.team_id]
         where = [f"team_id = {self.param(1)}"]
 
         def arg(value: Any) -> str:
             args.append(value)
             return self.param(len(args))
 
-        if after:
-            where.append(f"id < {arg(after)}")
-        if status:
-            where.append(f"state = {arg(status)}")
-        if model:
-            where.append(f"model = {arg(model)}")
-        for key, value in metadata.items():
+        if query.after:
+            where.append(f"id < {arg(query.after)}")
+        if query.status:
+            where.append(f"state = {arg(query.status)}")
+        if query.model:
+            where.append(f"model = {arg(query.model)}")
+        for key, value in query.metadata.items():
             where.append(f"{self.json_text('metadata', arg(self.key_arg(key)))} = {arg(value)}")
         statement = (
             f"SELECT {self.columns} FROM jobs WHERE {' AND '.join(where)} "
-            f"ORDER BY id DESC LIMIT {arg(limit + 1)}"
+            f"ORDER BY id DESC LIMIT {arg(query.limit + 1)}"
         )
         return statement, args
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
-
-
-def _pg_seconds(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value is not None else None
 
 
 _PG = _Sql(
@@ -286,15 +283,13 @@ class PostgresJobReads(JobReads):
     async def get(self, *, team_id: str, job_id: str) -> bytes | None:
         pool = await self._connections()
         row = await pool.fetchrow(_PG.get, job_id, team_id)
-        return None if row is None else _encode(document(row, _pg_seconds))
+        return None if row is None else _encode(document(row, unix_seconds))
 
-    async def page(self, **filters: Any) -> bytes:
-        limit = filters["limit"]
-        statement, args = _PG.page(**filters)
+    async def page(self, query: JobQuery) -> bytes:
+        statement, args = _PG.page(query)
         pool = await self._connections()
         rows = await pool.fetch(statement, *args)
-        documents = [document(row, _pg_seconds) for row in rows[:limit]]
-        return encode_list(documents, len(rows) > limit)
+        return _encode_page(rows, query.limit, unix_seconds)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -353,12 +348,10 @@ class SqliteJobReads(JobReads):
         )
         return _encode(document(rows[0], _sqlite_seconds)) if rows else None
 
-    async def page(self, **filters: Any) -> bytes:
-        limit = filters["limit"]
-        statement, args = _SQLITE.page(**filters)
+    async def page(self, query: JobQuery) -> bytes:
+        statement, args = _SQLITE.page(query)
         rows = await anyio.to_thread.run_sync(self._fetch, statement, args, limiter=self._limiter)
-        documents = [document(row, _sqlite_seconds) for row in rows[:limit]]
-        return encode_list(documents, len(rows) > limit)
+        return _encode_page(rows, query.limit, _sqlite_seconds)
 
 
 def open_job_reads(

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
-from api.job_reads import COLUMNS, JobDocument, PostgresJobReads, open_job_reads
+from api.job_reads import COLUMNS, JobDocument, JobQuery, PostgresJobReads, open_job_reads
 from tests.api_helpers import deployment
 from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
 from tuneq.db import make_engine, make_sessionmaker, transaction
@@ -300,14 +300,7 @@ def test_sqlite_reads_take_no_write_lock(tmp_path: Path) -> None:
             async def read() -> tuple[bytes | None, bytes]:
                 with anyio.fail_after(5):  # the busy timeout is 30 s
                     got = await reader.get(team_id=str(team_id), job_id=job.id)
-                    page = await reader.page(
-                        team_id=str(team_id),
-                        limit=20,
-                        after=None,
-                        status=None,
-                        model=None,
-                        metadata={},
-                    )
+                    page = await reader.page(JobQuery(str(team_id), limit=20))
                 return got, page
 
             got, page = anyio.run(read)

@@ -20,7 +20,7 @@ from api.deps import (
     StoreDep,
     TeamDep,
 )
-from api.job_reads import JobReads
+from api.job_reads import JobQuery, JobReads
 from tuneq.db import transaction
 from tuneq.errors import NotFound
 from tuneq.idempotency.service import idempotent, request_hash
@@ -118,9 +118,8 @@ async def list_jobs(
         for key, value in request.query_params.items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-    page = await job_reads.page(
-        team_id=team.id, limit=limit, after=after, status=status, model=model, metadata=metadata
-    )
+    query = JobQuery(team.id, limit, after=after, status=status, model=model, metadata=metadata)
+    page = await job_reads.page(query)
     return Response(page, media_type="application/json")
 
 

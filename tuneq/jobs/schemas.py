@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent
 
 
-def _ts(value: datetime | None) -> int | None:
+def unix_seconds(value: datetime | None) -> int | None:
+    """A timestamp as the API shows it: whole seconds since the epoch."""
     return int(value.timestamp()) if value is not None else None
 
 
@@ -57,9 +58,9 @@ class JobPublic(BaseModel):
             error=job.error,
             result=job.result,
             cancel_requested=job.cancel_requested,
-            created_at=_ts(job.created_at) or 0,
-            started_at=_ts(job.started_at),
-            finished_at=_ts(job.finished_at),
+            created_at=unix_seconds(job.created_at) or 0,
+            started_at=unix_seconds(job.started_at),
+            finished_at=unix_seconds(job.finished_at),
         )
 
 
@@ -89,7 +90,7 @@ class EventPublic(BaseModel):
             level=event.level,
             message=event.message,
             data=event.data or {},
-            created_at=_ts(event.created_at) or 0,
+            created_at=unix_seconds(event.created_at) or 0,
         )
 
 
@@ -108,7 +109,7 @@ class CheckpointPublic(BaseModel):
             attempt=checkpoint.attempt,
             metrics=checkpoint.metrics or {},
             artifact=checkpoint_artifact_name(checkpoint.step),
-            created_at=_ts(checkpoint.created_at) or 0,
+            created_at=unix_seconds(checkpoint.created_at) or 0,
         )
 
 
@@ -129,7 +130,7 @@ class ArtifactPublic(BaseModel):
             step=artifact.step,
             bytes=artifact.bytes,
             sha256=artifact.sha256,
-            created_at=_ts(artifact.created_at) or 0,
+            created_at=unix_seconds(artifact.created_at) or 0,
         )
 
 
