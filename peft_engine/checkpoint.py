@@ -15,22 +15,26 @@ A checkpoint directory holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_engine.methods.weights import WeightsFormat
+from peft_engine.errors import SpecError
+from peft_engine.methods.weights import MODEL_INFO_FILE, WeightsFormat
+
+if TYPE_CHECKING:
+    from peft_engine.prepare import PreparedJob
 
 STATE_FILE = "trainer_state.json"
 METHOD_STATE_FILE = "method_state.safetensors"
-from peft_engine.methods.weights import MODEL_INFO_FILE  # noqa: E402
 
 FORMAT_VERSION = 1
 
@@ -111,6 +115,22 @@ def save_checkpoint(
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
+
+
+def spec_fingerprint(job: PreparedJob) -> str:
+    """What must not change for a checkpoint to resume: the settings and the data order."""
+    data = job.spec.model_dump_json(exclude={"training_file", "validation_file", "metadata"})
+    order = ",".join(str(e.line) for e in job.train.examples)
+    return hashlib.sha256(f"{data}|{order}".encode()).hexdigest()[:16]
+
+
+def check_same_job(state: TrainerState, job: PreparedJob) -> None:
+    if state.spec_fingerprint != spec_fingerprint(job):
+        raise SpecError(
+            "the checkpoint was made by a job with other settings or data; resuming it with "
+            "this spec would not continue the same run",
+            param="resume",
+        )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from peft_engine.data.batching import Batch
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.fused_loss import fused_parts, linear_cross_entropy
 from peft_engine.models.attention import packed_forward_kwargs
-from peft_engine.tasks import LossSum
+from peft_engine.tasks.base import LossSum
 
 
 def batch_loss(model: Any, batch: Batch, *, fused: bool = True) -> LossSum:

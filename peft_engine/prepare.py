@@ -14,6 +14,7 @@ from typing import Any
 
 from peft_engine.data.formats import TASK_FORMATS, Example, read_examples
 from peft_engine.errors import DataError, SpecError
+from peft_engine.hooks import Event
 from peft_engine.methods import MethodDef, method_for
 from peft_engine.models import ModelEntry, ModelRegistry, model_dir, read_model_info
 from peft_engine.spec import (
@@ -174,3 +175,44 @@ def check_family(method: MethodDef, family: str) -> None:
             f"(it supports: {', '.join(method.families)})",
             param="method.type",
         )
+
+
+def prepared_events(job: PreparedJob) -> list[Event]:
+    """What was prepared: examples, tokens, the resolved schedule, and what was cut."""
+    from peft_engine.tasks import task_for
+
+    hp = job.spec.hyperparameters
+    train = job.train
+    unit = task_for(job.spec.task).unit
+    with_loss = "with loss" if unit == "tokens" else f"{unit} with labels"
+    labels = f"; {len(job.labels)} labels" if job.labels else ""
+    events = [
+        Event(
+            "info",
+            f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
+            f"{train.n_loss_tokens} {with_loss}{labels}), "
+            f"{len(job.validation.examples) if job.validation else 0} validation examples; "
+            f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
+            f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
+            {"resolved_hyperparameters": hp.model_dump()},
+        )
+    ]
+    if train.truncated:
+        events.append(
+            Event(
+                "warning",
+                f"{train.truncated} training examples are longer than max_seq_length="
+                f"{hp.max_seq_length} and were truncated",
+                {"truncated_examples": train.truncated},
+            )
+        )
+    if train.dropped:
+        events.append(
+            Event(
+                "warning",
+                f"{train.dropped} training examples had no token to learn from within "
+                f"max_seq_length={hp.max_seq_length} and were left out",
+                {"dropped_examples": train.dropped},
+            )
+        )
+    return events

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_engine.training import lr_multiplier
+from peft_engine.schedule import lr_multiplier
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])

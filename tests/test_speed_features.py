@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from peft_engine import DataPaths, Hooks, fused_loss, train
 from peft_engine.data.batching import pack, pad
 from peft_engine.data.formats import DataFormat, Example
+from peft_engine.data.steps import split_by_tokens
 from peft_engine.data.tokenize import IGNORE, tokenize_dataset
 from peft_engine.loss import batch_loss
 from peft_engine.methods.lora import LoraMethod, build_lora
@@ -34,7 +35,6 @@ from peft_engine.models.attention import (
     packed_forward_kwargs,
     use_packed_attention,
 )
-from peft_engine.training import split_by_tokens
 from tests.conftest import chat, write_jsonl
 
 ROWS = [

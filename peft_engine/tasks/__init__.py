@@ -1,101 +1,11 @@
-"""What a task brings to the training loop: its data, its model, its loss and its metrics.
-
-The loop (`peft_engine.training`) is the same for every task; a `Task` supplies the parts
-that differ:
-
-    prepare   examples → the tokenized (or decoded) datasets, the label set, the processor
-    load_model          → the base model with the task's head (the loop applies the method)
-    collate   examples → a batch (`n_tokens` and `n_loss_tokens` for the loop's accounting)
-    loss      (model, batch) → summed loss, the number of items it is summed over
-    evaluate  (model, batches) → flat metrics (for the metrics series) and a report
-
-`n_loss_tokens` counts what the loss is averaged over: next-token targets for causal LM,
-examples for sequence classification, labelled words for token classification.
-"""
+"""The tasks the engine trains, chosen by name; what each supplies is `tasks.base.Task`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
-    from pathlib import Path
-
-    import torch
-
-    from peft_engine.data.formats import Example
-    from peft_engine.prepare import PreparedJob
-    from peft_engine.spec import JobSpec
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A task's prepared examples and what the loop and the report need to know of them."""
-
-    examples: list[Any]  # each has .line and .input_ids (or an image) and its label(s)
-    truncated: int = 0  # examples cut to max_seq_length (still trained on)
-    dropped: int = 0  # examples left with nothing to learn from (not trained on)
-    longest: int = 0  # longest example in tokens, before truncation
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(e.n_tokens for e in self.examples)
-
-    @property
-    def n_loss_tokens(self) -> int:
-        return sum(e.n_loss_tokens for e in self.examples)
-
-
-@dataclass(frozen=True)
-class TaskData:
-    processor: Any  # the tokenizer or image processor, saved with the output
-    train: Any  # peft_engine.data.tokenize.TokenizedDataset or Dataset
-    validation: Any | None
-    labels: tuple[str, ...] | None = None  # class or tag names, in id order
-    options: dict[str, Any] = field(default_factory=dict)  # resolved task options
-
-
-@dataclass
-class LossSum:
-    loss: torch.Tensor  # summed over the items that carry loss (a graph when training)
-    n_loss_tokens: int
-    n_correct: int
-
-
-class Task(Protocol):
-    name: str
-    # What "loss tokens" are called in messages: "tokens", "examples", "words", "images".
-    unit: str
-
-    def prepare(
-        self,
-        spec: JobSpec,
-        train: Sequence[Example],
-        validation: Sequence[Example],
-        model_path: Path,
-        *,
-        max_seq_length: int,
-        validation_param: str,
-    ) -> TaskData: ...
-
-    def load_model(
-        self, job: PreparedJob, *, dtype: torch.dtype, device: torch.device
-    ) -> torch.nn.Module: ...
-
-    def collate(self, examples: Sequence[Any], job: PreparedJob) -> Any: ...
-
-    def loss(self, model: Any, batch: Any, job: PreparedJob) -> LossSum: ...
-
-    def evaluate(
-        self, model: Any, batches: Iterable[Any], device: torch.device, job: PreparedJob
-    ) -> tuple[dict[str, float], dict[str, Any]]: ...
-
-    def describe_eval(self, metrics: dict[str, float]) -> str: ...
-
-    def model_info(self, job: PreparedJob) -> dict[str, Any]: ...
-
-    def build_model(self, base_dir: Path, info: dict[str, Any], **kwargs: Any) -> Any: ...
+    from peft_engine.tasks.base import Task
 
 
 def task_for(name: str) -> Task:
@@ -109,7 +19,7 @@ def task_for(name: str) -> Task:
 
         return SEQ_CLASSIFICATION
     if name == "token_classification":
-        from peft_engine.tasks.classification import TOKEN_CLASSIFICATION
+        from peft_engine.tasks.token_classification import TOKEN_CLASSIFICATION
 
         return TOKEN_CLASSIFICATION
     if name == "image_classification":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from peft_engine.data.batching import Batch, collate
 from peft_engine.data.tokenize import IGNORE, TokenizedExample, tokenize_dataset
 from peft_engine.loss import batch_loss, evaluate
-from peft_engine.tasks import LossSum, TaskData
+from peft_engine.tasks.base import LossSum, TaskData
 
 
 class CausalLMTask:

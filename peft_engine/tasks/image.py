@@ -15,7 +15,6 @@ confusion matrix in the report. An image counts as one "token" in the loop's acc
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,9 @@ import torch
 from peft_engine.data.formats import MAX_REPORTED_ERRORS, Example
 from peft_engine.data.images import ImageProblem, decode_image
 from peft_engine.errors import DataError, LineError, UserError
-from peft_engine.tasks import Dataset, TaskData
-from peft_engine.tasks.classification import (
-    OneLabelTask,
-    _check_known_labels,
-    class_weights,
-    label_set,
-)
+from peft_engine.tasks.base import Dataset, TaskData
+from peft_engine.tasks.classification import OneLabelTask
+from peft_engine.tasks.labels import class_weight_options, label_ids
 
 if TYPE_CHECKING:
     from peft_engine.models.resident import ResidentLoader
@@ -106,14 +101,8 @@ class ImageClassificationTask(OneLabelTask):
         max_seq_length: int,
         validation_param: str,
     ) -> TaskData:
-        labels = label_set(e.record["label"] for e in train)
-        ids = {label: i for i, label in enumerate(labels)}
-        _check_known_labels(validation, ids, validation_param)
-        options: dict[str, Any] = {}
-        weights_option = spec.hyperparameters.class_weights
-        if weights_option is not None:
-            counts = Counter(str(e.record["label"]) for e in train)
-            options["class_weights"] = class_weights(weights_option, labels, counts)
+        labels, ids = label_ids(train, validation, validation_param)
+        options = class_weight_options(spec.hyperparameters.class_weights, labels, train)
         processor = load_image_processor(model_path)
         validation_set = (
             _preprocess(validation, processor, ids, validation_param) if validation else None

@@ -1,0 +1,188 @@
+"""Token classification: a tag per word, `{"tokens": [...], "tags": [...]}` with IOB2 tags.
+
+The words are joined with spaces and tokenized once with offsets; a word's tag goes on its
+first sub-token and the other sub-tokens carry no loss. Evaluation reads the prediction at
+each word's first sub-token and scores entities with seqeval's semantics (an entity counts
+only when its span and type are exact); words cut off by `max_seq_length` count as
+predicted `O`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peft_engine.data.formats import Example
+from peft_engine.data.tokenize import IGNORE
+from peft_engine.errors import DataError
+from peft_engine.metrics import entity_metrics
+from peft_engine.tasks.base import Dataset, LossSum, TaskData
+from peft_engine.tasks.classification import ClassificationTask, LabelledBatch, LabelledExample
+from peft_engine.tasks.labels import tag_ids
+
+
+class TokenClassificationTask(ClassificationTask):
+    name = "token_classification"
+    unit = "words"
+
+    def prepare(
+        self,
+        spec: Any,
+        train: Sequence[Example],
+        validation: Sequence[Example],
+        model_path: Path,
+        *,
+        max_seq_length: int,
+        validation_param: str,
+    ) -> TaskData:
+        from peft_engine.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(
+                "token classification needs a fast tokenizer (with offsets); this model has none",
+                param="model",
+            )
+        tags, ids = tag_ids(train, validation, validation_param)
+        return TaskData(
+            tokenizer,
+            _encode_words(train, tokenizer, ids, max_seq_length),
+            _encode_words(validation, tokenizer, ids, max_seq_length) if validation else None,
+            labels=tags,
+        )
+
+    def build_model(self, base_dir: Path, info: dict[str, Any], **kwargs: Any) -> Any:
+        from peft_engine.models.heads import TokenClassifier, load_body
+
+        return TokenClassifier(load_body(base_dir, **kwargs), len(info["labels"]))
+
+    def loss(self, model: Any, batch: LabelledBatch, job: Any) -> LossSum:
+        logits = _token_logits(model, batch)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        with torch.no_grad():
+            keep = batch.labels != IGNORE
+            correct = int(((logits.argmax(-1) == batch.labels) & keep).sum())
+        return LossSum(loss, batch.n_loss_tokens, correct)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: Any, batches: Iterable[LabelledBatch], device: torch.device, job: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        was_training = model.training
+        model.eval()
+        tags = list(job.labels)
+        total, count = 0.0, 0
+        truth: list[list[str]] = []
+        predicted: list[list[str]] = []
+        for batch in batches:
+            batch = batch.to(device)
+            logits = _token_logits(model, batch)
+            total += float(
+                F.cross_entropy(
+                    logits.flatten(0, 1),
+                    batch.labels.flatten(),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+            )
+            count += batch.n_loss_tokens
+            best = logits.argmax(-1).tolist()
+            for row, example in enumerate(batch.examples):
+                truth.append([tags[t] for t in example.word_tags])
+                predicted.append(
+                    [tags[best[row][s]] if s >= 0 else "O" for s in example.word_starts]
+                )
+        model.train(was_training)
+        report = entity_metrics(truth, predicted)
+        metrics = {
+            "eval_loss": total / max(count, 1),
+            "entity_f1": report["entity_f1"],
+            "entity_precision": report["entity_precision"],
+            "entity_recall": report["entity_recall"],
+            "token_accuracy": report["token_accuracy"],
+        }
+        return metrics, {"per_type": report["per_type"]}
+
+    def describe_eval(self, metrics: dict[str, float]) -> str:
+        return (
+            f"loss {metrics['eval_loss']:.4f}, entity F1 {metrics['entity_f1']:.4f} "
+            f"(precision {metrics['entity_precision']:.4f}, "
+            f"recall {metrics['entity_recall']:.4f})"
+        )
+
+
+def _token_logits(model: Any, batch: LabelledBatch) -> torch.Tensor:
+    logits = model(**batch.model_inputs()).logits.float()
+    # prompt tuning puts virtual tokens in front: their positions carry no label
+    return logits[:, logits.shape[1] - batch.labels.shape[1] :]
+
+
+def _encode_words(
+    examples: Sequence[Example], tokenizer: Any, ids: dict[str, int], max_seq_length: int
+) -> Dataset:
+    texts, word_spans = [], []
+    for e in examples:
+        spans, offset = [], 0
+        for word in e.record["tokens"]:
+            spans.append((offset, offset + len(word)))
+            offset += len(word) + 1
+        texts.append(" ".join(e.record["tokens"]))
+        word_spans.append(spans)
+    full = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_seq_length,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+    )
+    type_ids = encoded.get("token_type_ids")
+    out: list[LabelledExample] = []
+    dropped = 0
+    for i, e in enumerate(examples):
+        text, spans = texts[i], word_spans[i]
+        starts = [s for s, _ in spans]
+        labels = [IGNORE] * len(encoded["input_ids"][i])
+        word_starts = [-1] * len(spans)
+        for position, (lo, hi) in enumerate(encoded["offset_mapping"][i]):
+            while lo < hi and text[lo].isspace():  # byte-level BPE folds the space in front
+                lo += 1
+            if lo >= hi:
+                continue  # a special token
+            word = bisect.bisect_right(starts, lo) - 1
+            if word >= 0 and word_starts[word] < 0 and lo < spans[word][1]:
+                word_starts[word] = position
+                labels[position] = ids[e.record["tags"][word]]
+        example = LabelledExample(
+            line=e.line,
+            input_ids=list(encoded["input_ids"][i]),
+            token_type_ids=list(type_ids[i]) if type_ids is not None else None,
+            labels=labels,
+            truncated=len(full[i]) > max_seq_length,
+            word_starts=tuple(word_starts),
+            word_tags=tuple(ids[tag] for tag in e.record["tags"]),
+        )
+        if example.n_loss_tokens == 0:
+            dropped += 1
+            continue
+        out.append(example)
+    if not out:
+        raise DataError(
+            f"no sentence has a word within max_seq_length={max_seq_length}", param="training_file"
+        )
+    return Dataset(
+        out,
+        truncated=sum(e.truncated for e in out),
+        dropped=dropped,
+        longest=max(len(ids_) for ids_ in full),
+    )
+
+
+TOKEN_CLASSIFICATION = TokenClassificationTask()
