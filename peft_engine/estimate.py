@@ -23,6 +23,7 @@ from typing import Any
 
 from peft_engine.data.formats import DataFormat, Example
 from peft_engine.errors import SpecError
+from peft_engine.jsonfile import read_json_object
 from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
 from peft_engine.prepare import DataPaths, check_support, read_job_examples
@@ -168,7 +169,7 @@ def _chat_template(path: Path) -> Any:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_template_error
-    config = _read_json(path / "tokenizer_config.json")
+    config = read_json_object(path / "tokenizer_config.json")
     return env.from_string(source, globals={k: config.get(k) for k in ("bos_token", "eos_token")})
 
 
@@ -176,14 +177,6 @@ def _raise_template_error(message: str) -> None:
     raise SpecError(
         f"the model's chat template refused an example: {message}", param="training_file"
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _example_text(example: Example) -> str:

@@ -291,33 +291,21 @@ def resolve_spec(
     eval_every = hp.eval_every_steps or (max(1, total_steps // 10) if has_eval else None)
     checkpoint_every = hp.checkpoint_every_steps or eval_every or max(1, total_steps // 10)
 
-    resolved_hp = ResolvedHyperparameters(
-        **hp.model_dump(
-            exclude={
-                "n_epochs",
-                "batch_size",
-                "learning_rate",
-                "max_seq_length",
-                "eval_every_steps",
-                "checkpoint_every_steps",
-                "packing",
-                "reduce_on_plateau",
-                "pooling",
-            }
-        ),
-        packing=packing,
-        reduce_on_plateau=plateau,
-        pooling=pooling,
-        n_epochs=n_epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        max_seq_length=max_seq_length,
-        eval_every_steps=eval_every,
-        checkpoint_every_steps=checkpoint_every,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        warmup_steps=warmup_steps,
-    )
+    resolved = {
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "max_seq_length": max_seq_length,
+        "packing": packing,
+        "reduce_on_plateau": plateau,
+        "pooling": pooling,
+        "eval_every_steps": eval_every,
+        "checkpoint_every_steps": checkpoint_every,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": warmup_steps,
+    }
+    resolved_hp = ResolvedHyperparameters(**hp.model_dump(exclude=set(resolved)), **resolved)
     return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
 
 

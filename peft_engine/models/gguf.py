@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peft_engine.jsonfile import read_json_object
+
 if TYPE_CHECKING:  # torch and transformers load only when a file is actually converted
     from transformers import PreTrainedModel
 
@@ -112,7 +114,7 @@ def _file_digest(path: Path, memo_dir: Path) -> str:
     key = str(path.resolve())
     stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
     memo_path = memo_dir / _DIGESTS_FILE
-    memo = _read_memo(memo_path)
+    memo = read_json_object(memo_path)
     known = memo.get(key)
     if isinstance(known, dict) and known.get("stamp") == stamp:
         return str(known["digest"])
@@ -121,14 +123,6 @@ def _file_digest(path: Path, memo_dir: Path) -> str:
     memo[key] = {"stamp": stamp, "digest": digest}
     _write_json_atomically(memo_path, memo)
     return digest
-
-
-def _read_memo(path: Path) -> dict[str, Any]:
-    try:
-        memo = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

@@ -33,6 +33,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
+from peft_engine.models.loading import from_model_dir
+
 if TYPE_CHECKING:
     from peft_engine.models.resident import ResidentLoader
 
@@ -41,14 +43,15 @@ POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler", "last")
 _DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2"}
 
 
-class _TaskModel(nn.Module):
-    def __init__(self, body: nn.Module, n_labels: int) -> None:
+class _HeadModel(nn.Module):
+    """A pretrained `body` and a new `classifier` head on its `features`-long outputs."""
+
+    def __init__(self, body: nn.Module, features: int, n_labels: int) -> None:
         super().__init__()
         self.body = body
         config = body.config
-        hidden = config.hidden_size
         self.dropout = nn.Dropout(_dropout(config))
-        self.classifier = nn.Linear(hidden, n_labels)
+        self.classifier = nn.Linear(features, n_labels)
         std = getattr(config, "initializer_range", 0.02)
         nn.init.normal_(self.classifier.weight, std=std)
         nn.init.zeros_(self.classifier.bias)
@@ -67,37 +70,15 @@ class _TaskModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.body.dtype
 
+
+class _TaskModel(_HeadModel):
+    """A text body with a head on its hidden states."""
+
+    def __init__(self, body: nn.Module, n_labels: int) -> None:
+        super().__init__(body, body.config.hidden_size, n_labels)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.body.get_input_embeddings()
-
-    def _hidden(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        past_key_values: Any,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        extra = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")}
-        if extra.get("token_type_ids") is None:
-            extra.pop("token_type_ids", None)
-        if past_key_values is not None:
-            extra["past_key_values"] = past_key_values
-        return self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **extra,
-        )
-
-
-class SequenceClassifier(_TaskModel):
-    def __init__(self, body: nn.Module, n_labels: int, pooling: Pooling) -> None:
-        super().__init__(body, n_labels)
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}")
-        self.pooling = pooling
 
     def forward(
         self,
@@ -107,10 +88,35 @@ class SequenceClassifier(_TaskModel):
         past_key_values: Any = None,
         labels: torch.Tensor | None = None,  # accepted for peft; the engine computes the loss
         **kwargs: Any,
-    ) -> SequenceClassifierOutput:
-        out = self._hidden(input_ids, attention_mask, inputs_embeds, past_key_values, kwargs)
-        hidden = out.last_hidden_state
-        pooled = self._pool(hidden, attention_mask, out)
+    ) -> Any:
+        extra = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "position_ids")}
+        if extra.get("token_type_ids") is None:
+            extra.pop("token_type_ids", None)
+        if past_key_values is not None:
+            extra["past_key_values"] = past_key_values
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **extra,
+        )
+        return self._head(out, attention_mask)
+
+    def _head(self, out: Any, attention_mask: torch.Tensor | None) -> Any:
+        """The task's output from the body's output."""
+        raise NotImplementedError
+
+
+class SequenceClassifier(_TaskModel):
+    def __init__(self, body: nn.Module, n_labels: int, pooling: Pooling) -> None:
+        super().__init__(body, n_labels)
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}")
+        self.pooling = pooling
+
+    def _head(self, out: Any, attention_mask: torch.Tensor | None) -> SequenceClassifierOutput:
+        pooled = self._pool(out.last_hidden_state, attention_mask, out)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, out: Any) -> Any:
@@ -134,16 +140,7 @@ class SequenceClassifier(_TaskModel):
 
 
 class TokenClassifier(_TaskModel):
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> TokenClassifierOutput:
-        out = self._hidden(input_ids, attention_mask, inputs_embeds, past_key_values, kwargs)
+    def _head(self, out: Any, attention_mask: torch.Tensor | None) -> TokenClassifierOutput:
         return TokenClassifierOutput(logits=self.classifier(self.dropout(out.last_hidden_state)))
 
 
@@ -215,19 +212,12 @@ def load_body(
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(
-            path,
-            dtype=dtype or torch.float32,
-            device_map=device,
-            trust_remote_code=False,
-            local_files_only=True,
-            **options,
-        )
+        return from_model_dir(AutoModel, path, dtype=dtype, device=device, **options)
     finally:
         hf_logging.set_verbosity(level)
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(_HeadModel):
     """An image backbone (`body`, the AutoModel of a vision checkpoint) with a linear head.
 
     The image's feature vector follows what the body outputs: a transformer (ViT) gives a
@@ -243,15 +233,7 @@ class ImageClassifier(nn.Module):
     """
 
     def __init__(self, body: nn.Module, n_labels: int) -> None:
-        super().__init__()
-        self.body = body
-        config = body.config
-        self.dropout = nn.Dropout(_dropout(config))
-        self.classifier = nn.Linear(self.feature_size(body), n_labels)
-        std = getattr(config, "initializer_range", 0.02)
-        nn.init.normal_(self.classifier.weight, std=std)
-        nn.init.zeros_(self.classifier.bias)
-        self.classifier.to(device=body.device, dtype=body.dtype)
+        super().__init__(body, ImageClassifier.feature_size(body), n_labels)
 
     @staticmethod
     def feature_size(body: nn.Module) -> int:
@@ -267,19 +249,6 @@ class ImageClassifier(nn.Module):
         if not convolutions:
             raise ValueError(f"cannot tell the feature size of a {type(body).__name__}")
         return convolutions[-1].out_channels
-
-    # What peft and transformers look up on a model they wrap.
-    @property
-    def config(self) -> Any:
-        return self.body.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.body.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.body.dtype
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)

@@ -125,16 +125,35 @@ def load_causal_lm(
             device=device,
             attn_implementation=attn_implementation,
         )
-    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    return from_model_dir(
+        AutoModelForCausalLM,
+        path,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+    )
+
+
+def from_model_dir(
+    auto_class: Any,
+    path: Path,
+    *,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    **options: Any,
+) -> Any:
+    """`auto_class.from_pretrained` on the directory's files alone, float32 unless told."""
+    import torch
+
+    return auto_class.from_pretrained(
         path,
         dtype=dtype or torch.float32,
         device_map=device,
-        attn_implementation=attn_implementation,
         trust_remote_code=False,
         local_files_only=True,
+        **options,
     )
 
 

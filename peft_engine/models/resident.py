@@ -209,18 +209,9 @@ class ResidentLoader:
     models: ResidentModels
     share: bool
 
-    def load(
-        self,
-        loader: Callable[..., nn.Module],
-        path: Path,
-        *,
-        dtype: torch.dtype | None,
-        device: str | torch.device,
-        **options: Any,
-    ) -> nn.Module:
-        return self.models.load(
-            loader, path, dtype=dtype, device=device, share=self.share, **options
-        )
+    def load(self, loader: Callable[..., nn.Module], path: Path, **options: Any) -> nn.Module:
+        """`ResidentModels.load` with this job's `share`."""
+        return self.models.load(loader, path, share=self.share, **options)
 
 
 def resident_loader(method: Any) -> ResidentLoader | None:

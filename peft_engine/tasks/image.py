@@ -25,6 +25,7 @@ import torch
 from peft_engine.data.formats import MAX_REPORTED_ERRORS, Example
 from peft_engine.data.images import ImageProblem, decode_image
 from peft_engine.errors import DataError, LineError, UserError
+from peft_engine.models.loading import from_model_dir
 from peft_engine.tasks.base import Dataset, TaskData
 from peft_engine.tasks.classification import OneLabelTask
 from peft_engine.tasks.labels import class_weight_options, label_ids
@@ -159,14 +160,7 @@ def load_image_body(
     options: dict[str, Any] = {}
     if config.model_type in _NO_POOLER_TYPES:
         options["add_pooling_layer"] = False  # the head reads the CLS state
-    return AutoModel.from_pretrained(
-        path,
-        dtype=dtype or torch.float32,
-        device_map=device,
-        trust_remote_code=False,
-        local_files_only=True,
-        **options,
-    )
+    return from_model_dir(AutoModel, path, dtype=dtype, device=device, **options)
 
 
 # ---------------------------------------------------------------------------------------
