@@ -163,19 +163,7 @@ def train(
 
     # 6. Keep the best evaluation's weights, and write the output.
     _keep_best_weights(run, state)
-    result = _result(job, state, started, early_stopped)
-    output_dir = outputs.write_output(
-        workdir,
-        model=model,
-        weights=weights,
-        tokenizer=job.tokenizer,
-        job=job,
-        result=result,
-        metrics_log=run.metrics_log,
-        model_info=_model_info(job, task),
-    )
-    hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
-    return TrainResult("succeeded", output_dir, result, model)
+    return _write_output(run, _result(job, state, started, early_stopped))
 
 
 def _build_model(
@@ -365,6 +353,21 @@ def _save_checkpoint(run: _Run, state: ckpt.TrainerState) -> None:
         model_info=_model_info(run.job, run.task),
     )
     run.hooks.on_checkpoint(path, state.step, dict(state.last_eval))
+
+
+def _write_output(run: _Run, result: dict[str, Any]) -> TrainResult:
+    output_dir = outputs.write_output(
+        run.workdir,
+        model=run.model,
+        weights=run.weights,
+        tokenizer=run.job.tokenizer,
+        job=run.job,
+        result=result,
+        metrics_log=run.metrics_log,
+        model_info=_model_info(run.job, run.task),
+    )
+    run.hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
+    return TrainResult("succeeded", output_dir, result, run.model)
 
 
 def _keep_best_weights(run: _Run, state: ckpt.TrainerState) -> None:
