@@ -20,12 +20,11 @@ import peft_engine.methods.bottleneck  # noqa: F401  (registers the method)
 from peft_engine.methods import METHODS
 from peft_engine.methods.bottleneck import (
     AUTO_TARGETS,
-    AdaptedLinear,
-    BottleneckAdapter,
     BottleneckAdapterMethod,
     build_bottleneck,
     find_targets,
 )
+from peft_engine.methods.bottleneck_layers import AdaptedLinear, BottleneckAdapter
 from peft_engine.methods.weights import TRAINED_WEIGHTS, TRAINED_WEIGHTS_FILE
 
 HIDDEN = 32

@@ -414,32 +414,31 @@ def test_causal_adapters_load_with_nothing_but_peft(
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_unsupported_pairs_are_refused_before_any_weight_loads(tmp_path, registry, cache_dir):
-    with pytest.raises(SpecError, match="does not support model family 'llama'") as caught:
+@pytest.mark.parametrize(
+    ("case", "where", "match", "param"),
+    [
+        (
+            "bitfit",
+            "seq_classification@llama",
+            "does not support model family 'llama'",
+            "method.type",
+        ),
+        ("lora-pissa", "seq_classification", "available for causal_lm only", "method.init"),
+        ("head_only", "causal_lm", "does not support task 'causal_lm'", "method.type"),
+    ],
+)
+def test_unsupported_pairs_are_refused_before_any_weight_loads(
+    case, where, match, param, tmp_path, registry, cache_dir
+):
+    with pytest.raises(SpecError, match=match) as caught:
         train(
-            _spec("bitfit", "seq_classification@llama"),
+            _spec(case, where),
             tmp_path,
-            data=_data(tmp_path, "seq_classification"),
+            data=_data(tmp_path, where),
             registry=registry,
             cache_dir=cache_dir,
         )
-    assert caught.value.param == "method.type"
-    with pytest.raises(SpecError, match="available for causal_lm only"):
-        train(
-            _spec("lora-pissa", "seq_classification"),
-            tmp_path,
-            data=_data(tmp_path, "seq_classification"),
-            registry=registry,
-            cache_dir=cache_dir,
-        )
-    with pytest.raises(SpecError, match="does not support task 'causal_lm'"):
-        train(
-            _spec("head_only", "causal_lm"),
-            tmp_path,
-            data=_data(tmp_path, "causal_lm"),
-            registry=registry,
-            cache_dir=cache_dir,
-        )
+    assert caught.value.param == param
 
 
 # ---------------------------------------------------------------------------------------

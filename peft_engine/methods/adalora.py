@@ -17,23 +17,36 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import (
     TEXT_TASKS,
-    MethodSpec,
     MethodTrainer,
+    PeftMethodSpec,
     TargetModules,
-    peft_targets,
-    peft_task_options,
+    build_peft,
 )
-from peft_engine.methods.weights import WeightsFormat, peft_save
+from peft_engine.methods.registry import MethodDef, register
+from peft_engine.methods.weights import WeightsFormat, peft_restore, peft_save, peft_state
 
 # peft checks the schedule when the config is made, before the job's length is known; the
 # trainer sets the real length.
 _PLACEHOLDER_TOTAL = 1_000_000
 
 
-class AdaLoraMethod(MethodSpec):
+class AdaLoraMethod(PeftMethodSpec):
+    peft_config = "AdaLoraConfig"
+    peft_fields = {
+        "init_r": "init_r",
+        "target_r": "target_r",
+        "lora_alpha": "alpha",
+        "lora_dropout": "dropout",
+        "deltaT": "delta_t",
+        "beta1": "beta1",
+        "beta2": "beta2",
+        "orth_reg_weight": "orth_reg_weight",
+    }
+    # The schedule's phases are set by the trainer, once the job's length is known.
+    peft_fixed = {"tinit": 0, "tfinal": 0, "total_step": _PLACEHOLDER_TOTAL}
+
     type: Literal["adalora"] = "adalora"
     init_r: int = Field(12, ge=1, le=1024)
     target_r: int = Field(8, ge=1, le=1024)
@@ -50,26 +63,9 @@ class AdaLoraMethod(MethodSpec):
 
 
 def build_adalora(model: Any, spec: AdaLoraMethod, task: str) -> Any:
-    from peft import AdaLoraConfig, get_peft_model
-
     if spec.target_r > spec.init_r:
         raise ValueError("target_r must not be larger than init_r")
-    config = AdaLoraConfig(
-        init_r=spec.init_r,
-        target_r=spec.target_r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=peft_targets(model, spec.target_modules, task),
-        tinit=0,
-        tfinal=0,
-        deltaT=spec.delta_t,
-        beta1=spec.beta1,
-        beta2=spec.beta2,
-        orth_reg_weight=spec.orth_reg_weight,
-        total_step=_PLACEHOLDER_TOTAL,
-        **peft_task_options(task),
-    )
-    return get_peft_model(model, config)
+    return build_peft(model, spec, task)
 
 
 class AdaLoraTrainer(MethodTrainer):
@@ -150,23 +146,11 @@ def _full_size(action: Any) -> Any:
     return run
 
 
-def _state(model: Any) -> dict[str, Any]:
-    from peft import get_peft_model_state_dict
-
-    return dict(get_peft_model_state_dict(model))
-
-
-def _restore(model: Any, weights: dict[str, Any]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, weights)
-
-
 # The output is peft's own save: the final rank pattern, loadable by PeftModel.from_pretrained.
 ADALORA_ADAPTER = WeightsFormat(
     "adapter_model.safetensors",
-    state=_full_size(_state),
-    restore=_full_size(_restore),
+    state=_full_size(peft_state),
+    restore=_full_size(peft_restore),
     save=_full_size(peft_save),
     export=peft_save,
 )

@@ -9,21 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import TEXT_TASKS, MethodSpec, unfreeze_task_head
+from peft_engine.methods.common import BERT_LIKE, TEXT_TASKS, MethodSpec, unfreeze_task_head
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 # Families whose layers carry bias terms.
-BIAS_FAMILIES = (
-    "bert",
-    "roberta",
-    "xlm-roberta",
-    "distilbert",
-    "electra",
-    "deberta",
-    "deberta-v2",
-    "gpt2",
-)
+BIAS_FAMILIES = (*BERT_LIKE, "gpt2")
 
 
 class BitfitMethod(MethodSpec):

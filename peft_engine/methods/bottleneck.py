@@ -5,7 +5,7 @@ hidden state to a few dimensions (`bottleneck`), a non-linearity acts on it, and
 projects it back. Houlsby et al. put one after each sub-layer's output projection, twice per
 transformer layer: after the attention output projection and after the feed-forward output
 projection, before the residual add and layer norm that follow. `AdaptedLinear` wraps those
-projections so that is exactly where they act (BERT/RoBERTa/ELECTRA/DeBERTa
+projections (`bottleneck_layers`) so that is exactly where they act (BERT/RoBERTa/ELECTRA/DeBERTa
 `attention.output.dense` and `output.dense`, Llama/Mistral/Qwen `self_attn.o_proj` and
 `mlp.down_proj`, ViT `attention.o_proj` and `mlp.fc2`, DistilBERT `attention.out_lin` and
 `ffn.lin2`); `target_modules` names others by suffix. The heads (`classifier`, `lm_head`)
@@ -31,8 +31,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import TASK_HEAD, TEXT_TASKS, MethodSpec, unfreeze_task_head
+from peft_engine.methods.common import (
+    BERT_LIKE,
+    LLAMA_LIKE,
+    TASK_HEAD,
+    TEXT_TASKS,
+    MethodSpec,
+    unfreeze_task_head,
+)
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 if TYPE_CHECKING:
@@ -67,96 +74,6 @@ class BottleneckAdapterMethod(MethodSpec):
     target_modules: Literal["auto"] | Annotated[list[TargetSuffix], Field(min_length=1)] = "auto"
 
 
-# The torch modules. `peft_engine.methods` is imported by the API to validate specs and must
-# not import torch, so they are defined on first use: `from ...bottleneck import
-# AdaptedLinear` (or any attribute access) defines both, once, as ordinary module globals.
-_TORCH_MODULES = ("BottleneckAdapter", "AdaptedLinear")
-
-
-def _define_torch_modules() -> None:
-    import torch
-    from torch import nn
-
-    activations: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
-
-    class BottleneckAdapter(nn.Module):
-        """`x + up(dropout(act(down(x))))`; `up` is zero at init: it starts as the identity."""
-
-        def __init__(
-            self,
-            hidden: int,
-            bottleneck: int,
-            activation: str = "gelu",
-            dropout: float = 0.0,
-            *,
-            device: torch.device | None = None,
-            dtype: torch.dtype | None = None,
-        ) -> None:
-            super().__init__()
-            self.down = nn.Linear(hidden, bottleneck, device=device, dtype=dtype)
-            self.act = activations[activation]()
-            self.dropout = nn.Dropout(dropout)
-            self.up = nn.Linear(bottleneck, hidden, device=device, dtype=dtype)
-            self.reset_parameters()
-
-        def reset_parameters(self) -> None:
-            """`down` small and random (torch's global RNG), `up` zero: the identity map."""
-            nn.init.normal_(self.down.weight, std=1e-2)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.up(self.dropout(self.act(self.down(x))))
-
-    class AdaptedLinear(nn.Module):
-        """A frozen linear layer (`base_layer`) followed by a bottleneck `adapter`."""
-
-        def __init__(self, base_layer: nn.Linear, adapter: BottleneckAdapter) -> None:
-            super().__init__()
-            self.base_layer = base_layer
-            self.adapter = adapter
-
-        # What model code may read from the layer it replaced.
-        @property
-        def weight(self) -> torch.Tensor:
-            return self.base_layer.weight
-
-        @property
-        def bias(self) -> torch.Tensor | None:
-            return self.base_layer.bias
-
-        @property
-        def in_features(self) -> int:
-            return self.base_layer.in_features
-
-        @property
-        def out_features(self) -> int:
-            return self.base_layer.out_features
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.adapter(self.base_layer(x))
-
-    for cls in (BottleneckAdapter, AdaptedLinear):
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-        globals()[cls.__name__] = cls
-
-
-def __getattr__(name: str) -> Any:
-    """`BottleneckAdapter` and `AdaptedLinear`, defined (importing torch) on first access."""
-    if name in _TORCH_MODULES:
-        _define_torch_modules()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _torch_modules() -> tuple[Any, Any]:
-    if "AdaptedLinear" not in globals():
-        _define_torch_modules()
-    return globals()["BottleneckAdapter"], globals()["AdaptedLinear"]
-
-
 def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
@@ -168,9 +85,10 @@ def find_targets(model: nn.Module, target_modules: Literal["auto"] | list[str]) 
     """
     from torch import nn
 
-    _, adapted_linear = _torch_modules()
+    from peft_engine.methods.bottleneck_layers import AdaptedLinear
+
     suffixes = AUTO_TARGETS if target_modules == "auto" else tuple(target_modules)
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, adapted_linear)]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not _matches(name, suffixes):
@@ -189,8 +107,9 @@ def build_bottleneck(model: Any, spec: BottleneckAdapterMethod, task: str) -> An
     Changes `model` in place and returns it. The classification head of a head task trains
     too. A model that already has adapters is refused: build on a fresh base model.
     """
-    bottleneck_adapter, adapted_linear = _torch_modules()
-    if any(isinstance(m, adapted_linear) for m in model.modules()):
+    from peft_engine.methods.bottleneck_layers import AdaptedLinear, BottleneckAdapter
+
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} already has bottleneck adapters; "
             "apply build_bottleneck to a fresh base model"
@@ -211,7 +130,7 @@ def build_bottleneck(model: Any, spec: BottleneckAdapterMethod, task: str) -> An
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child_name)
         weight = base_layer.weight
-        adapter = bottleneck_adapter(
+        adapter = BottleneckAdapter(
             base_layer.out_features,
             spec.bottleneck,
             spec.activation,
@@ -221,7 +140,7 @@ def build_bottleneck(model: Any, spec: BottleneckAdapterMethod, task: str) -> An
         )
         adapter.train(base_layer.training)
         adapter.requires_grad_(True)
-        setattr(parent, child_name, adapted_linear(base_layer, adapter))
+        setattr(parent, child_name, AdaptedLinear(base_layer, adapter))
     unfreeze_task_head(model, task)
     return model
 
@@ -235,19 +154,6 @@ register(
         # Zero-initialised adapters with few parameters take larger steps than full tuning.
         default_learning_rate=lambda spec: 1e-3,
         weights=TRAINED_WEIGHTS,
-        families=(
-            "bert",
-            "roberta",
-            "xlm-roberta",
-            "distilbert",
-            "electra",
-            "deberta",
-            "deberta-v2",
-            "vit",
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-        ),
+        families=(*BERT_LIKE, "vit", *LLAMA_LIKE),
     )
 )

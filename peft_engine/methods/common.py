@@ -1,8 +1,9 @@
-"""What the peft-based method modules share: strict spec models, targets, task types."""
+"""What the method modules share: strict spec models, targets, task types, model families,
+and the one builder of the methods peft implements."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,11 @@ HEAD_TASKS = ("seq_classification", "token_classification", "image_classificatio
 ALL_TASKS = ("causal_lm", *HEAD_TASKS)
 # The new task head of a classification model (peft_engine.tasks builds it): always trained.
 TASK_HEAD = "classifier"
+
+# Model families (config.json's model_type) by layout, for methods that name the families
+# they work on (MethodDef.families).
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def peft_task_options(task: str) -> dict[str, Any]:
@@ -102,21 +108,46 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LycorisSpec(MethodSpec):
+class PeftMethodSpec(MethodSpec):
+    """The spec of a method peft implements: how it becomes peft's config is data.
+
+    `peft_config` names peft's config class (peft is imported only when a model is built),
+    `peft_fields` maps peft's option names to this spec's fields, and `peft_fixed` holds the
+    options every job of the method sets. A spec's `target_modules` are resolved for the model.
+    """
+
+    peft_config: ClassVar[str]
+    peft_fields: ClassVar[dict[str, str]] = {}
+    peft_fixed: ClassVar[dict[str, Any]] = {}
+
+    def peft_options(self, model: Any, task: str) -> dict[str, Any]:
+        options = {**self.peft_fixed}
+        options.update({option: getattr(self, field) for option, field in self.peft_fields.items()})
+        if "target_modules" in type(self).model_fields:
+            options["target_modules"] = peft_targets(model, self.target_modules, task)
+        return {**options, **peft_task_options(task)}
+
+
+def build_peft(model: Any, spec: PeftMethodSpec, task: str) -> Any:
+    """`model` wrapped by peft (a PeftModel) with the method `spec` describes."""
+    import peft
+
+    config_class = getattr(peft, spec.peft_config)
+    return peft.get_peft_model(model, config_class(**spec.peft_options(model, task)))
+
+
+class LycorisSpec(PeftMethodSpec):
     """LoHa and LoKr, the LyCORIS pair: a structured low-rank update with the same options."""
+
+    peft_fields = {
+        "r": "r",
+        "alpha": "alpha",
+        "rank_dropout": "rank_dropout",
+        "module_dropout": "module_dropout",
+    }
 
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16, gt=0, le=4096)
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: TargetModules = "all-linear"
-
-    def peft_options(self, model: Any, task: str) -> dict[str, Any]:
-        return {
-            "r": self.r,
-            "alpha": self.alpha,
-            "rank_dropout": self.rank_dropout,
-            "module_dropout": self.module_dropout,
-            "target_modules": peft_targets(model, self.target_modules, task),
-            **peft_task_options(task),
-        }

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import ALL_TASKS, MethodSpec
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 

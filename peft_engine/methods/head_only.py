@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import HEAD_TASKS, MethodSpec, unfreeze_task_head
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import TRAINED_WEIGHTS
 
 

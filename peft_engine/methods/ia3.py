@@ -3,28 +3,24 @@ activations; the fewest trainable parameters of the adapter methods."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import TEXT_TASKS, MethodSpec, peft_task_options
+from peft_engine.methods.common import TEXT_TASKS, PeftMethodSpec, build_peft
+from peft_engine.methods.registry import MethodDef, register
 
 
-class Ia3Method(MethodSpec):
-    type: Literal["ia3"] = "ia3"
+class Ia3Method(PeftMethodSpec):
     # Targets are peft's choice for the model family: keys, values, the FFN down projection.
+    peft_config = "IA3Config"
 
-
-def build_ia3(model: Any, spec: Ia3Method, task: str) -> Any:
-    from peft import IA3Config, get_peft_model
-
-    return get_peft_model(model, IA3Config(**peft_task_options(task)))
+    type: Literal["ia3"] = "ia3"
 
 
 register(
     MethodDef(
         type="ia3",
         spec=Ia3Method,
-        build=build_ia3,
+        build=build_peft,
         tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 3e-3,  # scaling vectors need large steps
     )

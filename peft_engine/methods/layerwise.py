@@ -24,14 +24,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
 from peft_engine.methods.common import (
+    BERT_LIKE,
     HEAD_TASKS,
+    LLAMA_LIKE,
     TASK_HEAD,
     TEXT_TASKS,
     MethodSpec,
     MethodTrainer,
 )
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import TRAINED_NAMES_ATTRIBUTE, TRAINED_WEIGHTS
 
 
@@ -150,20 +152,6 @@ register(
         default_learning_rate=lambda spec: 5e-5,
         weights=TRAINED_WEIGHTS,
         trainer=lambda model, spec, hp, task: LayerwiseTrainer(model, spec, hp, task),
-        families=(
-            "bert",
-            "roberta",
-            "xlm-roberta",
-            "distilbert",
-            "electra",
-            "deberta",
-            "deberta-v2",
-            "vit",
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-            "gpt2",
-        ),
+        families=(*BERT_LIKE, "vit", *LLAMA_LIKE, "gpt2"),
     )
 )

@@ -3,27 +3,23 @@ products, more expressive than LoRA at the same rank."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import TEXT_TASKS, LycorisSpec
+from peft_engine.methods.common import TEXT_TASKS, LycorisSpec, build_peft
+from peft_engine.methods.registry import MethodDef, register
 
 
 class LohaMethod(LycorisSpec):
+    peft_config = "LoHaConfig"
+
     type: Literal["loha"] = "loha"
-
-
-def build_loha(model: Any, spec: LohaMethod, task: str) -> Any:
-    from peft import LoHaConfig, get_peft_model
-
-    return get_peft_model(model, LoHaConfig(**spec.peft_options(model, task)))
 
 
 register(
     MethodDef(
         type="loha",
         spec=LohaMethod,
-        build=build_loha,
+        build=build_peft,
         tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 2e-4,
     )

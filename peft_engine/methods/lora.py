@@ -6,18 +6,22 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import (
-    ALL_TASKS,
-    MethodSpec,
-    TargetModules,
-    peft_targets,
-    peft_task_options,
-)
+from peft_engine.methods.common import ALL_TASKS, PeftMethodSpec, TargetModules, build_peft
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import INITIAL_ADAPTER_ATTRIBUTE
 
 
-class LoraMethod(MethodSpec):
+class LoraMethod(PeftMethodSpec):
+    peft_config = "LoraConfig"
+    peft_fields = {
+        "r": "r",
+        "lora_alpha": "alpha",
+        "lora_dropout": "dropout",
+        "use_dora": "use_dora",
+        "use_rslora": "use_rslora",
+    }
+    peft_fixed = {"bias": "none"}
+
     type: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0, le=4096)
@@ -32,24 +36,15 @@ class LoraMethod(MethodSpec):
     # adapter (rank 2r) on the original base model, so it loads like any other.
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
 
+    def peft_options(self, model: Any, task: str) -> dict[str, Any]:
+        init = True if self.init == "default" else self.init  # peft's True: its default init
+        return {**super().peft_options(model, task), "init_lora_weights": init}
+
 
 def build_lora(model: Any, spec: LoraMethod, task: str) -> Any:
-    from peft import LoraConfig, get_peft_model
-
     from peft_engine.methods.lora_fused import fuse_lora
 
-    config = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=peft_targets(model, spec.target_modules, task),
-        use_dora=spec.use_dora,
-        use_rslora=spec.use_rslora,
-        init_lora_weights=True if spec.init == "default" else spec.init,
-        bias="none",
-        **peft_task_options(task),
-    )
-    model = get_peft_model(model, config)
+    model = build_peft(model, spec, task)
     fuse_lora(model)  # one autograd function a layer, dropout inside: faster, less memory
     if spec.init in ("pissa", "olora"):
         _keep_initial_adapter(model, spec.init)

@@ -14,7 +14,11 @@ applied on the rank-r side (r numbers a token instead of thousands). It keeps a 
 to `x` (which the base layer's backward needs anyway), a one-byte mask and the r numbers a
 token of `lora_A`'s output; the backward recomputes `x * mask`. Whatever this does not cover
 (adapters disabled or merged, several active adapters, a mixed batch, DoRA and other
-variants, a trained base weight, another dtype) goes through peft's own forward, unchanged.
+variants, a trained base weight, another dtype) goes through peft's own forward, unchanged,
+and is counted in `FALLBACKS` by reason; a reason a training job should not meet (another
+dtype, extra arguments, a trained base weight) also warns, once, since the job runs slower.
+`fuse_lora` relies on peft's LoRA layer internals (tested with peft 0.21) and raises
+`PeftInternalsChanged` when those it reads are gone, rather than fusing nothing.
 
 `DropoutLinear` replaces `lora_A` when dropout is on (same parameter, same state-dict key):
 it carries `p`, and does the same dropout when peft's forward calls it. The mask draws 16
@@ -27,6 +31,9 @@ bit for bit. tests/test_speed_features.py holds the outputs and gradients to pef
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from collections import Counter
 from types import MethodType
 from typing import Any
 
@@ -35,6 +42,33 @@ import torch.nn.functional as F
 from torch import nn
 
 _LEVELS = 1 << 16
+
+# What fuse_lora and the fused forward read on peft's LoRA `Linear` layer.
+PEFT_LAYER_ATTRIBUTES = (
+    "base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "scaling",
+    "use_dora",
+    "lora_variant",
+    "fan_in_fan_out",
+    "active_adapters",
+    "disable_adapters",
+    "merged",
+)
+# peft's `Linear.forward(self, x, *args, **kwargs)`, which the fused forward stands in for.
+PEFT_FORWARD_PARAMETERS = ("self", "x", "args", "kwargs")
+
+# How often a fused layer handed a call to peft's forward, by reason.
+FALLBACKS: Counter[str] = Counter()
+# Reasons that are a state the caller chose (generation without adapters, several adapters):
+# counted, not warned about.
+_CHOSEN = frozenset({"adapters disabled or merged", "not one plain active adapter"})
+
+
+class PeftInternalsChanged(RuntimeError):
+    """peft's LoRA layer no longer has what the fused path reads: a peft outside the pins."""
 
 
 class _DropoutMatmul(torch.autograd.Function):
@@ -158,27 +192,68 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def _peft_reason(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """Why this call of a fused layer must go through peft's forward; None: it need not."""
+    if args or kwargs:
+        return "extra arguments"
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+        return "not one plain active adapter"
+    name = active[0]
+    weight, lora_a, lora_b = layer.base_layer.weight, layer.lora_A[name], layer.lora_B[name]
+    if weight.requires_grad:
+        return "the base weight trains"
+    if lora_b.bias is not None:
+        return "lora_B has a bias"
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return "a dropout module"
+    if not (x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+        return "the input, base and adapter dtypes differ"
+    return None
+
+
+def _fall_back(layer: Any, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """peft's own forward for this call, counted; the first of an unexpected kind warns."""
+    FALLBACKS[reason] += 1
+    if FALLBACKS[reason] == 1 and reason not in _CHOSEN:
+        warnings.warn(
+            f"fused LoRA: {reason}, so LoRA layers run peft's slower forward "
+            "(counted in peft_engine.methods.lora_fused.FALLBACKS)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return layer._peft_forward(x, *args, **kwargs)
+
+
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A plain LoRA layer's forward through `_LoraLinear`, else peft's (`_peft_forward`)."""
-    if args or kwargs or self.disable_adapters or self.merged:
-        return self._peft_forward(x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
-        return self._peft_forward(x)
-    name = active[0]
+    reason = _peft_reason(self, x, args, kwargs)
+    if reason is not None:
+        return _fall_back(self, reason, x, *args, **kwargs)
+    name = self.active_adapters[0]
     base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
-    weight = base.weight
-    if (
-        weight.requires_grad
-        or lora_b.bias is not None
-        or not isinstance(self.lora_dropout[name], nn.Identity)
-        or not (x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype)
-    ):
-        return self._peft_forward(x)
     p = getattr(lora_a, "p", 0.0) if lora_a.training else 0.0
     threshold = round(p * _LEVELS)
     scale = self.scaling[name] * (_LEVELS / (_LEVELS - threshold))
-    return _LoraLinear.apply(x, weight, base.bias, lora_a.weight, lora_b.weight, threshold, scale)
+    return _LoraLinear.apply(
+        x, base.weight, base.bias, lora_a.weight, lora_b.weight, threshold, scale
+    )
+
+
+def _check_peft_layer(layer: Any) -> None:
+    """Raise PeftInternalsChanged when peft's LoRA layer lacks what the fused path reads."""
+    forward = tuple(inspect.signature(type(layer).forward).parameters)
+    missing = [name for name in PEFT_LAYER_ATTRIBUTES if not hasattr(layer, name)]
+    if forward == PEFT_FORWARD_PARAMETERS and not missing:
+        return
+    import peft
+
+    raise PeftInternalsChanged(
+        f"peft {peft.__version__}: its LoRA Linear layer is not the one the fused path was "
+        f"written for (forward{forward}, missing {missing}); install peft within the pins"
+    )
 
 
 def fuse_lora(model: nn.Module) -> int:
@@ -186,19 +261,21 @@ def fuse_lora(model: nn.Module) -> int:
     inside (`DropoutLinear` as `lora_A`); the number of layers.
 
     DoRA and other variants, `lora_bias`, and bases that are not a plain `nn.Linear`
-    (convolutions, embeddings, GPT-2's transposed Conv1D) keep peft's own modules.
+    (convolutions, embeddings, GPT-2's transposed Conv1D) keep peft's own modules. A peft
+    whose LoRA layer lacks what this reads raises PeftInternalsChanged.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
     fused = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear:
+        if not isinstance(module, LoraLinear):
             continue
-        if getattr(module, "fan_in_fan_out", False):
+        _check_peft_layer(module)
+        if type(module.base_layer) is not nn.Linear or module.fan_in_fan_out:
             continue
         plain = []
         for name, lora_a in module.lora_A.items():
-            if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name):
+            if name in module.lora_variant or module.use_dora.get(name):
                 continue
             if type(lora_a) is not nn.Linear or module.lora_B[name].bias is not None:
                 continue

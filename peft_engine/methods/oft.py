@@ -3,21 +3,19 @@ block-diagonal so it stays cheap; it preserves the angles between neurons."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import (
-    TEXT_TASKS,
-    MethodSpec,
-    TargetModules,
-    peft_targets,
-    peft_task_options,
-)
+from peft_engine.methods.common import TEXT_TASKS, PeftMethodSpec, TargetModules, build_peft
+from peft_engine.methods.registry import MethodDef, register
 
 
-class OftMethod(MethodSpec):
+class OftMethod(PeftMethodSpec):
+    peft_config = "OFTConfig"
+    peft_fields = {"oft_block_size": "block_size", "module_dropout": "module_dropout"}
+    peft_fixed = {"r": 0}  # the block size decides the number of blocks
+
     type: Literal["oft"] = "oft"
     # Size of the rotation blocks; the layer's input size must be a multiple of it.
     block_size: int = Field(32, ge=1, le=4096)
@@ -25,24 +23,11 @@ class OftMethod(MethodSpec):
     target_modules: TargetModules = "all-linear"
 
 
-def build_oft(model: Any, spec: OftMethod, task: str) -> Any:
-    from peft import OFTConfig, get_peft_model
-
-    config = OFTConfig(
-        r=0,  # the block size decides the number of blocks
-        oft_block_size=spec.block_size,
-        module_dropout=spec.module_dropout,
-        target_modules=peft_targets(model, spec.target_modules, task),
-        **peft_task_options(task),
-    )
-    return get_peft_model(model, config)
-
-
 register(
     MethodDef(
         type="oft",
         spec=OftMethod,
-        build=build_oft,
+        build=build_peft,
         tasks=TEXT_TASKS,
         default_learning_rate=lambda spec: 1e-3,
     )

@@ -14,16 +14,19 @@ false). The output is a PEFT adapter.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from peft_engine.methods import MethodDef, register
-from peft_engine.methods.common import TEXT_TASKS, MethodSpec, peft_task_options
+from peft_engine.methods.common import TEXT_TASKS, PeftMethodSpec, build_peft
+from peft_engine.methods.registry import MethodDef, register
 from peft_engine.methods.weights import PEFT_ADAPTER, PROMPT_ENCODER_ADAPTER
 
 
-class PromptTuningMethod(MethodSpec):
+class PromptTuningMethod(PeftMethodSpec):
+    peft_config = "PromptTuningConfig"
+    peft_fields = {"num_virtual_tokens": "num_virtual_tokens"}
+
     type: Literal["prompt_tuning"] = "prompt_tuning"
     num_virtual_tokens: int = Field(20, ge=1, le=1024)
 
@@ -32,7 +35,14 @@ class PromptTuningMethod(MethodSpec):
         return self.num_virtual_tokens
 
 
-class PTuningMethod(MethodSpec):
+class PTuningMethod(PeftMethodSpec):
+    peft_config = "PromptEncoderConfig"
+    peft_fields = {
+        "num_virtual_tokens": "num_virtual_tokens",
+        "encoder_hidden_size": "encoder_hidden_size",
+        "encoder_reparameterization_type": "encoder_type",
+    }
+
     type: Literal["p_tuning"] = "p_tuning"
     num_virtual_tokens: int = Field(20, ge=1, le=1024)
     encoder_hidden_size: int = Field(128, ge=1, le=16384)
@@ -43,7 +53,14 @@ class PTuningMethod(MethodSpec):
         return self.num_virtual_tokens
 
 
-class PrefixTuningMethod(MethodSpec):
+class PrefixTuningMethod(PeftMethodSpec):
+    peft_config = "PrefixTuningConfig"
+    peft_fields = {
+        "num_virtual_tokens": "num_virtual_tokens",
+        "prefix_projection": "prefix_projection",
+        "encoder_hidden_size": "encoder_hidden_size",
+    }
+
     type: Literal["prefix_tuning"] = "prefix_tuning"
     num_virtual_tokens: int = Field(20, ge=1, le=1024)
     # Train the prefixes through an MLP (more stable, more parameters while training).
@@ -55,53 +72,18 @@ class PrefixTuningMethod(MethodSpec):
         return 0  # prefixes live in the attention's keys and values, not in the sequence
 
 
-def build_prompt_tuning(model: Any, spec: PromptTuningMethod, task: str) -> Any:
-    from peft import PromptTuningConfig, get_peft_model
-
-    config = PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, **_options(task))
-    return get_peft_model(model, config)
-
-
-def build_p_tuning(model: Any, spec: PTuningMethod, task: str) -> Any:
-    from peft import PromptEncoderConfig, get_peft_model
-
-    config = PromptEncoderConfig(
-        num_virtual_tokens=spec.num_virtual_tokens,
-        encoder_hidden_size=spec.encoder_hidden_size,
-        encoder_reparameterization_type=spec.encoder_type,
-        **_options(task),
-    )
-    return get_peft_model(model, config)
-
-
-def build_prefix_tuning(model: Any, spec: PrefixTuningMethod, task: str) -> Any:
-    from peft import PrefixTuningConfig, get_peft_model
-
-    config = PrefixTuningConfig(
-        num_virtual_tokens=spec.num_virtual_tokens,
-        prefix_projection=spec.prefix_projection,
-        encoder_hidden_size=spec.encoder_hidden_size,
-        **_options(task),
-    )
-    return get_peft_model(model, config)
-
-
-def _options(task: str) -> dict[str, Any]:
-    return {"task_type": peft_task_options(task)["task_type"]}
-
-
 # p-tuning's encoder and prefix tuning's (optional) projection are trained but not in
 # peft's adapter, which holds their output: checkpoints keep the parameters themselves.
-for _type, _spec, _build, _lr, _weights in (
-    ("prompt_tuning", PromptTuningMethod, build_prompt_tuning, 1e-2, PEFT_ADAPTER),
-    ("p_tuning", PTuningMethod, build_p_tuning, 5e-3, PROMPT_ENCODER_ADAPTER),
-    ("prefix_tuning", PrefixTuningMethod, build_prefix_tuning, 5e-3, PROMPT_ENCODER_ADAPTER),
+for _spec, _lr, _weights in (
+    (PromptTuningMethod, 1e-2, PEFT_ADAPTER),
+    (PTuningMethod, 5e-3, PROMPT_ENCODER_ADAPTER),
+    (PrefixTuningMethod, 5e-3, PROMPT_ENCODER_ADAPTER),
 ):
     register(
         MethodDef(
-            type=_type,
+            type=_spec.model_fields["type"].default,
             spec=_spec,
-            build=_build,
+            build=build_peft,
             tasks=TEXT_TASKS,
             default_learning_rate=lambda spec, lr=_lr: lr,
             needs_padding=True,

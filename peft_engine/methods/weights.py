@@ -32,13 +32,13 @@ class WeightsFormat:
     export: Callable[[Any, Path], None] | None = None
 
 
-def _peft_state(model: Any) -> dict[str, Any]:
+def peft_state(model: Any) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
     return dict(get_peft_model_state_dict(model))
 
 
-def _peft_restore(model: Any, weights: dict[str, Any]) -> None:
+def peft_restore(model: Any, weights: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, weights)
@@ -101,7 +101,7 @@ def peft_export(model: Any, directory: Path) -> None:
 
 
 PEFT_ADAPTER = WeightsFormat(
-    "adapter_model.safetensors", _peft_state, _peft_restore, peft_save, export=peft_export
+    "adapter_model.safetensors", peft_state, peft_restore, peft_save, export=peft_export
 )
 TRAINED_WEIGHTS = WeightsFormat(
     TRAINED_WEIGHTS_FILE, _trained_state, _trained_restore, _trained_save
