@@ -1,31 +1,99 @@
 """Datasets: upload (validated while it streams in), list, read, delete, local copies.
 
-An upload is read once and validated (`tuneq.files.ingest`); only a valid file reaches
-the store, and its row is inserted only after the object is there, so a row never points
-at nothing.
+`upload_file` is the one way a dataset comes in, whichever road it takes (the native
+`POST /files`, the OpenAI-compatible facade): the upload is read once and validated
+(`tuneq.files.ingest`), the Idempotency-Key claimed, and only a valid file reaches the
+store, its row inserted only after the object is there, so a row never points at nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from tuneq.db import transaction
 from tuneq.errors import Conflict, ErrorItem, InvalidRequest, NotFound
-from tuneq.files.ingest import IngestedUpload, ingest_upload  # noqa: F401 - the route's, until it calls one use case
+from tuneq.files.ingest import IngestedUpload, ingest_upload
 from tuneq.files.models import File
+from tuneq.files.schemas import FilePublic
+from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.ids import new_id
 from tuneq.jobs.models import Job
 from tuneq.jobs.states import TERMINAL
+from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
 
 PURPOSES = frozenset({"fine-tune"})
 DEFAULT_PURPOSE = "fine-tune"
+# The Idempotency-Key scope of an upload, on every road in: a key retried on another road
+# still finds the file it made.
+UPLOAD_METHOD_PATH = "POST /files"
 
 
-def store_upload(
+class IncomingUpload(Protocol):
+    """A dataset as it arrives. Its name and purpose are known once its chunks have all
+    been read: a multipart body may send them after the file."""
+
+    @property
+    def filename(self) -> str: ...
+
+    @property
+    def purpose(self) -> str | None: ...
+
+    def file_chunks(self) -> Iterator[bytes]: ...
+
+
+def upload_file(
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    settings: Settings,
+    team: Team,
+    upload: IncomingUpload,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    """Read, validate and keep an upload; the new file as the API shows it (`FilePublic`).
+
+    Blocking work (it reads the whole upload): call it off the event loop. An earlier
+    upload under the same Idempotency-Key gives back the file it made, unchanged. Raises
+    PayloadTooLarge, InvalidFile (the first problems, with their line numbers),
+    InvalidRequest (purpose) and the idempotency errors; whatever fails, nothing is left
+    behind, neither in the store nor in the database, and the key may be used again.
+    """
+    with ingest_upload(chunks=upload.file_chunks(), settings=settings) as ingested:
+        purpose = DEFAULT_PURPOSE if upload.purpose is None else upload.purpose
+        # The content's hash is known only now, so the key is claimed after reading the
+        # body and before storing anything.
+        fingerprint = request_hash(UPLOAD_METHOD_PATH, ingested.sha256, upload.filename, purpose)
+        with idempotent(
+            sessions,
+            team_id=team.id,
+            key=idempotency_key,
+            method_path=UPLOAD_METHOD_PATH,
+            fingerprint=fingerprint,
+        ) as request:
+            if request.replay is not None:
+                return request.replay.body
+            with transaction(sessions) as db:
+                file = _store_upload(
+                    db=db,
+                    store=store,
+                    team=team,
+                    upload=ingested,
+                    filename=upload.filename,
+                    purpose=purpose,
+                )
+                public = FilePublic.of(file).model_dump(mode="json")
+                request.record(db, 201, public)
+    return public
+
+
+def _store_upload(
     *,
     db: Session,
     store: ObjectStore,
