@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,30 +59,26 @@ class ScanReport:
         """
         if not raw.strip():
             return None  # blank lines (a trailing newline, say) are not examples
-        try:
-            example = parse_line(raw, number)
-        except _LineProblem as problem:
-            self.add_error(LineError(number, problem.message, problem.field))
-            return None
-        return self._in_file_format(example)
+        return self._check(parse_line, raw, number)
 
     def check_record(self, record: dict[str, Any], number: int) -> Example | None:
         """Check one record read from a row (CSV) as `scan` checks a line."""
+        return self._check(_example, record, number)
+
+    def _check(self, read: Callable[[Any, int], Example], data: Any, number: int) -> Example | None:
+        """The example `read` makes of `data` when it is valid and in the file's format (the
+        first example's); otherwise None, with the problem in `errors`."""
         try:
-            example = _example(record, number)
+            example = read(data, number)
         except _LineProblem as problem:
             self.add_error(LineError(number, problem.message, problem.field))
             return None
-        return self._in_file_format(example)
-
-    def _in_file_format(self, example: Example) -> Example | None:
-        """The example, when it is in the file's format (the first example's)."""
         if self.format is None:
             self.format = example.format
         elif example.format is not self.format:
             self.add_error(
                 LineError(
-                    example.line,
+                    number,
                     f"is in {example.format} format but the file started in {self.format} "
                     "format; use one format per file",
                 )
