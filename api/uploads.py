@@ -64,6 +64,11 @@ class MultipartUpload:
         self._file_seen = False
         self._ended = False
 
+    @property
+    def purpose(self) -> str | None:
+        """The `purpose` field, when sent; known once `file_chunks` is read to its end."""
+        return self.fields.get("purpose")
+
     def file_chunks(self) -> Iterator[bytes]:
         """The `file` part's bytes as they arrive. Reading on to the end also collects the
         fields sent after the file, and checks the body was whole and had a `file` part."""

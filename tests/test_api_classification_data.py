@@ -22,8 +22,10 @@ from tests.service_fixtures import api_client, auth, make_settings, migrate, new
 from tuneq.catalog import support_table, supported
 from tuneq.db import make_engine, make_sessionmaker
 from tuneq.errors import InvalidFile
+from tuneq.files.ingest import ingest_upload
 from tuneq.files.models import File
-from tuneq.files.service import entity_types, ingest_upload, local_copy
+from tuneq.files.report import entity_types
+from tuneq.files.service import local_copy
 from tuneq.settings import Settings
 
 PROBLEM = "application/problem+json"

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.routes.files import METHOD_PATH
 from tests.s3server import start_moto_server
 from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.files.models import File
+from tuneq.files.service import UPLOAD_METHOD_PATH
 from tuneq.idempotency.service import claim_key, request_hash
 from tuneq.jobs.models import Job
 from tuneq.settings import Settings
@@ -455,12 +455,16 @@ def test_idempotency_key_is_free_again_after_a_failed_upload(api: Service) -> No
 def test_idempotency_key_in_use_is_a_conflict(api: Service) -> None:
     # Another request under this key read the same upload and has not finished yet.
     fingerprint = request_hash(
-        METHOD_PATH, hashlib.sha256(CHAT).hexdigest(), "train.jsonl", "fine-tune"
+        UPLOAD_METHOD_PATH, hashlib.sha256(CHAT).hexdigest(), "train.jsonl", "fine-tune"
     )
     with api.sessions() as db:
         team_id = get_team_by_name(db=db, name="search").id
     claim_key(
-        api.sessions, team_id=team_id, key="busy", method_path=METHOD_PATH, fingerprint=fingerprint
+        api.sessions,
+        team_id=team_id,
+        key="busy",
+        method_path=UPLOAD_METHOD_PATH,
+        fingerprint=fingerprint,
     )
 
     body = assert_problem(api.upload(CHAT, headers={"Idempotency-Key": "busy"}), 409)

@@ -26,7 +26,7 @@ from tests.service_fixtures import make_settings
 from tests.test_api_perf_features import _engine_answer as _engine_counts
 from tuneq.errors import InvalidFile
 from tuneq.files import chat_lines
-from tuneq.files.service import ingest_upload
+from tuneq.files.ingest import ingest_upload
 from tuneq.settings import Settings
 from tuneq.storage import LocalStore, MiB, S3Store
 

@@ -1,33 +1,25 @@
 """`/files`: upload a dataset (streamed, validated on the way), list, read, download, delete.
 
-Thin: the rules live in tuneq.files.service; this module reads the HTTP request and
-applies the Idempotency-Key around the upload.
+Thin: the rules (idempotency, limits, validation, storing) live in tuneq.files.service;
+this module reads the HTTP request and renders the answer.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
 from api.uploads import MultipartUpload, read_upload
-from tuneq.db import transaction
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
-from tuneq.idempotency.service import idempotent, request_hash
-from tuneq.settings import Settings
-from tuneq.storage import ObjectStore
-from tuneq.teams.models import Team
 
 router = APIRouter(prefix="/files", tags=["files"])
 
-METHOD_PATH = "POST /files"
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 _UPLOAD_BODY = {
@@ -58,52 +50,18 @@ async def upload_file(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    # Parsing, hashing, validating and storing are blocking work: all of it off the loop.
-    create = partial(
-        _create_file,
-        team=team,
-        sessions=sessions,
-        object_store=store,
-        settings=settings,
-        idempotency_key=idempotency_key,
-    )
-    return await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
+    def create(upload: MultipartUpload) -> dict[str, Any]:
+        return service.upload_file(
+            sessions=sessions,
+            store=store,
+            settings=settings,
+            team=team,
+            upload=upload,
+            idempotency_key=idempotency_key,
+        )
 
-
-def _create_file(
-    upload: MultipartUpload,
-    *,
-    team: Team,
-    sessions: sessionmaker[Session],
-    object_store: ObjectStore,
-    settings: Settings,
-    idempotency_key: str | None,
-) -> JSONResponse:
-    with service.ingest_upload(chunks=upload.file_chunks(), settings=settings) as ingested:
-        purpose = upload.fields.get("purpose", service.DEFAULT_PURPOSE)
-
-        # The content's hash is known only now, so the key is claimed after reading the
-        # body and before storing anything.
-        with idempotent(
-            sessions,
-            team_id=team.id,
-            key=idempotency_key,
-            method_path=METHOD_PATH,
-            fingerprint=request_hash(METHOD_PATH, ingested.sha256, upload.filename, purpose),
-        ) as request:
-            if request.replay is not None:
-                return JSONResponse(request.replay.body, status_code=request.replay.status)
-            with transaction(sessions) as db:
-                file = service.store_upload(
-                    db=db,
-                    store=object_store,
-                    team=team,
-                    upload=ingested,
-                    filename=upload.filename,
-                    purpose=purpose,
-                )
-                public = FilePublic.of(file).model_dump(mode="json")
-                request.record(db, 201, public)
+    # Reading, validating and storing are blocking work: all of it off the event loop.
+    public = await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
     return JSONResponse(public, status_code=201)
 
 

@@ -2,8 +2,9 @@
 
 One pass over the file: every line must be a UTF-8 JSON object in one of the formats, and
 all lines in the same one. Classification data may also be CSV (a header row naming
-`text,label` or `text_a,text_b,label`); a file is CSV when its first non-blank byte is not
-`{`, and its line numbers are the physical lines, header included, as an editor shows them.
+`text,label` or `text_a,text_b,label`, read by `csv_rows`); a file is CSV when its first
+non-blank line does not start with `{`, and its line numbers are the physical lines,
+header included, as an editor shows them.
 Problems are collected with their line numbers (up to a limit, the rest counted) so a user
 fixes the whole file in one go rather than one error a run. The API's upload validation
 scans the stream as it arrives; the engine uses `read_examples`.
@@ -11,30 +12,20 @@ scans the stream as it arrives; the engine uses `read_examples`.
 
 from __future__ import annotations
 
-import codecs
-import csv
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from peft_engine.data.csv_rows import CsvRows, starts_json_object
+from peft_engine.data.examples import DataFormat, Example, not_utf8
+from peft_engine.data.images import read_image_folder, resolve_image_paths
 from peft_engine.errors import DataError, LineError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_ERRORS = 20
-
-
-class DataFormat(StrEnum):
-    CHAT = "chat"
-    PROMPT_COMPLETION = "prompt_completion"
-    TEXT = "text"
-    CLASSIFICATION = "classification"
-    TOKEN_CLASSIFICATION = "token_classification"
-    IMAGE_CLASSIFICATION = "image_classification"
-
 
 # The data formats each task trains on.
 TASK_FORMATS: dict[str, tuple[DataFormat, ...]] = {
@@ -44,15 +35,7 @@ TASK_FORMATS: dict[str, tuple[DataFormat, ...]] = {
     "image_classification": (DataFormat.IMAGE_CLASSIFICATION,),
 }
 
-CSV_COLUMNS = (("text", "label"), ("text_a", "text_b", "label"))
 _TAG = re.compile(r"O|[BI]-\S+")
-
-
-@dataclass(frozen=True)
-class Example:
-    line: int
-    format: DataFormat
-    record: dict[str, Any]
 
 
 @dataclass
@@ -63,7 +46,6 @@ class ScanReport:
     examples: list[Example] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     total_errors: int = 0
-    lines: int = 0
 
     def add_error(self, error: LineError) -> None:
         self.total_errors += 1
@@ -75,11 +57,19 @@ class ScanReport:
 
         The caller decides whether to keep examples: a streamed upload only counts them.
         """
-        self.lines = number
         if not raw.strip():
             return None  # blank lines (a trailing newline, say) are not examples
+        return self._check(parse_line, raw, number)
+
+    def check_record(self, record: dict[str, Any], number: int) -> Example | None:
+        """Check one record read from a row (CSV) as `scan` checks a line."""
+        return self._check(_example, record, number)
+
+    def _check(self, read: Callable[[Any, int], Example], data: Any, number: int) -> Example | None:
+        """The example `read` makes of `data` when it is valid and in the file's format (the
+        first example's); otherwise None, with the problem in `errors`."""
         try:
-            example = parse_line(raw, number)
+            example = read(data, number)
         except _LineProblem as problem:
             self.add_error(LineError(number, problem.message, problem.field))
             return None
@@ -103,8 +93,6 @@ def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
     A directory is an image folder (`<dir>/<label>/<image>`, `peft_engine.data.images`).
     """
     if path.is_dir():
-        from peft_engine.data.images import read_image_folder
-
         return read_image_folder(path, param=param)
     try:
         with path.open("rb") as handle:
@@ -124,92 +112,27 @@ def read_examples(path: Path, *, param: str = "training_file") -> list[Example]:
     if not report.examples:
         raise DataError(f"{path.name} has no examples (the file is empty)", param=param)
     if report.format is DataFormat.IMAGE_CLASSIFICATION:  # image paths: from the file's folder
-        from peft_engine.data.images import resolve_image_paths
-
         return resolve_image_paths(report.examples, path.parent)
     return report.examples
 
 
 def is_csv(path: Path) -> bool:
-    """A data file is CSV when its first non-blank byte is not `{` (JSONL lines are objects)."""
+    """A data file is CSV when its first non-blank line is not a JSON object's start."""
     with path.open("rb") as handle:
         for raw in handle:
             if raw.strip():
-                return not raw.lstrip().startswith((b"{", b"\xef\xbb\xbf{"))
+                return not starts_json_object(raw)
     return False
 
 
 def scan_csv(lines: Iterable[bytes]) -> ScanReport:
-    """Check a CSV classification file: a header naming the columns, then one example a row.
-
-    Fields may be quoted and hold newlines; numbers in errors are physical line numbers.
-    """
+    """Check a CSV classification file (`csv_rows`): a header row, then one example a row."""
     report = ScanReport()
-    physical = _LineCounter(lines)
-    try:
-        rows = csv.reader(physical, strict=True)
-        header_row = next(rows, None)
-        while header_row is not None and not any(cell.strip() for cell in header_row):
-            header_row = next(rows, None)  # leading blank lines
-        if header_row is None:
-            return report
-        header = [cell.strip().lstrip("\ufeff") for cell in header_row]
-        columns = next((c for c in CSV_COLUMNS if set(c) <= set(header)), None)
-        if columns is None:
-            report.add_error(
-                LineError(
-                    physical.line,
-                    f"a CSV file needs a header row with the columns text,label or "
-                    f"text_a,text_b,label; found {','.join(header) or 'nothing'}",
-                )
-            )
-            return report
-        index = {name: header.index(name) for name in columns}
-        while True:
-            start = physical.line + 1
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            report.lines = physical.line
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                report.add_error(
-                    LineError(start, f"has {len(row)} fields but the header has {len(header)}")
-                )
-                continue
-            record: dict[str, Any] = {name: row[i] for name, i in index.items()}
-            try:
-                _validate_classification(record)
-            except _LineProblem as problem:
-                report.add_error(LineError(start, problem.message, problem.field))
-                continue
-            report.format = DataFormat.CLASSIFICATION
-            report.examples.append(Example(start, DataFormat.CLASSIFICATION, record))
-    except csv.Error as exc:
-        report.add_error(LineError(physical.line, f"not valid CSV ({exc})"))
-    except UnicodeDecodeError as exc:
-        report.add_error(LineError(physical.line + 1, f"not valid UTF-8 (byte {exc.start + 1})"))
+    numbered = ((number, raw.removesuffix(b"\n")) for number, raw in enumerate(lines, 1))
+    for line, record in CsvRows(numbered, add_error=report.add_error):
+        if (example := report.check_record(record, line)) is not None:
+            report.examples.append(example)
     return report
-
-
-class _LineCounter:
-    """Decodes byte lines for the csv module, counting physical lines as they go by."""
-
-    def __init__(self, lines: Iterable[bytes]) -> None:
-        self._lines = iter(lines)
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self.line = 0
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        raw = next(self._lines)
-        text = self._decoder.decode(raw)
-        self.line += 1
-        return text
 
 
 def scan_lines(lines: Iterable[bytes]) -> ScanReport:
@@ -232,13 +155,18 @@ def parse_line(raw: bytes, number: int) -> Example:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _LineProblem(f"not valid UTF-8 (byte {exc.start + 1})") from None
+        raise _LineProblem(not_utf8(exc)) from None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _LineProblem(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise _LineProblem(f"expected a JSON object, found {_json_type(record)}")
+    return _example(record, number)
+
+
+def _example(record: dict[str, Any], number: int) -> Example:
+    """The record as an example of the format its keys say, or the problem with it."""
     data_format = detect_format(record)
     _VALIDATORS[data_format](record)
     return Example(number, data_format, record)

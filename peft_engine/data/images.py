@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peft_engine.data.formats import DataFormat, Example
+from peft_engine.data.examples import DataFormat, Example
 from peft_engine.errors import DataError
 
 if TYPE_CHECKING:
