@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -169,12 +169,6 @@ class _Shape:
         return cls(bool(query.after), bool(query.status), bool(query.model), len(query.metadata))
 
 
-def _get_select() -> Select[Any]:
-    return select(*COLUMNS).where(
-        _JOBS.c.id == bindparam("job_id"), _JOBS.c.team_id == bindparam("team_id")
-    )
-
-
 def _page_select(shape: _Shape) -> Select[Any]:
     """Newest first, with the shape's filters; metadata values compare as text (as
     `Job.metadata_[key].as_string()` does)."""
@@ -233,7 +227,9 @@ def _dialect(name: str) -> Dialect:
 
 @cache
 def _get(dialect: str) -> _Compiled:
-    return _Compiled.of(_get_select(), _dialect(dialect))
+    """The job by id, if the team's."""
+    by_id = _JOBS.c.id == bindparam("job_id"), _JOBS.c.team_id == bindparam("team_id")
+    return _Compiled.of(select(*COLUMNS).where(*by_id), _dialect(dialect))
 
 
 @lru_cache(maxsize=64)  # a shape per combination of filters and count of metadata keys
@@ -242,25 +238,35 @@ def _page(dialect: str, shape: _Shape) -> _Compiled:
 
 
 class JobReads(ABC):
-    """The job document by id, and a page of a team's jobs, as response bytes."""
+    """The job document by id, and a page of a team's jobs, as response bytes: the same
+    statements (in the reader's `dialect`) and documents for every driver, which only runs
+    them (`_rows`)."""
+
+    dialect: ClassVar[str]
+    documents: ClassVar[_Documents]
 
     @abstractmethod
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
+        """The statement's rows, through the driver."""
+
     async def get(self, *, team_id: str, job_id: str) -> bytes | None:
         """The job's document, or None when the team has no such job."""
+        statement = _get(self.dialect)
+        args = statement.args({"job_id": job_id, "team_id": team_id})
+        rows = await self._rows(statement.sql, args)
+        return self.documents.encode(rows[0]) if rows else None
 
-    @abstractmethod
     async def page(self, query: JobQuery) -> bytes:
         """`{"object": "list", "data": [...], "has_more": ...}`, newest first."""
+        statement = _page(self.dialect, _Shape.of(query))
+        rows = await self._rows(statement.sql, statement.args(query.values()))
+        return self.documents.encode_page(rows, query.limit)
 
     async def close(self) -> None:  # noqa: B027 - most readers hold nothing
         """Release what the reader holds."""
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
-
-
-_PG_DOCUMENTS = _Documents(unix_seconds)
-_PG_GET = _get("postgresql")
 
 
 async def _nothing_to_reset(connection: Any) -> None:
@@ -272,6 +278,9 @@ async def _nothing_to_reset(connection: Any) -> None:
 class PostgresJobReads(JobReads):
     """Reads on the event loop through an asyncpg pool, opened lazily (the API starts while
     the database is down, as it does with SQLAlchemy's pool)."""
+
+    dialect = "postgresql"
+    documents = _Documents(unix_seconds)
 
     def __init__(self, dsn: str, *, max_connections: int, statement_cache_size: int) -> None:
         self._dsn = dsn
@@ -295,18 +304,9 @@ class PostgresJobReads(JobReads):
                     )
         return self._pool
 
-    async def get(self, *, team_id: str, job_id: str) -> bytes | None:
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
         pool = await self._connections()
-        row = await pool.fetchrow(
-            _PG_GET.sql, *_PG_GET.args({"job_id": job_id, "team_id": team_id})
-        )
-        return None if row is None else _PG_DOCUMENTS.encode(row)
-
-    async def page(self, query: JobQuery) -> bytes:
-        statement = _page("postgresql", _Shape.of(query))
-        pool = await self._connections()
-        rows = await pool.fetch(statement.sql, *statement.args(query.values()))
-        return _PG_DOCUMENTS.encode_page(rows, query.limit)
+        return await pool.fetch(sql, *args)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -324,13 +324,12 @@ def _sqlite_seconds(value: str | None) -> int | None:
     return int(datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp())
 
 
-_SQLITE_DOCUMENTS = _Documents(_sqlite_seconds)
-_SQLITE_GET = _get("sqlite")
-
-
 class SqliteJobReads(JobReads):
     """Reads through the engine's pooled sqlite3 connections, in worker threads (at most as
     many at once as the pool holds), each a single statement with no transaction around it."""
+
+    dialect = "sqlite"
+    documents = _Documents(_sqlite_seconds)
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -348,20 +347,8 @@ class SqliteJobReads(JobReads):
         finally:
             connection.close()  # back to the pool
 
-    async def get(self, *, team_id: str, job_id: str) -> bytes | None:
-        args = _SQLITE_GET.args({"job_id": job_id, "team_id": team_id})
-        rows = await anyio.to_thread.run_sync(
-            self._fetch, _SQLITE_GET.sql, args, limiter=self._limiter
-        )
-        return _SQLITE_DOCUMENTS.encode(rows[0]) if rows else None
-
-    async def page(self, query: JobQuery) -> bytes:
-        statement = _page("sqlite", _Shape.of(query))
-        args = statement.args(query.values())
-        rows = await anyio.to_thread.run_sync(
-            self._fetch, statement.sql, args, limiter=self._limiter
-        )
-        return _SQLITE_DOCUMENTS.encode_page(rows, query.limit)
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
+        return await anyio.to_thread.run_sync(self._fetch, sql, args, limiter=self._limiter)
 
 
 def open_job_reads(
