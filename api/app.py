@@ -27,7 +27,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url)
         app.state.settings = settings
-        app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
         app.state.reads = Reads.for_engine(engine)
         app.state.job_reads = open_job_reads(

@@ -2,8 +2,8 @@
 
 The session commits once, when the route returns without an error (before the response is
 sent, so a client never sees a 2xx for something that was not committed). The two job reads
-clients poll go through `api.job_reads`; an API key not verified lately, through `Reads`:
-nothing to commit, one trip to a thread.
+clients poll take `app.state.job_reads` (api.job_reads) directly, not through a dependency;
+an API key not verified lately goes through `Reads`: nothing to commit, one trip to a thread.
 
 The getters are `async def` on purpose: FastAPI runs a plain `def` dependency in the
 thread pool, a trip per dependency per request for a dictionary lookup.
@@ -22,7 +22,6 @@ from fastapi.security import HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.job_reads import JobReads
 from peft_engine.models import ModelRegistry
 from tuneq.db import make_sessionmaker
 from tuneq.errors import Unauthorized
@@ -74,10 +73,6 @@ async def get_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
-async def get_job_reads(request: Request) -> JobReads:
-    return request.app.state.job_reads
-
-
 def get_db(request: Request) -> Iterator[Session]:
     with request.app.state.sessions() as session, session.begin():
         yield session
@@ -123,7 +118,6 @@ get_team = _TeamOfKey(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
-JobReadsDep = Annotated[JobReads, Depends(get_job_reads)]
 DbDep = Annotated[Session, Depends(get_db, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

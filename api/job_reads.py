@@ -8,15 +8,18 @@ they take a shorter road, with the same answers:
   pre-ping (a connection the server closed is seen by the loop as it closes), statements
   prepared once per connection. Measured per request on 2 cores (bench/api_load.py): the
   thread + psycopg + ORM road cost ~1.2 ms of the API's CPU, this one a fraction of it.
-- SQLite (the embedded shape): the same SQL through the pool's raw sqlite3 connection in a
-  worker thread, outside a transaction: a plain read in WAL mode takes no lock, where a
-  session's BEGIN IMMEDIATE took the write lock.
+- SQLite (the embedded shape): the same statements through the pool's raw sqlite3
+  connection in a worker thread, outside a transaction: a plain read in WAL mode takes no
+  lock, where a session's BEGIN IMMEDIATE took the write lock.
 
-The JSON columns are not decoded: their text (from the database) goes into the response as
-it is (`msgspec.Raw`), and the rest of the document is encoded in one C pass. A document
-here is the one `JobPublic.of(job)` makes, field for field and in the same order
-(tests/test_job_reads.py holds the two equal for jobs in every state, on both databases).
-The columns are named once, in `COLUMNS`; `document` turns one row of them into bytes.
+The document is the job's table of fields (tuneq.jobs.schemas.JOB_DOCUMENT), the one
+`JobPublic` is made from: its SELECT's columns (`COLUMNS`), the encoded struct
+(`JobDocument`) and each field's conversion come from that table, in its order. The
+statements are SQLAlchemy Core on the jobs table, compiled once per dialect and per shape of
+filters, and run by the driver directly. The JSON columns are not decoded: their text (from
+the database) goes into the response as it is (`msgspec.Raw`), and the rest of the document
+is encoded in one C pass (tests/test_job_reads.py holds the documents equal to
+`JobPublic.of(job)` for jobs in every state, on both databases).
 
 PgBouncer in transaction mode does not keep prepared statements: set
 TUNEQ_DATABASE_STATEMENT_CACHE=0 behind one (asyncpg's `statement_cache_size`). The API's
@@ -27,68 +30,43 @@ such as sslmode, and takes any other query parameter as a server setting).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache, lru_cache
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, Integer, Select, bindparam, select
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import Dialect, Engine
 
-from tuneq.jobs.schemas import unix_seconds
-
-COLUMNS = (
-    "id",
-    "state",
-    "model",
-    "task",
-    "{method}",
-    "{hyperparameters}",
-    "training_file_id",
-    "validation_file_id",
-    "suffix",
-    "metadata",
-    "estimate",
-    "progress",
-    "attempt",
-    "trained_tokens",
-    "error",
-    "result",
-    "cancel_requested",
-    "created_at",
-    "started_at",
-    "finished_at",
+from tuneq.documents import (
+    AS_STORED,
+    FLAG,
+    JSON_OR_NULL,
+    OBJECT,
+    SECONDS,
+    SECONDS_OR_ZERO,
+    Shown,
+    unix_seconds,
 )
+from tuneq.jobs.models import Job
+from tuneq.jobs.schemas import JOB_DOCUMENT
 
-_EMPTY = msgspec.Raw(b"{}")
-_NULL = msgspec.Raw(b"null")
+_JOBS = Job.__table__
+COLUMNS = tuple(f.column() for f in JOB_DOCUMENT if f.source is not None)
+_CONSTANTS = tuple((i, f.constant) for i, f in enumerate(JOB_DOCUMENT) if f.source is None)
+_RAW = (OBJECT, JSON_OR_NULL)  # JSON text from the database, passed through
 
-
-class JobDocument(msgspec.Struct, gc=False):
-    """`JobPublic`'s fields in its order; the JSON columns as the database holds them."""
-
-    id: str
-    object: str
-    status: str
-    model: str
-    task: str
-    method: msgspec.Raw
-    hyperparameters: msgspec.Raw
-    training_file: str
-    validation_file: str | None
-    suffix: str | None
-    metadata: msgspec.Raw
-    estimate: msgspec.Raw
-    progress: msgspec.Raw
-    attempt: int
-    trained_tokens: int | None
-    error: msgspec.Raw
-    result: msgspec.Raw
-    cancel_requested: bool
-    created_at: int
-    started_at: int | None
-    finished_at: int | None
+JobDocument = msgspec.defstruct(
+    "JobDocument",
+    [(f.name, msgspec.Raw if f.shown in _RAW else f.annotation) for f in JOB_DOCUMENT],
+    gc=False,
+    module=__name__,
+)
 
 
 class JobList(msgspec.Struct, gc=False):
@@ -98,6 +76,8 @@ class JobList(msgspec.Struct, gc=False):
 
 
 _encode = msgspec.json.Encoder().encode
+_EMPTY = msgspec.Raw(b"{}")
+_NULL = msgspec.Raw(b"null")
 
 
 def _object(text: str | None) -> msgspec.Raw:
@@ -109,61 +89,45 @@ def _nullable(text: str | None) -> msgspec.Raw:
     return _NULL if text is None else msgspec.Raw(text)
 
 
-def document(row: Sequence[Any], when: Callable[[Any], int | None]) -> JobDocument:
-    """One row of COLUMNS as the document; `when` turns the driver's timestamp to seconds."""
-    (
-        id_,
-        state,
-        model,
-        task,
-        method,
-        hyperparameters,
-        training_file,
-        validation_file,
-        suffix,
-        metadata,
-        estimate,
-        progress,
-        attempt,
-        trained_tokens,
-        error,
-        result,
-        cancel_requested,
-        created_at,
-        started_at,
-        finished_at,
-    ) = row
-    return JobDocument(
-        id_,
-        "job",
-        state,
-        model,
-        task,
-        _object(method),
-        _object(hyperparameters),
-        training_file,
-        validation_file,
-        suffix,
-        _object(metadata),
-        _nullable(estimate),
-        _nullable(progress),
-        attempt,
-        trained_tokens,
-        _nullable(error),
-        _nullable(result),
-        bool(cancel_requested),
-        when(created_at) or 0,
-        when(started_at),
-        when(finished_at),
-    )
+def _from_row(seconds: Callable[[Any], int | None]) -> dict[Shown, Callable[[Any], Any] | None]:
+    """Each way a field shows (tuneq.documents), from a driver's value: JSON as the
+    database's text, timestamps through `seconds`; None where the value is shown as it is."""
+    return {
+        AS_STORED: None,
+        JSON_OR_NULL: _nullable,
+        OBJECT: _object,
+        FLAG: bool,  # SQLite's 0 and 1
+        SECONDS: seconds,
+        SECONDS_OR_ZERO: lambda value: seconds(value) or 0,
+    }
 
 
-def _encode_page(
-    rows: Sequence[Sequence[Any]], limit: int, when: Callable[[Any], int | None]
-) -> bytes:
-    """A page's document from up to `limit` + 1 rows (the extra one: `has_more`)."""
-    documents = [document(row, when) for row in rows[:limit]]
-    return _encode(JobList("list", documents, len(rows) > limit))
+class _Documents:
+    """Rows of COLUMNS as documents, with one driver's timestamps."""
+
+    def __init__(self, seconds: Callable[[Any], int | None]) -> None:
+        shown = _from_row(seconds)  # a field shown some other way: a KeyError at import
+        self._conversions = tuple(
+            (i, convert)
+            for i, f in enumerate(JOB_DOCUMENT)
+            if f.source is not None and (convert := shown[f.shown]) is not None
+        )
+
+    def one(self, row: Sequence[Any]) -> Any:
+        values = list(row)
+        for i, constant in _CONSTANTS:
+            values.insert(i, constant)
+        for i, convert in self._conversions:
+            values[i] = convert(values[i])
+        return JobDocument(*values)
+
+    def encode(self, row: Sequence[Any]) -> bytes:
+        return _encode(self.one(row))
+
+    def encode_page(self, rows: Sequence[Sequence[Any]], limit: int) -> bytes:
+        """A page's document from up to `limit` + 1 rows (the extra one: `has_more`)."""
+        documents = [self.one(row) for row in rows[:limit]]
+        return _encode(JobList("list", documents, len(rows) > limit))
 
 
 @dataclass(frozen=True)
@@ -177,75 +141,132 @@ class JobQuery:
     model: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
+    def values(self) -> dict[str, Any]:
+        """The page statement's parameters by name (one more row than the page: `has_more`)."""
+        values: dict[str, Any] = {
+            "team_id": self.team_id,
+            "after": self.after,
+            "status": self.status,
+            "model": self.model,
+            "limit": self.limit + 1,
+        }
+        for n, (key, value) in enumerate(self.metadata.items()):
+            values[f"key_{n}"], values[f"value_{n}"] = key, value
+        return values
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Which filters a page has: each shape is a statement of its own."""
+
+    after: bool
+    status: bool
+    model: bool
+    metadata: int
+
+    @classmethod
+    def of(cls, query: JobQuery) -> _Shape:
+        return cls(bool(query.after), bool(query.status), bool(query.model), len(query.metadata))
+
+
+def _page_select(shape: _Shape) -> Select[Any]:
+    """Newest first, with the shape's filters; metadata values compare as text (as
+    `Job.metadata_[key].as_string()` does)."""
+    where = [_JOBS.c.team_id == bindparam("team_id")]
+    if shape.after:
+        where.append(_JOBS.c.id < bindparam("after"))
+    if shape.status:
+        where.append(_JOBS.c.state == bindparam("status"))
+    if shape.model:
+        where.append(_JOBS.c.model == bindparam("model"))
+    for n in range(shape.metadata):
+        key = bindparam(f"key_{n}", type_=JSON.JSONStrIndexType)
+        where.append(_JOBS.c.metadata[key].as_string() == bindparam(f"value_{n}"))
+    return (
+        select(*COLUMNS)
+        .where(*where)
+        .order_by(_JOBS.c.id.desc())
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A statement in one driver's SQL, with its positional parameters: each a name to take
+    from the values given, or a constant of the statement (a JSON member's key), both
+    prepared for the driver as SQLAlchemy would (SQLite's JSON paths: '$."key"')."""
+
+    sql: str
+    params: tuple[tuple[str | None, Any, Callable[[Any], Any] | None], ...]
+
+    @classmethod
+    def of(cls, statement: Select[Any], dialect: Dialect) -> _Compiled:
+        compiled = statement.compile(dialect=dialect)
+        params = []
+        for name in compiled.positiontup or ():
+            bind = compiled.binds[name]
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if bind.required:
+                params.append((name, None, process))
+            else:
+                params.append((None, process(bind.value) if process else bind.value, None))
+        return cls(compiled.string, tuple(params))
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        return [
+            constant if name is None else process(values[name]) if process else values[name]
+            for name, constant, process in self.params
+        ]
+
+
+@cache
+def _dialect(name: str) -> Dialect:
+    """The dialect the statements are written in: the driver's paramstyle ($1 or ?)."""
+    return {"postgresql": PGDialect_asyncpg, "sqlite": SQLiteDialect_pysqlite}[name]()
+
+
+@cache
+def _get(dialect: str) -> _Compiled:
+    """The job by id, if the team's."""
+    by_id = _JOBS.c.id == bindparam("job_id"), _JOBS.c.team_id == bindparam("team_id")
+    return _Compiled.of(select(*COLUMNS).where(*by_id), _dialect(dialect))
+
+
+@lru_cache(maxsize=64)  # a shape per combination of filters and count of metadata keys
+def _page(dialect: str, shape: _Shape) -> _Compiled:
+    return _Compiled.of(_page_select(shape), _dialect(dialect))
+
 
 class JobReads(ABC):
-    """The job document by id, and a page of a team's jobs, as response bytes."""
+    """The job document by id, and a page of a team's jobs, as response bytes: the same
+    statements (in the reader's `dialect`) and documents for every driver, which only runs
+    them (`_rows`)."""
+
+    dialect: ClassVar[str]
+    documents: ClassVar[_Documents]
 
     @abstractmethod
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
+        """The statement's rows, through the driver."""
+
     async def get(self, *, team_id: str, job_id: str) -> bytes | None:
         """The job's document, or None when the team has no such job."""
+        statement = _get(self.dialect)
+        args = statement.args({"job_id": job_id, "team_id": team_id})
+        rows = await self._rows(statement.sql, args)
+        return self.documents.encode(rows[0]) if rows else None
 
-    @abstractmethod
     async def page(self, query: JobQuery) -> bytes:
         """`{"object": "list", "data": [...], "has_more": ...}`, newest first."""
+        statement = _page(self.dialect, _Shape.of(query))
+        rows = await self._rows(statement.sql, statement.args(query.values()))
+        return self.documents.encode_page(rows, query.limit)
 
     async def close(self) -> None:  # noqa: B027 - most readers hold nothing
         """Release what the reader holds."""
 
 
-class _Sql:
-    """The two statements in one dialect: `param(n)` writes the n-th placeholder (1-based),
-    `json_field(column, key)` an object member as JSON text, `json_text(column, param)` a
-    member named by a parameter as SQL text (metadata values are strings), `key_arg(key)`
-    that parameter's value."""
-
-    def __init__(
-        self,
-        *,
-        param: Callable[[int], str],
-        json_field: Callable[[str, str], str],
-        json_text: Callable[[str, str], str],
-        key_arg: Callable[[str], str] = str,
-    ) -> None:
-        self.param = param
-        self.json_text = json_text
-        self.key_arg = key_arg
-        fields = {name: json_field("resolved", name) for name in ("method", "hyperparameters")}
-        self.columns = ", ".join(column.format(**fields) for column in COLUMNS)
-        self.get = f"SELECT {self.columns} FROM jobs WHERE id = {param(1)} AND team_id = {param(2)}"
-
-    def page(self, query: JobQuery) -> tuple[str, list[Any]]:
-        """The statement and its arguments (one more row than the page: `has_more`)."""
-        args: list[Any] = [query.team_id]
-        where = [f"team_id = {self.param(1)}"]
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return self.param(len(args))
-
-        if query.after:
-            where.append(f"id < {arg(query.after)}")
-        if query.status:
-            where.append(f"state = {arg(query.status)}")
-        if query.model:
-            where.append(f"model = {arg(query.model)}")
-        for key, value in query.metadata.items():
-            where.append(f"{self.json_text('metadata', arg(self.key_arg(key)))} = {arg(value)}")
-        statement = (
-            f"SELECT {self.columns} FROM jobs WHERE {' AND '.join(where)} "
-            f"ORDER BY id DESC LIMIT {arg(query.limit + 1)}"
-        )
-        return statement, args
-
-
 # ----------------------------------------------------------------------------- PostgreSQL
-
-
-_PG = _Sql(
-    param=lambda n: f"${n}",
-    json_field=lambda column, key: f"{column} -> '{key}'",
-    json_text=lambda column, key: f"({column} ->> {key}::text)",
-)
 
 
 async def _nothing_to_reset(connection: Any) -> None:
@@ -257,6 +278,9 @@ async def _nothing_to_reset(connection: Any) -> None:
 class PostgresJobReads(JobReads):
     """Reads on the event loop through an asyncpg pool, opened lazily (the API starts while
     the database is down, as it does with SQLAlchemy's pool)."""
+
+    dialect = "postgresql"
+    documents = _Documents(unix_seconds)
 
     def __init__(self, dsn: str, *, max_connections: int, statement_cache_size: int) -> None:
         self._dsn = dsn
@@ -280,16 +304,9 @@ class PostgresJobReads(JobReads):
                     )
         return self._pool
 
-    async def get(self, *, team_id: str, job_id: str) -> bytes | None:
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
         pool = await self._connections()
-        row = await pool.fetchrow(_PG.get, job_id, team_id)
-        return None if row is None else _encode(document(row, unix_seconds))
-
-    async def page(self, query: JobQuery) -> bytes:
-        statement, args = _PG.page(query)
-        pool = await self._connections()
-        rows = await pool.fetch(statement, *args)
-        return _encode_page(rows, query.limit, unix_seconds)
+        return await pool.fetch(sql, *args)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -307,24 +324,12 @@ def _sqlite_seconds(value: str | None) -> int | None:
     return int(datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp())
 
 
-def _sqlite_key_path(key: str) -> str:
-    # As SQLAlchemy's JSON index on SQLite writes it: '$."key"'.
-    return f'$."{key}"'
-
-
-_SQLITE = _Sql(
-    param=lambda n: "?",
-    # json_extract gives an object member as its JSON text (a string member would come
-    # back as bare SQL text: method and hyperparameters are always objects).
-    json_field=lambda column, key: f"json_extract({column}, '$.{key}')",
-    json_text=lambda column, key: f"json_extract({column}, {key})",
-    key_arg=_sqlite_key_path,
-)
-
-
 class SqliteJobReads(JobReads):
     """Reads through the engine's pooled sqlite3 connections, in worker threads (at most as
     many at once as the pool holds), each a single statement with no transaction around it."""
+
+    dialect = "sqlite"
+    documents = _Documents(_sqlite_seconds)
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -342,16 +347,8 @@ class SqliteJobReads(JobReads):
         finally:
             connection.close()  # back to the pool
 
-    async def get(self, *, team_id: str, job_id: str) -> bytes | None:
-        rows = await anyio.to_thread.run_sync(
-            self._fetch, _SQLITE.get, (job_id, team_id), limiter=self._limiter
-        )
-        return _encode(document(rows[0], _sqlite_seconds)) if rows else None
-
-    async def page(self, query: JobQuery) -> bytes:
-        statement, args = _SQLITE.page(query)
-        rows = await anyio.to_thread.run_sync(self._fetch, statement, args, limiter=self._limiter)
-        return _encode_page(rows, query.limit, _sqlite_seconds)
+    async def _rows(self, sql: str, args: list[Any]) -> Sequence[Sequence[Any]]:
+        return await anyio.to_thread.run_sync(self._fetch, sql, args, limiter=self._limiter)
 
 
 def open_job_reads(

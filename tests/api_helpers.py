@@ -1,19 +1,23 @@
-"""Helpers shared by the API test modules: specs, uploads, problem checks, a deployment."""
+"""Helpers shared by the API test modules: specs, uploads, problem checks, a deployment and
+the real app on it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from httpx import Response
+from sqlalchemy.engine import Engine
 
 from tests.conftest import chat
 from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
-from tests.service_fixtures import auth, make_settings, migrate
+from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+from tuneq.db import make_engine
 from tuneq.settings import Settings
 
 TRAIN_ROWS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(10)]
@@ -73,3 +77,24 @@ def deployment(database: str, home: Path, registry: Path) -> Iterator[Settings]:
     finally:
         if url is not None:
             drop_postgres_database(url)
+
+
+@dataclass
+class DeployedApi:
+    settings: Settings
+    engine: Engine
+    client: TestClient
+    keys: list[str]  # one per team, in the order named
+
+
+@contextmanager
+def deployed_api(database: str, home: Path, registry: Path, *teams: str) -> Iterator[DeployedApi]:
+    """The real app on a `deployment`, an engine on its database, and a key for each team."""
+    with deployment(database, home, registry) as settings:
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            keys = [new_team_key(settings, team) for team in teams]
+            with api_client(settings) as client:
+                yield DeployedApi(settings, engine, client, keys)
+        finally:
+            engine.dispose()

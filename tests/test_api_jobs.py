@@ -32,14 +32,13 @@ from sqlalchemy.engine import Engine
 from tests.api_helpers import (
     TRAIN_ROWS,
     assert_problem,
-    deployment,
+    deployed_api,
     job_spec,
     jsonl,
     upload,
 )
 from tests.conftest import chat
-from tests.service_fixtures import api_client, auth, new_team_key
-from tuneq.db import make_engine
+from tests.service_fixtures import auth, new_team_key
 from tuneq.models import IdempotencyKey, Job, JobEvent, OutboxMessage, Team
 from tuneq.settings import Settings
 
@@ -84,23 +83,18 @@ class Env:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def env(request, tmp_path_factory, tiny_registry_file) -> Iterator[Env]:
     home = tmp_path_factory.mktemp(f"jobs-{request.param}")
-    with deployment(request.param, home, tiny_registry_file) as settings:
-        engine = make_engine(settings.resolved_database_url)
-        key_a, key_b = new_team_key(settings, "team-a"), new_team_key(settings, "team-b")
-        try:
-            with api_client(settings) as client:
-                yield Env(
-                    settings=settings,
-                    client=client,
-                    engine=engine,
-                    key_a=key_a,
-                    key_b=key_b,
-                    train_a=upload(client, key_a, TRAIN_ROWS),
-                    validation_a=upload(client, key_a, VALIDATION_ROWS, "v.jsonl"),
-                    train_b=upload(client, key_b, TRAIN_ROWS),
-                )
-        finally:
-            engine.dispose()
+    with deployed_api(request.param, home, tiny_registry_file, "team-a", "team-b") as api:
+        key_a, key_b = api.keys
+        yield Env(
+            settings=api.settings,
+            client=api.client,
+            engine=api.engine,
+            key_a=key_a,
+            key_b=key_b,
+            train_a=upload(api.client, key_a, TRAIN_ROWS),
+            validation_a=upload(api.client, key_a, VALIDATION_ROWS, "v.jsonl"),
+            train_b=upload(api.client, key_b, TRAIN_ROWS),
+        )
 
 
 def with_hp(env: Env, **hyperparameters: Any) -> dict[str, Any]:

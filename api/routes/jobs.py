@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from api.deps import (
     CeleryDep,
     DbDep,
-    JobReadsDep,
     RegistryDep,
     SessionsDep,
     SettingsDep,
@@ -106,7 +105,6 @@ def create_job(
 async def list_jobs(
     request: Request,
     team: TeamDep,
-    job_reads: JobReadsDep,
     limit: Limit = 20,
     after: str | None = None,
     status: str | None = None,
@@ -119,6 +117,7 @@ async def list_jobs(
         if key.startswith("metadata[") and key.endswith("]")
     }
     query = JobQuery(team.id, limit, after=after, status=status, model=model, metadata=metadata)
+    job_reads: JobReads = request.app.state.job_reads
     page = await job_reads.page(query)
     return Response(page, media_type="application/json")
 

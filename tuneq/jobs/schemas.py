@@ -1,67 +1,98 @@
-"""The job as the API shows it. Schemas are not ORM models (STYLE habit 5)."""
+"""The job as the API shows it. Schemas are not ORM models (STYLE habit 5): each document is
+a table of fields (tuneq.documents) from which its schema and `of(row_object)` are made; the
+job's table also makes the polled reads' SELECT and encoder (api/job_reads.py)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
+from tuneq.documents import (
+    FLAG,
+    JSON_OR_NULL,
+    OBJECT,
+    SECONDS,
+    SECONDS_OR_ZERO,
+    Field,
+    Shown,
+    public_model,
+)
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent
 
-
-def unix_seconds(value: datetime | None) -> int | None:
-    """A timestamp as the API shows it: whole seconds since the epoch."""
-    return int(value.timestamp()) if value is not None else None
+ADAPTER_ARTIFACT = "adapter.tar.gz"
 
 
-class JobPublic(BaseModel):
-    id: str
-    object: str = "job"
-    status: str
-    model: str
-    task: str
-    method: dict[str, Any]
-    hyperparameters: dict[str, Any]
-    training_file: str
-    validation_file: str | None
-    suffix: str | None
-    metadata: dict[str, str]
-    estimate: dict[str, Any]
-    progress: dict[str, Any] | None
-    attempt: int
-    trained_tokens: int | None
-    error: dict[str, Any] | None
-    result: dict[str, Any] | None
-    cancel_requested: bool
-    created_at: int
-    started_at: int | None
-    finished_at: int | None
+def checkpoint_artifact_name(step: int) -> str:
+    return f"checkpoint-{step}.tar.gz"
 
-    @classmethod
-    def of(cls, job: Job) -> JobPublic:
-        return cls(
-            id=job.id,
-            status=job.state,
-            model=job.model,
-            task=job.task,
-            method=job.resolved.get("method", {}),
-            hyperparameters=job.resolved.get("hyperparameters", {}),
-            training_file=job.training_file_id,
-            validation_file=job.validation_file_id,
-            suffix=job.suffix,
-            metadata=job.metadata_ or {},
-            estimate=job.estimate,
-            progress=job.progress,
-            attempt=job.attempt,
-            trained_tokens=job.trained_tokens,
-            error=job.error,
-            result=job.result,
-            cancel_requested=job.cancel_requested,
-            created_at=unix_seconds(job.created_at) or 0,
-            started_at=unix_seconds(job.started_at),
-            finished_at=unix_seconds(job.finished_at),
-        )
+
+JOB_DOCUMENT = (
+    Field("id", str, Job.id),
+    Field("object", str, constant="job"),
+    Field("status", str, Job.state),
+    Field("model", str, Job.model),
+    Field("task", str, Job.task),
+    Field("method", dict[str, Any], Job.resolved, member="method", shown=OBJECT),
+    Field("hyperparameters", dict[str, Any], Job.resolved, member="hyperparameters", shown=OBJECT),
+    Field("training_file", str, Job.training_file_id),
+    Field("validation_file", str | None, Job.validation_file_id),
+    Field("suffix", str | None, Job.suffix),
+    Field("metadata", dict[str, str], Job.metadata_, shown=OBJECT),
+    Field("estimate", dict[str, Any], Job.estimate, shown=JSON_OR_NULL),
+    Field("progress", dict[str, Any] | None, Job.progress, shown=JSON_OR_NULL),
+    Field("attempt", int, Job.attempt),
+    Field("trained_tokens", int | None, Job.trained_tokens),
+    Field("error", dict[str, Any] | None, Job.error, shown=JSON_OR_NULL),
+    Field("result", dict[str, Any] | None, Job.result, shown=JSON_OR_NULL),
+    Field("cancel_requested", bool, Job.cancel_requested, shown=FLAG),
+    Field("created_at", int, Job.created_at, shown=SECONDS_OR_ZERO),
+    Field("started_at", int | None, Job.started_at, shown=SECONDS),
+    Field("finished_at", int | None, Job.finished_at, shown=SECONDS),
+)
+JobPublic = public_model("JobPublic", JOB_DOCUMENT, module=__name__)
+
+EventPublic = public_model(
+    "EventPublic",
+    (
+        Field("id", int, JobEvent.id),
+        Field("object", str, constant="job.event"),
+        Field("type", str, JobEvent.type),
+        Field("level", str, JobEvent.level),
+        Field("message", str, JobEvent.message),
+        Field("data", dict[str, Any], JobEvent.data, shown=OBJECT),
+        Field("created_at", int, JobEvent.created_at, shown=SECONDS_OR_ZERO),
+    ),
+    module=__name__,
+)
+
+ARTIFACT_NAME = Shown("the checkpoint's artifact name", checkpoint_artifact_name)
+CheckpointPublic = public_model(
+    "CheckpointPublic",
+    (
+        Field("object", str, constant="job.checkpoint"),
+        Field("step", int, JobCheckpoint.step),
+        Field("attempt", int, JobCheckpoint.attempt),
+        Field("metrics", dict[str, float], JobCheckpoint.metrics, shown=OBJECT),
+        Field("artifact", str, JobCheckpoint.step, shown=ARTIFACT_NAME),
+        Field("created_at", int, JobCheckpoint.created_at, shown=SECONDS_OR_ZERO),
+    ),
+    module=__name__,
+)
+
+ArtifactPublic = public_model(
+    "ArtifactPublic",
+    (
+        Field("object", str, constant="job.artifact"),
+        Field("name", str, JobArtifact.name),
+        Field("kind", str, JobArtifact.kind),
+        Field("step", int | None, JobArtifact.step),
+        Field("bytes", int, JobArtifact.bytes),
+        Field("sha256", str, JobArtifact.sha256),
+        Field("created_at", int, JobArtifact.created_at, shown=SECONDS_OR_ZERO),
+    ),
+    module=__name__,
+)
 
 
 class DryRunPublic(BaseModel):
@@ -71,71 +102,3 @@ class DryRunPublic(BaseModel):
     method: dict[str, Any]
     hyperparameters: dict[str, Any]
     estimate: dict[str, Any]
-
-
-class EventPublic(BaseModel):
-    id: int
-    object: str = "job.event"
-    type: str
-    level: str
-    message: str
-    data: dict[str, Any]
-    created_at: int
-
-    @classmethod
-    def of(cls, event: JobEvent) -> EventPublic:
-        return cls(
-            id=event.id,
-            type=event.type,
-            level=event.level,
-            message=event.message,
-            data=event.data or {},
-            created_at=unix_seconds(event.created_at) or 0,
-        )
-
-
-class CheckpointPublic(BaseModel):
-    object: str = "job.checkpoint"
-    step: int
-    attempt: int
-    metrics: dict[str, float]
-    artifact: str
-    created_at: int
-
-    @classmethod
-    def of(cls, checkpoint: JobCheckpoint) -> CheckpointPublic:
-        return cls(
-            step=checkpoint.step,
-            attempt=checkpoint.attempt,
-            metrics=checkpoint.metrics or {},
-            artifact=checkpoint_artifact_name(checkpoint.step),
-            created_at=unix_seconds(checkpoint.created_at) or 0,
-        )
-
-
-class ArtifactPublic(BaseModel):
-    object: str = "job.artifact"
-    name: str
-    kind: str
-    step: int | None
-    bytes: int
-    sha256: str
-    created_at: int
-
-    @classmethod
-    def of(cls, artifact: JobArtifact) -> ArtifactPublic:
-        return cls(
-            name=artifact.name,
-            kind=artifact.kind,
-            step=artifact.step,
-            bytes=artifact.bytes,
-            sha256=artifact.sha256,
-            created_at=unix_seconds(artifact.created_at) or 0,
-        )
-
-
-ADAPTER_ARTIFACT = "adapter.tar.gz"
-
-
-def checkpoint_artifact_name(step: int) -> str:
-    return f"checkpoint-{step}.tar.gz"
