@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from api.downloads import stored_object_response
 from api.uploads import MultipartUpload, read_upload
 from tuneq.db import transaction
 from tuneq.files import service
@@ -125,16 +125,12 @@ def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
 )
 def download_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Response:
     file = service.get_file(db=db, team=team, file_id=file_id)
-    url = store.presigned_url(file.storage_key, filename=file.filename)
-    if url is not None:
-        return RedirectResponse(url, status_code=307)
-    return StreamingResponse(
-        store.open_stream(file.storage_key),
+    return stored_object_response(
+        store,
+        file.storage_key,
+        filename=file.filename,
         media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(file.bytes),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}",
-        },
+        size=file.bytes,
     )
 
 
