@@ -40,7 +40,8 @@ def claim_job(db: Session, *, job_id: str, owner: str, lease_ttl: float) -> Clai
         move_to(
             JobState.RUNNING,
             Job.id == job_id,
-            or_(Job.state != JobState.RUNNING, Job.lease_expires_at < db_now()),  # expired
+            # a running job only once its lease has expired
+            or_(Job.state != JobState.RUNNING, Job.lease_expires_at < db_now()),
             Job.attempt < Job.max_attempts,
             Job.cancel_requested.is_(False),
         )
@@ -110,11 +111,9 @@ def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
             message = f"worker lost on attempt {job.attempt} of {job.max_attempts}"
             values["error"] = {"code": "worker_lost", "message": message, "param": None}
             values["finished_at"] = db_now()
-        result = db.execute(
-            move_to(target, Job.id == job.id, Job.state == job.state).values(**values)
-        )
+        result = db.execute(move_to(target, Job.id == job.id).values(**values))
         if (result.rowcount or 0) != 1:
-            continue
+            continue  # a move the table refuses: nothing written, nothing to tell
         if target == JobState.QUEUED:
             db.add(OutboxMessage(job_id=job.id))
         db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message))
