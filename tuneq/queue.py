@@ -13,9 +13,9 @@ from datetime import timedelta
 
 from celery import Celery
 from sqlalchemy import and_, delete, exists, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from tuneq.db import utcnow
+from tuneq.db import transaction, utcnow
 from tuneq.jobs.models import Job, OutboxMessage
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
@@ -97,6 +97,15 @@ def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:
         publish_run_job(app, row.job_id, queue)
         row.sent_at = utcnow()
     return len(rows)
+
+
+def relay_now(sessions: sessionmaker[Session], app: Celery) -> None:
+    """Publish the new outbox rows right after a commit; beat's periodic relay is the backstop."""
+    try:
+        with transaction(sessions) as db:
+            relay_outbox(db, app)
+    except Exception:  # noqa: BLE001 - the broker may be down; the beat relay retries
+        log.warning("publishing after commit failed; beat's relay will retry", exc_info=True)
 
 
 def republish_stale_queued(db: Session, *, older_than: timedelta) -> int:

@@ -281,7 +281,7 @@ class S3Store(_Store):
     def presigned_url(self, key: str, *, filename: str | None = None) -> str | None:
         params = {"Bucket": self.bucket, "Key": key}
         if filename is not None:
-            params["ResponseContentDisposition"] = _attachment(filename)
+            params["ResponseContentDisposition"] = attachment_disposition(filename)
         return self._presigner.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=self.presign_ttl_seconds
         )
@@ -376,7 +376,7 @@ def _read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _attachment(filename: str) -> str:
+def attachment_disposition(filename: str) -> str:
     """Content-Disposition for a download: an ASCII fallback plus the exact UTF-8 name."""
     fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"

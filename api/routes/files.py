@@ -7,13 +7,13 @@ this module reads the HTTP request and renders the answer.
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from api.downloads import stored_object_response
 from api.uploads import MultipartUpload, read_upload
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
@@ -83,16 +83,12 @@ def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
 )
 def download_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Response:
     file = service.get_file(db=db, team=team, file_id=file_id)
-    url = store.presigned_url(file.storage_key, filename=file.filename)
-    if url is not None:
-        return RedirectResponse(url, status_code=307)
-    return StreamingResponse(
-        store.open_stream(file.storage_key),
+    return stored_object_response(
+        store,
+        file.storage_key,
+        filename=file.filename,
         media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(file.bytes),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}",
-        },
+        size=file.bytes,
     )
 
 

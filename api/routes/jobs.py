@@ -3,12 +3,12 @@ rules live in tuneq.jobs.service."""
 
 from __future__ import annotations
 
-import json
-import logging
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from api.deps import (
     CeleryDep,
@@ -19,10 +19,9 @@ from api.deps import (
     StoreDep,
     TeamDep,
 )
+from api.downloads import stored_object_response
 from api.job_reads import JobQuery, JobReads
-from tuneq.db import transaction
 from tuneq.errors import NotFound
-from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.jobs import service
 from tuneq.jobs.schemas import (
     ArtifactPublic,
@@ -31,21 +30,10 @@ from tuneq.jobs.schemas import (
     EventPublic,
     JobPublic,
 )
-from tuneq.queue import relay_outbox
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
-
-
-def relay_now(sessions: Any, celery: Any) -> None:
-    """Publish the new outbox rows right after the commit; the periodic relay is the backstop."""
-    try:
-        with transaction(sessions) as db:
-            relay_outbox(db, celery)
-    except Exception:  # noqa: BLE001 - the broker may be down; the beat relay retries
-        log.warning("publishing after commit failed; beat's relay will retry", exc_info=True)
 
 
 @router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
@@ -60,45 +48,22 @@ def create_job(
     background: BackgroundTasks,
     dry_run: bool = False,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> Any:
+) -> JSONResponse:
     # A plain def: FastAPI runs it in a worker thread, so tokenizing a large dataset never
-    # blocks the event loop. Sessions are opened one after another, never nested: on
-    # SQLite a write transaction holds the database lock, and a nested one would wait for
-    # its own parent.
-    def plan() -> service.Plan:
-        with sessions() as db:
-            return service.plan_job(
-                db=db, store=store, settings=settings, registry=registry, team=team, body=body
-            )
-
-    if dry_run:
-        planned = plan()
-        view = service.resolved_view(planned)
-        estimate = DryRunPublic(
-            model=planned.spec.model,
-            task=planned.spec.task,
-            method=view["method"],
-            hyperparameters=view["hyperparameters"],
-            estimate=planned.estimate.as_dict(),
-        )
-        return JSONResponse(estimate.model_dump(mode="json"), status_code=200)
-
-    with idempotent(
-        sessions,
-        team_id=team.id,
-        key=idempotency_key,
-        method_path="POST /jobs",
-        fingerprint=request_hash("POST /jobs", json.dumps(body, sort_keys=True)),
-    ) as request:
-        if request.replay is not None:
-            return JSONResponse(request.replay.body, status_code=request.replay.status)
-        planned = plan()
-        with transaction(sessions) as db:
-            job = service.create_job(db=db, settings=settings, team=team, plan=planned)
-            public = JobPublic.of(job).model_dump(mode="json")
-            request.record(db, 201, public)
-    background.add_task(relay_now, sessions, celery)
-    return JSONResponse(public, status_code=201)
+    # blocks the event loop. The job is published once the response has gone.
+    submitted = service.submit_job(
+        sessions=sessions,
+        store=store,
+        settings=settings,
+        registry=registry,
+        broker=celery,
+        team=team,
+        body=body,
+        dry_run=dry_run,
+        idempotency_key=idempotency_key,
+        defer=background.add_task,
+    )
+    return JSONResponse(submitted.body, status_code=submitted.status)
 
 
 @router.get("")
@@ -134,28 +99,32 @@ async def get_job(job_id: str, request: Request, team: TeamDep) -> Response:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
-    return JobPublic.of(service.cancel_job(db=db, team=team, job_id=job_id))
+def cancel_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> JobPublic:
+    return service.cancel_job(sessions=sessions, team=team, job_id=job_id)
 
 
 @router.post("/{job_id}/pause", response_model=JobPublic)
-def pause_job(job_id: str, team: TeamDep, db: DbDep) -> JobPublic:
-    return JobPublic.of(service.pause_job(db=db, team=team, job_id=job_id))
+def pause_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> JobPublic:
+    return service.pause_job(sessions=sessions, team=team, job_id=job_id)
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic)
 def resume_job(
     job_id: str,
     team: TeamDep,
-    db: DbDep,
-    settings: SettingsDep,
     sessions: SessionsDep,
+    settings: SettingsDep,
     celery: CeleryDep,
     background: BackgroundTasks,
 ) -> JobPublic:
-    job = service.resume_job(db=db, settings=settings, team=team, job_id=job_id)
-    background.add_task(relay_now, sessions, celery)
-    return JobPublic.of(job)
+    return service.resume_job(
+        sessions=sessions,
+        settings=settings,
+        broker=celery,
+        team=team,
+        job_id=job_id,
+        defer=background.add_task,
+    )
 
 
 @router.get("/{job_id}/events")
@@ -164,11 +133,7 @@ def list_events(
 ) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
     events, has_more = service.list_events(db=db, job=job, after=after, limit=limit)
-    return {
-        "object": "list",
-        "data": [EventPublic.of(e).model_dump(mode="json") for e in events],
-        "has_more": has_more,
-    }
+    return _list(map(EventPublic.of, events), has_more=has_more)
 
 
 @router.get("/{job_id}/metrics")
@@ -179,23 +144,13 @@ def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
-    rows = service.list_checkpoints(db=db, job=job)
-    return {
-        "object": "list",
-        "data": [CheckpointPublic.of(c).model_dump(mode="json") for c in rows],
-        "has_more": False,
-    }
+    return _list(map(CheckpointPublic.of, service.list_checkpoints(db=db, job=job)))
 
 
 @router.get("/{job_id}/artifacts")
 def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
-    rows = service.list_artifacts(db=db, job=job)
-    return {
-        "object": "list",
-        "data": [ArtifactPublic.of(a).model_dump(mode="json") for a in rows],
-        "has_more": False,
-    }
+    return _list(map(ArtifactPublic.of, service.list_artifacts(db=db, job=job)))
 
 
 @router.get("/{job_id}/artifacts/{name}", response_model=None)
@@ -204,14 +159,19 @@ def download_artifact(
 ) -> Response:
     job = service.get_job(db=db, team=team, job_id=job_id)
     artifact = service.get_artifact(db=db, job=job, name=name)
-    url = store.presigned_url(artifact.storage_key, filename=f"{job.id}-{artifact.name}")
-    if url is not None:
-        return RedirectResponse(url, status_code=307)
-    return StreamingResponse(
-        store.open_stream(artifact.storage_key),
+    return stored_object_response(
+        store,
+        artifact.storage_key,
+        filename=f"{job.id}-{artifact.name}",
         media_type="application/gzip",
-        headers={
-            "Content-Disposition": f'attachment; filename="{job.id}-{artifact.name}"',
-            "Content-Length": str(artifact.bytes),
-        },
+        size=artifact.bytes,
     )
+
+
+def _list(items: Iterable[BaseModel], *, has_more: bool = False) -> dict[str, Any]:
+    """A list as every list route shows it (DESIGN §4)."""
+    return {
+        "object": "list",
+        "data": [item.model_dump(mode="json") for item in items],
+        "has_more": has_more,
+    }

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from tuneq.db import db_now, seconds_from_now
 from tuneq.jobs.models import Job, JobEvent, OutboxMessage
-from tuneq.jobs.states import LEASED, JobState
+from tuneq.jobs.states import LEASED, JobState, move_to
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,16 @@ class Renewal:
 
 def claim_job(db: Session, *, job_id: str, owner: str, lease_ttl: float) -> Claim | None:
     """Take the job if it is queued (or its lease expired); None means someone else has it."""
-    claimable = or_(
-        Job.state == JobState.QUEUED,
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < db_now()),
-    )
     row = db.execute(
-        update(Job)
-        .where(
+        move_to(
+            JobState.RUNNING,
             Job.id == job_id,
-            claimable,
+            # a running job only once its lease has expired
+            or_(Job.state != JobState.RUNNING, Job.lease_expires_at < db_now()),
             Job.attempt < Job.max_attempts,
             Job.cancel_requested.is_(False),
         )
         .values(
-            state=JobState.RUNNING,
             lease_owner=owner,
             attempt=Job.attempt + 1,
             fence=Job.fence + 1,
@@ -84,36 +80,42 @@ def renew_lease(
     return Renewal(True, row.cancel_requested, row.pause_requested)
 
 
-def fenced_update(db: Session, claim: Claim, **values: Any) -> bool:
-    """Write to the job only while this attempt still owns it; False when it does not."""
-    result = db.execute(update(Job).where(_fenced(claim)).values(**values))
+def fenced_update(
+    db: Session, claim: Claim, *, state: JobState | None = None, **values: Any
+) -> bool:
+    """Write to the job only while this attempt still owns it; False when it does not, or
+    when `state` is a move TRANSITIONS does not allow from the job's state."""
+    statement = update(Job) if state is None else move_to(state)
+    result = db.execute(statement.where(_fenced(claim)).values(**values))
     return (result.rowcount or 0) == 1
 
 
 def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
     """Jobs whose worker stopped heartbeating: queued again, or failed after max_attempts."""
-    expired = db.scalars(
-        select(Job)
+    expired = db.execute(
+        select(Job.id, Job.state, Job.attempt, Job.max_attempts)
         .where(Job.state.in_(LEASED), Job.lease_expires_at < db_now())
         .with_for_update(skip_locked=True)
     ).all()
     moved: list[tuple[str, JobState]] = []
     for job in expired:
-        if job.state == JobState.CANCELLING or job.cancel_requested:
+        values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+        if job.state == JobState.CANCELLING:
             target, message = JobState.CANCELLED, "cancelled (its worker stopped answering)"
-            job.finished_at = db.scalar(select(db_now()))
+            values["finished_at"] = db_now()
         elif job.attempt < job.max_attempts:
             target = JobState.QUEUED
             message = f"worker lost on attempt {job.attempt}; queued again"
-            db.add(OutboxMessage(job_id=job.id))
         else:
             target = JobState.FAILED
             message = f"worker lost on attempt {job.attempt} of {job.max_attempts}"
-            job.error = {"code": "worker_lost", "message": message, "param": None}
-            job.finished_at = db.scalar(select(db_now()))
-        job.state = target
-        job.lease_owner = None
-        job.lease_expires_at = None
+            values["error"] = {"code": "worker_lost", "message": message, "param": None}
+            values["finished_at"] = db_now()
+        result = db.execute(move_to(target, Job.id == job.id).values(**values))
+        if (result.rowcount or 0) != 1:
+            continue  # a move the table refuses: nothing written, nothing to tell
+        if target == JobState.QUEUED:
+            db.add(OutboxMessage(job_id=job.id))
         db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message))
         moved.append((job.id, target))
     return moved

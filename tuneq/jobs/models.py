@@ -49,68 +49,61 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class JobEvent(Base):
+class BelongsToJob:
+    """What every row that belongs to a job has: its own id, the job's, and when it was written."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobEvent(BelongsToJob, Base):
     """A typed event: `message` (what happened) or `metrics` (a step's or an evaluation's)."""
 
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     type: Mapped[str] = mapped_column(String(16))
     level: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class JobMetric(Base):
+class JobMetric(BelongsToJob, Base):
     """One point of the metrics series: a training step's or an evaluation's values."""
 
     __tablename__ = "job_metrics"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(8))  # train | eval
     values: Mapped[dict[str, float]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class JobCheckpoint(Base):
+class JobCheckpoint(BelongsToJob, Base):
     __tablename__ = "job_checkpoints"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
     storage_prefix: Mapped[str] = mapped_column(String(512))
     metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class JobArtifact(Base):
+class JobArtifact(BelongsToJob, Base):
     """A downloadable file: the final adapter, or one checkpoint's adapter, as .tar.gz."""
 
     __tablename__ = "job_artifacts"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # adapter | checkpoint
     step: Mapped[int | None] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(512))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class OutboxMessage(Base):
+class OutboxMessage(BelongsToJob, Base):
     """'Job X may be ready', written in the job's transaction; the relay publishes it."""
 
     __tablename__ = "outbox"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)

@@ -1,125 +1,98 @@
-"""Jobs as the API sees them: create (or estimate), read, list, cancel, pause, resume.
+"""Jobs as every road in sees them: submit (or estimate), read, list, cancel, pause, resume.
 
-A job is validated completely inside `POST /jobs` (spec, model, files, token counts), so
-a job that exists is one that can run; it is created `queued` with its outbox row in the
-same transaction.
+A job is validated completely when it is submitted (tuneq.jobs.planning: spec, model,
+files, token counts), so a job that exists is one that can run; it is created `queued` with
+its outbox row in the same transaction. The use cases that change a job own their
+transactions and publish after the commit, so the native routes, a facade or a CLI get the
+same idempotency, outbox and errors; the reads take the caller's session.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from peft_engine.errors import DataError, ModelNotFoundError, SpecError, UserError
-from peft_engine.estimate import Estimate, estimate_job
 from peft_engine.models import ModelRegistry
-from peft_engine.prepare import DataPaths
-from peft_engine.spec import JobSpec, parse_spec
-from tuneq.db import db_now
-from tuneq.errors import (
-    Conflict,
-    ErrorItem,
-    InvalidFile,
-    InvalidHyperparameters,
-    InvalidRequest,
-    ModelNotFound,
-    NotFound,
-    TuneqError,
-)
-from tuneq.files.models import File
-from tuneq.files.service import get_file, local_copy
+from tuneq.db import db_now, transaction
+from tuneq.errors import Conflict, NotFound
+from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.ids import new_id
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
-from tuneq.jobs.states import TERMINAL, JobState
+from tuneq.jobs.planning import Plan, estimate_of, plan_job, resolved_view
+from tuneq.jobs.schemas import JobPublic
+from tuneq.jobs.states import JobState, move_to
+from tuneq.queue import relay_now
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
 
+SUBMIT = "POST /jobs"  # the use case's name under an Idempotency-Key
+# How a use case publishes after its commit: runs a function with its arguments once the
+# caller has answered (FastAPI's BackgroundTasks.add_task), or at once for a caller that can.
+Defer = Callable[..., Any]
+
 
 @dataclass(frozen=True)
-class Plan:
-    """A job spec checked against the registry and its files, with what it will cost."""
+class Submission:
+    """What a submission answers, as JSON: the job created (201), the answer first given
+    under the same Idempotency-Key, or a dry run's estimate (200)."""
 
-    spec: JobSpec
-    estimate: Estimate
-    training_file: File
-    validation_file: File | None
-    queue: str
+    status: int
+    body: dict[str, Any]
 
 
-def as_tuneq_error(err: UserError) -> TuneqError:
-    """The engine's user errors, as the API reports them."""
-    if isinstance(err, DataError):
-        items = [ErrorItem(e.message, field=e.field, line=e.line) for e in err.errors]
-        if not items:  # a problem with the file as a whole: name the field that holds it
-            items = [ErrorItem(err.message, field=err.param)]
-        return InvalidFile(
-            err.message, errors=items, param=err.param, extra={"total_errors": err.total_errors}
-        )
-    field_item = [ErrorItem(err.message, field=err.param)] if err.param else []
-    if isinstance(err, ModelNotFoundError):
-        return ModelNotFound(str(err), errors=field_item, param=err.param)
-    if isinstance(err, SpecError) and (err.param or "").startswith("hyperparameters"):
-        return InvalidHyperparameters(str(err), errors=field_item, param=err.param)
-    return InvalidRequest(str(err), errors=field_item, param=err.param)
-
-
-def plan_job(
+def submit_job(
     *,
-    db: Session,
+    sessions: sessionmaker[Session],
     store: ObjectStore,
     settings: Settings,
     registry: ModelRegistry,
+    broker: Celery,
     team: Team,
     body: dict[str, Any],
-) -> Plan:
-    try:
-        spec = parse_spec(body)
-        if spec.training_file is None:
-            raise SpecError("a training file id is required", param="training_file")
-        training = _team_file(db, team, spec.training_file, "training_file")
-        validation = (
-            _team_file(db, team, spec.validation_file, "validation_file")
-            if spec.validation_file
-            else None
-        )
-        cache = settings.resolved_work_dir
-        data = DataPaths(
-            local_copy(store, training, cache),
-            local_copy(store, validation, cache) if validation else None,
-        )
-        estimate = estimate_job(
-            spec,
-            data,
-            registry=registry,
-            cache_dir=settings.resolved_cache_dir,
-            tokens_per_second=settings.estimated_tokens_per_second,
-        )
-    except UserError as err:
-        raise as_tuneq_error(err) from None
-    return Plan(spec, estimate, training, validation, registry.get(spec.model).queue)
+    dry_run: bool = False,
+    idempotency_key: str | None = None,
+    defer: Defer,
+) -> Submission:
+    """Validate and estimate a job spec, then (unless a dry run) create the job under the
+    Idempotency-Key and publish it after the commit."""
+
+    # Sessions are opened one after another, never nested: on SQLite a write transaction
+    # holds the database lock, and a nested one would wait for its own parent.
+    def plan() -> Plan:
+        with sessions() as db:
+            return plan_job(
+                db=db, store=store, settings=settings, registry=registry, team=team, body=body
+            )
+
+    if dry_run:
+        return Submission(200, estimate_of(plan()).model_dump(mode="json"))
+    with idempotent(
+        sessions,
+        team_id=team.id,
+        key=idempotency_key,
+        method_path=SUBMIT,
+        fingerprint=request_hash(SUBMIT, json.dumps(body, sort_keys=True)),
+    ) as request:
+        if request.replay is not None:
+            return Submission(request.replay.status, request.replay.body)
+        planned = plan()
+        with transaction(sessions) as db:
+            job = _create_job(db=db, settings=settings, team=team, plan=planned)
+            public = JobPublic.of(job).model_dump(mode="json")
+            request.record(db, 201, public)
+    defer(relay_now, sessions, broker)
+    return Submission(201, public)
 
 
-def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
-    try:
-        return get_file(db=db, team=team, file_id=file_id)
-    except NotFound:
-        raise InvalidRequest(
-            f"no file {file_id!r}",
-            errors=[ErrorItem(f"no file {file_id!r}", field=param)],
-            param=param,
-        ) from None
-
-
-def resolved_view(plan: Plan) -> dict[str, Any]:
-    dumped = plan.estimate.spec.model_dump(mode="json")
-    return {"method": dumped["method"], "hyperparameters": dumped["hyperparameters"]}
-
-
-def create_job(*, db: Session, settings: Settings, team: Team, plan: Plan) -> Job:
+def _create_job(*, db: Session, settings: Settings, team: Team, plan: Plan) -> Job:
     spec = plan.spec
     job = Job(
         id=new_id("job"),
@@ -163,9 +136,44 @@ def get_job(*, db: Session, team: Team, job_id: str) -> Job:
     return job
 
 
-def cancel_job(*, db: Session, team: Team, job_id: str) -> Job:
+def cancel_job(*, sessions: sessionmaker[Session], team: Team, job_id: str) -> JobPublic:
     """A queued or paused job is cancelled at once; a running one is asked to stop."""
-    job = get_job(db=db, team=team, job_id=job_id)
+    return _steer(sessions, team, job_id, _cancel)
+
+
+def pause_job(*, sessions: sessionmaker[Session], team: Team, job_id: str) -> JobPublic:
+    """A queued job is paused at once; a running one stops at its next heartbeat."""
+    return _steer(sessions, team, job_id, _pause)
+
+
+def resume_job(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    broker: Celery,
+    team: Team,
+    job_id: str,
+    defer: Defer,
+) -> JobPublic:
+    """A paused job is queued again, and published after the commit."""
+    resumed = _steer(sessions, team, job_id, partial(_resume, settings=settings))
+    defer(relay_now, sessions, broker)
+    return resumed
+
+
+def _steer(
+    sessions: sessionmaker[Session], team: Team, job_id: str, change: Callable[[Session, Job], None]
+) -> JobPublic:
+    """One transaction: find the team's job, change it, and show it as it is now."""
+    with transaction(sessions) as db:
+        job = get_job(db=db, team=team, job_id=job_id)
+        change(db, job)
+        db.flush()
+        db.refresh(job)
+        return JobPublic.of(job)
+
+
+def _cancel(db: Session, job: Job) -> None:
     if job.state in (JobState.QUEUED, JobState.PAUSED):
         _transition(db, job, JobState.CANCELLED, finished=True, cancel_requested=True)
         _event(db, job, "cancelled before it ran" if job.attempt == 0 else "cancelled")
@@ -174,11 +182,9 @@ def cancel_job(*, db: Session, team: Team, job_id: str) -> Job:
         _event(db, job, "cancel requested; the worker stops within two heartbeats")
     elif job.state != JobState.CANCELLING:
         raise Conflict(f"job {job.id} is {job.state}; it cannot be cancelled", param="job_id")
-    return _reloaded(db, job)
 
 
-def pause_job(*, db: Session, team: Team, job_id: str) -> Job:
-    job = get_job(db=db, team=team, job_id=job_id)
+def _pause(db: Session, job: Job) -> None:
     if job.state == JobState.QUEUED:
         _transition(db, job, JobState.PAUSED)
         _event(db, job, "paused")
@@ -191,11 +197,9 @@ def pause_job(*, db: Session, team: Team, job_id: str) -> Job:
         _event(db, job, "pause requested; the worker stops at its next heartbeat")
     elif job.state != JobState.PAUSED:
         raise Conflict(f"job {job.id} is {job.state}; it cannot be paused", param="job_id")
-    return _reloaded(db, job)
 
 
-def resume_job(*, db: Session, settings: Settings, team: Team, job_id: str) -> Job:
-    job = get_job(db=db, team=team, job_id=job_id)
+def _resume(db: Session, job: Job, *, settings: Settings) -> None:
     if job.state != JobState.PAUSED:
         raise Conflict(f"job {job.id} is {job.state}; only a paused job resumes", param="job_id")
     # Pauses are not failures: a resumed job gets a fresh budget of attempts.
@@ -208,7 +212,6 @@ def resume_job(*, db: Session, settings: Settings, team: Team, job_id: str) -> J
     )
     db.add(OutboxMessage(job_id=job.id))
     _event(db, job, "resumed; queued again")
-    return _reloaded(db, job)
 
 
 def _transition(
@@ -217,21 +220,13 @@ def _transition(
     """Move the job only if nobody moved it meanwhile (a worker may be writing too)."""
     if finished:
         values["finished_at"] = db_now()
-    result = db.execute(
-        update(Job).where(Job.id == job.id, Job.state == job.state).values(state=target, **values)
-    )
+    result = db.execute(move_to(target, Job.id == job.id, Job.state == job.state).values(**values))
     if (result.rowcount or 0) != 1:
         raise Conflict(f"job {job.id} changed state meanwhile; retry", param="job_id")
 
 
 def _event(db: Session, job: Job, message: str, level: str = "info") -> None:
     db.add(JobEvent(job_id=job.id, type="message", level=level, message=message))
-
-
-def _reloaded(db: Session, job: Job) -> Job:
-    db.flush()
-    db.refresh(job)
-    return job
 
 
 def list_events(
@@ -293,7 +288,3 @@ def get_artifact(*, db: Session, job: Job, name: str) -> JobArtifact:
     if artifact is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", param="name")
     return artifact
-
-
-def is_terminal(job: Job) -> bool:
-    return JobState(job.state) in TERMINAL

@@ -1,0 +1,122 @@
+"""Planning a job: its spec checked against the model registry and the team's files, with
+what it will cost. Everything a submission validates before anything is written; the
+engine's user errors come out as the API's typed errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from peft_engine.errors import DataError, ModelNotFoundError, SpecError, UserError
+from peft_engine.estimate import Estimate, estimate_job
+from peft_engine.models import ModelRegistry
+from peft_engine.prepare import DataPaths
+from peft_engine.spec import JobSpec, parse_spec
+from tuneq.errors import (
+    ErrorItem,
+    InvalidFile,
+    InvalidHyperparameters,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    TuneqError,
+)
+from tuneq.files.models import File
+from tuneq.files.service import get_file, local_copy
+from tuneq.jobs.schemas import DryRunPublic
+from tuneq.settings import Settings
+from tuneq.storage import ObjectStore
+from tuneq.teams.models import Team
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job spec checked against the registry and its files, with what it will cost."""
+
+    spec: JobSpec
+    estimate: Estimate
+    training_file: File
+    validation_file: File | None
+    queue: str
+
+
+def as_tuneq_error(err: UserError) -> TuneqError:
+    """The engine's user errors, as the API reports them."""
+    if isinstance(err, DataError):
+        items = [ErrorItem(e.message, field=e.field, line=e.line) for e in err.errors]
+        if not items:  # a problem with the file as a whole: name the field that holds it
+            items = [ErrorItem(err.message, field=err.param)]
+        return InvalidFile(
+            err.message, errors=items, param=err.param, extra={"total_errors": err.total_errors}
+        )
+    field_item = [ErrorItem(err.message, field=err.param)] if err.param else []
+    if isinstance(err, ModelNotFoundError):
+        return ModelNotFound(str(err), errors=field_item, param=err.param)
+    if isinstance(err, SpecError) and (err.param or "").startswith("hyperparameters"):
+        return InvalidHyperparameters(str(err), errors=field_item, param=err.param)
+    return InvalidRequest(str(err), errors=field_item, param=err.param)
+
+
+def plan_job(
+    *,
+    db: Session,
+    store: ObjectStore,
+    settings: Settings,
+    registry: ModelRegistry,
+    team: Team,
+    body: dict[str, Any],
+) -> Plan:
+    try:
+        spec = parse_spec(body)
+        if spec.training_file is None:
+            raise SpecError("a training file id is required", param="training_file")
+        training = _team_file(db, team, spec.training_file, "training_file")
+        validation = (
+            _team_file(db, team, spec.validation_file, "validation_file")
+            if spec.validation_file
+            else None
+        )
+        cache = settings.resolved_work_dir
+        data = DataPaths(
+            local_copy(store, training, cache),
+            local_copy(store, validation, cache) if validation else None,
+        )
+        estimate = estimate_job(
+            spec,
+            data,
+            registry=registry,
+            cache_dir=settings.resolved_cache_dir,
+            tokens_per_second=settings.estimated_tokens_per_second,
+        )
+    except UserError as err:
+        raise as_tuneq_error(err) from None
+    return Plan(spec, estimate, training, validation, registry.get(spec.model).queue)
+
+
+def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
+    try:
+        return get_file(db=db, team=team, file_id=file_id)
+    except NotFound:
+        raise InvalidRequest(
+            f"no file {file_id!r}",
+            errors=[ErrorItem(f"no file {file_id!r}", field=param)],
+            param=param,
+        ) from None
+
+
+def resolved_view(plan: Plan) -> dict[str, Any]:
+    dumped = plan.estimate.spec.model_dump(mode="json")
+    return {"method": dumped["method"], "hyperparameters": dumped["hyperparameters"]}
+
+
+def estimate_of(plan: Plan) -> DryRunPublic:
+    view = resolved_view(plan)
+    return DryRunPublic(
+        model=plan.spec.model,
+        task=plan.spec.task,
+        method=view["method"],
+        hyperparameters=view["hyperparameters"],
+        estimate=plan.estimate.as_dict(),
+    )
