@@ -601,6 +601,7 @@ import kombu.transport.redis, sqlalchemy, uvicorn.main, uvicorn.protocols.http.h
 from tuneq.settings import Settings
 from tuneq.storage import open_store
 from worker.tasks import create_worker_app
+import worker.main  # what `tuneq worker` and `tuneq beat` run
 sqlalchemy.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/x").dialect.dbapi
 open_store(Settings(store="s3", s3_endpoint_url="http://127.0.0.1:1", s3_access_key_id="k",
                     s3_secret_access_key="0123456789abcdef"))
