@@ -15,6 +15,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from tuneq.db import make_engine, make_sessionmaker, transaction
+from tuneq.migrate import upgrade
 from tuneq.settings import Settings
 from tuneq.teams.service import create_key, create_team
 
@@ -26,15 +27,7 @@ def make_settings(home: Path, **overrides: Any) -> Settings:
 
 
 def migrate(settings: Settings) -> None:
-    try:
-        from tuneq.migrate import upgrade
-    except ImportError:  # until migrations exist
-        from tuneq.models import Base
-
-        engine = make_engine(settings.resolved_database_url)
-        Base.metadata.create_all(engine)
-        engine.dispose()
-        return
+    """Apply the Alembic migrations, as `tuneq migrate` does."""
     upgrade(settings.resolved_database_url)
 
 
