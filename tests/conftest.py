@@ -192,6 +192,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(configured) if configured else tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture
+def sqlite_settings(tmp_path: Path):
+    """Embedded settings under tmp_path, with the database migrated."""
+    from tests.service_fixtures import make_settings, migrate
+
+    settings = make_settings(tmp_path)
+    migrate(settings)
+    return settings
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
