@@ -6,8 +6,8 @@ module and walks the result in Python, about 30 µs for a 1 kB chat line: upload
 pass, about 1 µs. The rule: a line this check accepts is one the engine accepts, with the
 same counts; any line it does not accept (an error, another format, anything unusual such
 as a weight of 1.0) goes through the engine's validator, whose words and line numbers the
-user sees as before. tests/test_api_perf_features.py and tests/test_upload_speed_features.py
-hold the two to the same answers.
+user sees as before. tests/test_chat_line_check.py and tests/test_upload_streaming.py hold
+the two to the same answers.
 
 `check_lines` runs the check over many lines in one call, stopping at the first it does not
 take: a chat upload's lines cost one Python loop iteration each, not a chain of calls.
