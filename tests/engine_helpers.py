@@ -4,10 +4,11 @@ under `sdpa`, LoRA weights that make every gradient count."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from peft_engine.data.formats import DataFormat, Example
-from peft_engine.data.tokenize import tokenize_dataset
+from peft_engine.data.tokenize import IGNORE, tokenize_dataset
 from peft_engine.models.attention import use_packed_attention
 from tests.conftest import chat
 
@@ -39,3 +40,21 @@ def randomise_lora_b(model):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
+
+
+def batch_logits(model, batch, **kwargs):
+    """The model's logits for a packed or padded batch."""
+    return model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+        **kwargs,
+    ).logits
+
+
+def token_losses(logits, batch):
+    """Each target token's cross-entropy (0 where ignored), shaped like the batch's targets."""
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(batch.targets.shape)

@@ -4,10 +4,8 @@ and status. Nothing here is timed; bench/api_load.py measures the speed."""
 from __future__ import annotations
 
 import anyio
-import httpx
 
-from api.app import create_app
-from tests.service_fixtures import api_client, auth, new_team_key
+from tests.service_fixtures import api_client, asgi_client, auth, new_team_key
 from tuneq.settings import Settings
 
 
@@ -17,17 +15,14 @@ def test_fifty_concurrent_reads_on_sqlite_all_complete(sqlite_settings: Settings
     statuses: list[int] = []
 
     async def read_many() -> None:
-        app = create_app(sqlite_settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://tuneq") as client:
+        async with asgi_client(sqlite_settings) as client:
 
-                async def one(path: str) -> None:
-                    statuses.append((await client.get(path, headers=auth(key))).status_code)
+            async def one(path: str) -> None:
+                statuses.append((await client.get(path, headers=auth(key))).status_code)
 
-                async with anyio.create_task_group() as tasks:
-                    for n in range(50):
-                        tasks.start_soon(one, "/jobs?limit=20" if n % 2 else "/jobs/job-nope")
+            async with anyio.create_task_group() as tasks:
+                for n in range(50):
+                    tasks.start_soon(one, "/jobs?limit=20" if n % 2 else "/jobs/job-nope")
 
     anyio.run(read_many)
 

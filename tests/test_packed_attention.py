@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from peft_engine.data.batching import pack, pad
@@ -18,7 +17,7 @@ from peft_engine.models.attention import (
     packed_forward_kwargs,
     use_packed_attention,
 )
-from tests.engine_helpers import sdpa_llama, tokenized_chat_examples
+from tests.engine_helpers import batch_logits, sdpa_llama, token_losses, tokenized_chat_examples
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +29,7 @@ def _per_token_loss(model, batch, **extra):
     kwargs = {}
     if batch.cu_seqlens is not None and extra.get("bounds", True):
         kwargs = packed_forward_kwargs(batch.cu_seqlens, batch.longest)
-    logits = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-        **kwargs,
-    ).logits
-    return F.cross_entropy(
-        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view(batch.targets.shape)
+    return token_losses(batch_logits(model, batch, **kwargs), batch)
 
 
 def test_packed_attention_equals_masked_sdpa_and_each_example_alone(tiny_model_dir, examples):

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 
-from tests.s3server import start_moto_server
+from tests.s3server import s3_client, start_moto_server
 from tuneq.errors import NotFound, Unavailable
 from tuneq.settings import Settings
 from tuneq.storage import LocalStore, MiB, ObjectStore, S3Store, open_store
@@ -28,17 +27,6 @@ def s3_endpoint() -> Iterator[str]:
     server, endpoint_url = start_moto_server()
     yield endpoint_url
     server.stop()
-
-
-def s3_client(endpoint_url: str):
-    """A plain boto3 client, to look at what the store wrote from the outside."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def new_s3_store(endpoint_url: str, **kwargs) -> S3Store:
@@ -321,13 +309,7 @@ def test_s3_move_uploads_then_removes_the_file(tmp_path: Path) -> None:
 
         store.move_file("files/team/file-1", source)
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        client = s3_client(endpoint_url)
         body = client.get_object(Bucket="moves", Key="files/team/file-1")["Body"].read()
         assert body == b"data\n" * 1000
         assert not source.exists()

@@ -18,12 +18,11 @@ import anyio
 import httpx
 import pytest
 
-from api.app import create_app
 from api.uploads import READ_AHEAD_BYTES
 from peft_engine.data.formats import DataFormat, ScanReport
 from peft_engine.errors import LineError
 from tests.chat_line_helpers import engine_chat_counts
-from tests.service_fixtures import auth, make_settings, new_team_key
+from tests.service_fixtures import asgi_client, auth, make_settings, new_team_key
 from tuneq.errors import InvalidFile
 from tuneq.files import chat_lines
 from tuneq.files.service import ingest_upload
@@ -353,16 +352,12 @@ def test_upload_larger_than_the_read_ahead_arrives_whole(sqlite_settings: Settin
             yield body[start : start + 64 * 1024]
 
     async def upload() -> httpx.Response:
-        app = create_app(sqlite_settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://tuneq") as client:
-                return await client.post(
-                    "/files",
-                    content=pieces(),
-                    headers=auth(key)
-                    | {"content-type": f"multipart/form-data; boundary={boundary}"},
-                )
+        async with asgi_client(sqlite_settings) as client:
+            return await client.post(
+                "/files",
+                content=pieces(),
+                headers=auth(key) | {"content-type": f"multipart/form-data; boundary={boundary}"},
+            )
 
     response = anyio.run(upload)
 
