@@ -124,25 +124,25 @@ def digits_by_class(seed: int) -> dict[int, list[tuple[int, tuple[int, Any]]]]:
 def pretrain_data(root: Path, seed: int) -> tuple[DataPaths, dict[str, int]]:
     """Digits 0-4 as image folders: 80% of each digit to train on, 20% to validate."""
     by_digit = digits_by_class(seed)
-    train_items, validation_items = [], []
-    for digit in PRETRAIN_DIGITS:
-        cut = round(0.8 * len(by_digit[digit]))
-        train_items += by_digit[digit][:cut]
-        validation_items += by_digit[digit][cut:]
-    data = DataPaths(
-        write_folder(root / "train", train_items),
-        write_folder(root / "validation", validation_items),
-    )
-    return data, {"train": len(train_items), "validation": len(validation_items)}
+    cuts = {digit: round(0.8 * len(by_digit[digit])) for digit in PRETRAIN_DIGITS}
+    return split_into_folders(root, by_digit, cuts)
 
 
 def transfer_data(root: Path, train_per_class: int, seed: int) -> tuple[DataPaths, dict[str, int]]:
     """Digits 5-9: `train_per_class` of each digit (by seed) to train on, the rest to validate."""
-    by_digit = digits_by_class(seed)
+    cuts = dict.fromkeys(TRANSFER_DIGITS, train_per_class)
+    return split_into_folders(root, digits_by_class(seed), cuts)
+
+
+def split_into_folders(
+    root: Path, by_digit: dict[int, list[tuple[int, tuple[int, Any]]]], cuts: dict[int, int]
+) -> tuple[DataPaths, dict[str, int]]:
+    """Image folders of the digits in `cuts`: each digit's first `cuts[digit]` images to train
+    on, the rest to validate; the data files, and how many images each holds."""
     train_items, validation_items = [], []
-    for digit in TRANSFER_DIGITS:
-        train_items += by_digit[digit][:train_per_class]
-        validation_items += by_digit[digit][train_per_class:]
+    for digit, cut in cuts.items():
+        train_items += by_digit[digit][:cut]
+        validation_items += by_digit[digit][cut:]
     data = DataPaths(
         write_folder(root / "train", train_items),
         write_folder(root / "validation", validation_items),

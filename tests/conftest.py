@@ -159,6 +159,17 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_tiny_llama(directory, vocab_size=len(tiny_tokenizer))
 
 
+def local_model(directory: Path, family: str, tasks: list[str]) -> dict:
+    """A model registry entry for a model in a local directory."""
+    return {"source": {"type": "local", "path": str(directory)}, "family": family, "tasks": tasks}
+
+
+def write_registry(path: Path, models: dict[str, dict]) -> Path:
+    """A registry file naming `models` (name -> entry)."""
+    path.write_text(json.dumps({"models": models}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_registry_file(tmp_path_factory, tiny_model_dir) -> Path:
     path = tmp_path_factory.mktemp("registry") / "models.json"
@@ -190,6 +201,25 @@ def cache_dir(tmp_path_factory) -> Path:
     """Where converted base models are cached: shared across runs when TUNEQ_CACHE_DIR is set."""
     configured = os.environ.get("TUNEQ_CACHE_DIR")
     return Path(configured) if configured else tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path):
+    """Embedded settings under tmp_path, with the database migrated."""
+    from tests.service_fixtures import make_settings, migrate
+
+    settings = make_settings(tmp_path)
+    migrate(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    """An HTTP client of the module's `stack`, a deployment of real processes (tests/stack.py).
+
+    Modules that run the API in-process define their own `api`, which takes precedence."""
+    with stack.client() as client:
+        yield client
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -6,15 +6,20 @@ runs in-process through its ASGI app (httpx), the store is a directory or an S3 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 
 from tuneq.db import make_engine, make_sessionmaker, transaction
+from tuneq.migrate import upgrade
 from tuneq.settings import Settings
 from tuneq.teams.service import create_key, create_team
 
@@ -26,15 +31,7 @@ def make_settings(home: Path, **overrides: Any) -> Settings:
 
 
 def migrate(settings: Settings) -> None:
-    try:
-        from tuneq.migrate import upgrade
-    except ImportError:  # until migrations exist
-        from tuneq.models import Base
-
-        engine = make_engine(settings.resolved_database_url)
-        Base.metadata.create_all(engine)
-        engine.dispose()
-        return
+    """Apply the Alembic migrations, as `tuneq migrate` does."""
     upgrade(settings.resolved_database_url)
 
 
@@ -55,6 +52,28 @@ def api_client(settings: Settings) -> TestClient:
     from api.app import create_app
 
     return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+@asynccontextmanager
+async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An async client of the real app, its lifespan running, for streamed request bodies
+    and concurrent requests (httpx's ASGI transport hands the app one chunk per receive())."""
+    from api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tuneq") as client:
+            yield client
+
+
+def chat_file(examples: int) -> bytes:
+    """A valid chat JSONL file of `examples` short conversations."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(examples)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
 def auth(key: str) -> dict[str, str]:

@@ -12,15 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import boto3
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.app import create_app
-from tests.s3server import start_moto_server
-from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+from tests.s3server import s3_client, start_moto_server
+from tests.service_fixtures import (
+    api_client,
+    asgi_client,
+    auth,
+    make_settings,
+    migrate,
+    new_team_key,
+)
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.files.models import File
 from tuneq.files.service import UPLOAD_METHOD_PATH
@@ -334,15 +339,12 @@ def test_upload_is_read_while_it_arrives(api: Service) -> None:
 
     async def upload() -> httpx.Response:
         # httpx's ASGI transport hands the app one chunk per receive() (TestClient joins them).
-        app = create_app(api.settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://tuneq") as client:
-                return await client.post(
-                    "/files",
-                    content=send_in_chunks(),
-                    headers=auth(api.key) | {"content-type": content_type},
-                )
+        async with asgi_client(api.settings) as client:
+            return await client.post(
+                "/files",
+                content=send_in_chunks(),
+                headers=auth(api.key) | {"content-type": content_type},
+            )
 
     response = anyio.run(upload)
 
@@ -482,13 +484,7 @@ def s3_endpoint() -> Iterator[str]:
 
 def test_s3_content_is_a_presigned_redirect(s3_endpoint: str, tmp_path: Path) -> None:
     bucket = f"files-{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket=bucket)
     s3_settings = {
         "store": "s3",

@@ -32,51 +32,33 @@ LAYERS = 2
 BOTTLENECK = 8
 
 
+# What every tiny model here shares: its size, and no dropout (outputs are compared).
+TINY = {
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
 def _bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertModel(config)
+    return BertModel(BertConfig(vocab_size=100, **TINY, **NO_DROPOUT))
 
 
 def _llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, **TINY)
     return LlamaForCausalLM(config)
 
 
 def _vit() -> nn.Module:
     from transformers import ViTConfig, ViTModel
 
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTModel(config)
+    return ViTModel(ViTConfig(image_size=16, patch_size=8, num_channels=3, **TINY, **NO_DROPOUT))
 
 
 def _token_inputs() -> dict[str, torch.Tensor]:
@@ -163,19 +145,18 @@ def test_auto_targets_are_the_attention_and_ffn_output_projections(case: Case) -
         assert not isinstance(model.get_submodule(name).base_layer, AdaptedLinear)
 
 
-def test_bert_ffn_input_and_pooler_are_not_adapted() -> None:
-    model = _adapted(CASES["bert"])
+@pytest.mark.parametrize(
+    ("case", "ffn_input", "query"),
+    [
+        ("bert", "encoder.layer.{}.intermediate.dense", "encoder.layer.{}.attention.self.query"),
+        ("vit", "layers.{}.mlp.fc1", "layers.{}.attention.q_proj"),
+    ],
+)
+def test_ffn_input_and_pooler_are_not_adapted(case: str, ffn_input: str, query: str) -> None:
+    model = _adapted(CASES[case])
     for i in range(LAYERS):
-        assert type(model.get_submodule(f"encoder.layer.{i}.intermediate.dense")) is nn.Linear
-        assert type(model.get_submodule(f"encoder.layer.{i}.attention.self.query")) is nn.Linear
-    assert type(model.get_submodule("pooler.dense")) is nn.Linear
-
-
-def test_vit_ffn_input_and_pooler_are_not_adapted() -> None:
-    model = _adapted(CASES["vit"])
-    for i in range(LAYERS):
-        assert type(model.get_submodule(f"layers.{i}.mlp.fc1")) is nn.Linear
-        assert type(model.get_submodule(f"layers.{i}.attention.q_proj")) is nn.Linear
+        assert type(model.get_submodule(ffn_input.format(i))) is nn.Linear
+        assert type(model.get_submodule(query.format(i))) is nn.Linear
     assert type(model.get_submodule("pooler.dense")) is nn.Linear
 
 

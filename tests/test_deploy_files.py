@@ -577,14 +577,12 @@ for name in json.loads(sys.argv[3]):
         sys.modules[name] = None  # `import name` now raises ImportError, like a missing package
 from pathlib import Path
 from importlib import metadata
-from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+from tests.service_fixtures import api_client, auth, chat_file, make_settings, migrate, new_team_key
 
 settings = make_settings(Path(sys.argv[1]), model_registry=sys.argv[2])
 migrate(settings)  # what `tuneq migrate` runs
 key = new_team_key(settings, "deploy")
-rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-        for i in range(8)]
-body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+body = chat_file(8)
 with api_client(settings) as client:
     uploaded = client.post("/files", headers=auth(key), files={"file": ("t.jsonl", body)})
     assert uploaded.status_code == 201, uploaded.text
@@ -601,6 +599,7 @@ import kombu.transport.redis, sqlalchemy, uvicorn.main, uvicorn.protocols.http.h
 from tuneq.settings import Settings
 from tuneq.storage import open_store
 from worker.tasks import create_worker_app
+import worker.main  # what `tuneq worker` and `tuneq beat` run
 sqlalchemy.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/x").dialect.dbapi
 open_store(Settings(store="s3", s3_endpoint_url="http://127.0.0.1:1", s3_access_key_id="k",
                     s3_secret_access_key="0123456789abcdef"))

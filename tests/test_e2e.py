@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.api_helpers import job_spec, jsonl
 from tests.conftest import chat, logits_from_plain_peft
 from tests.infra import (
     drop_postgres_database,
@@ -23,7 +24,7 @@ from tests.infra import (
     redis_url,
     require,
 )
-from tests.s3server import start_moto_server
+from tests.s3server import s3_client, start_moto_server
 from tests.service_fixtures import auth
 from tests.stack import Stack, wait_for
 from tuneq.queue import make_celery, publish_run_job
@@ -32,10 +33,6 @@ pytestmark = pytest.mark.e2e
 
 TRAIN = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(40)]
 VALIDATION = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(40, 48)]
-
-
-def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 @pytest.fixture(scope="module", params=["embedded", "production"])
@@ -63,15 +60,7 @@ def stack(request, tmp_path_factory, tiny_registry_file):
             "s3_access_key_id": "testing",
             "s3_secret_access_key": "testing",
         }
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="tuneq-e2e")
+        s3_client(endpoint).create_bucket(Bucket="tuneq-e2e")
     deployment = Stack(request.param, home, overrides)
     deployment.setup()
     deployment.start("beat")
@@ -94,17 +83,11 @@ def key(stack):
     return stack.team_key("e2e")
 
 
-@pytest.fixture(scope="module")
-def api(stack):
-    with stack.client() as client:
-        yield client
-
-
 def _upload(api, key, rows, name="train.jsonl"):
     response = api.post(
         "/files",
         headers=auth(key),
-        files={"file": (name, _jsonl(rows))},
+        files={"file": (name, jsonl(rows))},
         data={"purpose": "fine-tune"},
     )
     assert response.status_code == 201, response.text
@@ -112,23 +95,12 @@ def _upload(api, key, rows, name="train.jsonl"):
 
 
 def _spec(training_file, validation_file=None, **hyperparameters):
-    return {
-        "model": "tiny-llama",
-        "training_file": training_file,
-        "validation_file": validation_file,
-        "method": {"type": "lora", "r": 4, "alpha": 8},
-        "hyperparameters": {
-            "n_epochs": 2,
-            "batch_size": 4,
-            "learning_rate": 0.002,
-            "max_seq_length": 64,
-            "eval_every_steps": 5,
-            "checkpoint_every_steps": 5,
-        }
-        | hyperparameters,
-        "suffix": "adder",
-        "metadata": {"team": "e2e"},
-    }
+    spec = job_spec(
+        training_file, validation_file=validation_file, suffix="adder", metadata={"team": "e2e"}
+    )
+    spec["hyperparameters"] |= {"eval_every_steps": 5, "checkpoint_every_steps": 5}
+    spec["hyperparameters"] |= hyperparameters
+    return spec
 
 
 def _job(api, key, job_id):
@@ -259,6 +231,17 @@ def _long_job(api, key, **hyperparameters):
     return created.json()["id"]
 
 
+def _training_job(api, key, **hyperparameters):
+    """A long job, once it has trained three steps."""
+    job_id = _long_job(api, key, **hyperparameters)
+    wait_for(
+        lambda: (_job(api, key, job_id)["progress"] or {}).get("step", 0) >= 3,
+        timeout=120,
+        what="the job to be training",
+    )
+    return job_id
+
+
 def test_cancel_queued_and_running_jobs(stack, worker, api, key):
     running = _long_job(api, key)
     wait_for(
@@ -300,12 +283,7 @@ def test_duplicate_task_message_runs_the_job_once(stack, worker, api, key):
 
 
 def test_pause_a_running_job_then_resume_where_it_stopped(stack, worker, api, key):
-    job_id = _long_job(api, key, n_epochs=4)
-    wait_for(
-        lambda: (_job(api, key, job_id)["progress"] or {}).get("step", 0) >= 3,
-        timeout=120,
-        what="the job to be training",
-    )
+    job_id = _training_job(api, key, n_epochs=4)
     assert api.post(f"/jobs/{job_id}/pause", headers=auth(key)).status_code == 200
     paused = _wait_status(api, key, job_id, {"paused"}, timeout=60)
     stopped_at = paused["progress"]["step"]
@@ -328,12 +306,7 @@ def test_pause_a_running_job_then_resume_where_it_stopped(stack, worker, api, ke
 
 def test_a_worker_asked_to_shut_down_hands_its_job_over(stack, worker, api, key):
     # Runs after the tests that need the module's worker: it stops that worker.
-    job_id = _long_job(api, key, n_epochs=4)
-    wait_for(
-        lambda: (_job(api, key, job_id)["progress"] or {}).get("step", 0) >= 3,
-        timeout=120,
-        what="the job to be training",
-    )
+    job_id = _training_job(api, key, n_epochs=4)
     worker.send_signal(signal.SIGTERM)  # what `docker stop` and a deploy do
     assert worker.wait(timeout=60) == 0  # it did not wait for the job to finish
     handed_over = _job(api, key, job_id)

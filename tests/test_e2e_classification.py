@@ -87,12 +87,6 @@ def key(stack):
     return stack.team_key("classify")
 
 
-@pytest.fixture(scope="module")
-def api(stack):
-    with stack.client() as client:
-        yield client
-
-
 def _upload(api, key, name, content):
     response = api.post(
         "/files", headers=auth(key), files={"file": (name, content)}, data={"purpose": "fine-tune"}

@@ -25,7 +25,7 @@ from peft_engine.data.images import decode_image
 from peft_engine.errors import DataError
 from peft_engine.methods import METHODS
 from peft_engine.prepare import prepare_job
-from tests.conftest import write_jsonl
+from tests.conftest import local_model, write_jsonl, write_registry
 
 CLASSES = (0, 1, 2)
 N_TRAIN, N_VALIDATION = 10, 5  # per class
@@ -93,15 +93,10 @@ def registry(tmp_path_factory, model_dirs):
 
     families = {"tiny-mobilenet": "mobilenet_v2", "tiny-vit": "vit"}
     models = {
-        name: {
-            "source": {"type": "local", "path": str(path)},
-            "family": families[name],
-            "tasks": ["image_classification"],
-        }
+        name: local_model(path, families[name], ["image_classification"])
         for name, path in model_dirs.items()
     }
-    path = tmp_path_factory.mktemp("registry") / "models.json"
-    path.write_text(json.dumps({"models": models}))
+    path = write_registry(tmp_path_factory.mktemp("registry") / "models.json", models)
     return load_registry(path, include_builtins=False)
 
 
@@ -176,9 +171,24 @@ def _spec(model: str, method: dict[str, Any], **hyperparameters: Any) -> dict[st
     }
 
 
-def _trained(result) -> dict[str, Any]:
-    assert result.status == "succeeded"
-    return json.loads((result.output_dir / "result.json").read_text())
+@pytest.fixture
+def train_run(tmp_path, registry, cache_dir):
+    """Train a spec on data in tmp_path/run: the result, and its result.json once it succeeded."""
+
+    def run(spec: dict[str, Any], data: DataPaths):
+        result = train(spec, tmp_path / "run", data=data, registry=registry, cache_dir=cache_dir)
+        assert result.status == "succeeded"
+        return result, json.loads((result.output_dir / "result.json").read_text())
+
+    return run
+
+
+def _digits_with_paths(folder: Path, digits) -> DataPaths:
+    """The digits' training and validation files, each image a file beside them."""
+    return DataPaths(
+        _with_paths(folder, "train", digits["train"]),
+        _with_paths(folder, "validation", digits["validation"]),
+    )
 
 
 def _logits(model: Any, output_dir: Path, png_rows: list[tuple[bytes, int]]) -> torch.Tensor:
@@ -284,20 +294,14 @@ def test_image_paths_resolve_from_the_data_files_folder_and_never_outside(tmp_pa
 
 
 def test_full_fine_tuning_of_vit_from_base64_lowers_eval_loss_and_reloads(
-    tmp_path, digits, registry, model_dirs, cache_dir
+    tmp_path, digits, model_dirs, train_run
 ):
     data = DataPaths(
         _with_base64(tmp_path / "train.jsonl", digits["train"]),
         _with_base64(tmp_path / "validation.jsonl", digits["validation"]),
     )
-    result = train(
-        _spec("tiny-vit", {"type": "full"}, n_epochs=8, learning_rate=1e-3),
-        tmp_path / "run",
-        data=data,
-        registry=registry,
-        cache_dir=cache_dir,
-    )
-    report = _trained(result)
+    spec = _spec("tiny-vit", {"type": "full"}, n_epochs=8, learning_rate=1e-3)
+    result, report = train_run(spec, data)
     assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
     assert {"accuracy", "macro_f1"} <= set(report["metrics"]["best"])
     info = json.loads((result.output_dir / "tuneq_model.json").read_text())
@@ -308,22 +312,13 @@ def test_full_fine_tuning_of_vit_from_base64_lowers_eval_loss_and_reloads(
 
 
 def test_full_fine_tuning_of_mobilenet_from_relative_paths_lowers_eval_loss_and_reloads(
-    tmp_path, digits, registry, model_dirs, cache_dir
+    tmp_path, digits, model_dirs, train_run
 ):
-    data = DataPaths(
-        _with_paths(tmp_path / "data", "train", digits["train"]),
-        _with_paths(tmp_path / "data", "validation", digits["validation"]),
-    )
+    data = _digits_with_paths(tmp_path / "data", digits)
     # MobileNetV2's batch norms keep the last batch's statistics (momentum 0.997 in PyTorch's
     # sense): evaluation is steadier after batches of 15 than of 6
-    result = train(
-        _spec("tiny-mobilenet", {"type": "full"}, batch_size=15, n_epochs=8),
-        tmp_path / "run",
-        data=data,
-        registry=registry,
-        cache_dir=cache_dir,
-    )
-    report = _trained(result)
+    spec = _spec("tiny-mobilenet", {"type": "full"}, batch_size=15, n_epochs=8)
+    result, report = train_run(spec, data)
     assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
     assert report["metrics"]["best"]["accuracy"] > 1 / len(CLASSES)
 
@@ -334,7 +329,7 @@ def test_full_fine_tuning_of_mobilenet_from_relative_paths_lowers_eval_loss_and_
 
 
 def test_lora_on_mobilenet_convolutions_from_an_image_folder_freezes_the_body_and_reloads(
-    tmp_path, digits, registry, model_dirs, cache_dir, lora_for_images
+    tmp_path, digits, model_dirs, train_run, lora_for_images
 ):
     from transformers import AutoModel
 
@@ -343,14 +338,7 @@ def test_lora_on_mobilenet_convolutions_from_an_image_folder_freezes_the_body_an
         _image_folder(tmp_path / "validation", digits["validation"]),
     )
     method = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": CONV_TARGETS}
-    result = train(
-        _spec("tiny-mobilenet", method, learning_rate=1e-2),
-        tmp_path / "run",
-        data=data,
-        registry=registry,
-        cache_dir=cache_dir,
-    )
-    report = _trained(result)
+    result, report = train_run(_spec("tiny-mobilenet", method, learning_rate=1e-2), data)
     assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
 
     # the body is frozen, batch norm statistics included: only the adapter and head changed
@@ -367,20 +355,11 @@ def test_lora_on_mobilenet_convolutions_from_an_image_folder_freezes_the_body_an
 
 
 def test_head_only_on_vit_trains_the_head_alone_and_reloads(
-    tmp_path, digits, registry, model_dirs, cache_dir
+    tmp_path, digits, model_dirs, train_run
 ):
-    data = DataPaths(
-        _with_paths(tmp_path / "data", "train", digits["train"]),
-        _with_paths(tmp_path / "data", "validation", digits["validation"]),
-    )
-    result = train(
-        _spec("tiny-vit", {"type": "head_only"}, n_epochs=8, learning_rate=3e-2),
-        tmp_path / "run",
-        data=data,
-        registry=registry,
-        cache_dir=cache_dir,
-    )
-    report = _trained(result)
+    data = _digits_with_paths(tmp_path / "data", digits)
+    spec = _spec("tiny-vit", {"type": "head_only"}, n_epochs=8, learning_rate=3e-2)
+    result, report = train_run(spec, data)
     assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"}

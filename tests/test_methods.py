@@ -26,7 +26,14 @@ from peft_engine.methods import METHODS
 from peft_engine.methods.common import TEXT_TASKS
 from peft_engine.methods.weights import TRAINED_WEIGHTS_FILE
 from peft_engine.models import load_registry
-from tests.conftest import build_tiny_bert, chat, logits_from_plain_peft, write_jsonl
+from tests.conftest import (
+    build_tiny_bert,
+    chat,
+    local_model,
+    logits_from_plain_peft,
+    write_jsonl,
+    write_registry,
+)
 
 # ---------------------------------------------------------------------------------------
 # Tiny models and data
@@ -61,25 +68,14 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir, tiny_bert_dir, tiny_gpt2_dir):
-    path = tmp_path_factory.mktemp("table-registry") / "models.json"
     entries = {
-        "tiny-llama": {
-            "source": {"type": "local", "path": str(tiny_model_dir)},
-            "family": "llama",
-            "tasks": list(TEXT_TASKS),
-        },
-        "tiny-gpt2": {
-            "source": {"type": "local", "path": str(tiny_gpt2_dir)},
-            "family": "gpt2",
-            "tasks": ["causal_lm"],
-        },
-        "tiny-bert": {
-            "source": {"type": "local", "path": str(tiny_bert_dir)},
-            "family": "bert",
-            "tasks": ["seq_classification", "token_classification"],
-        },
+        "tiny-llama": local_model(tiny_model_dir, "llama", list(TEXT_TASKS)),
+        "tiny-gpt2": local_model(tiny_gpt2_dir, "gpt2", ["causal_lm"]),
+        "tiny-bert": local_model(
+            tiny_bert_dir, "bert", ["seq_classification", "token_classification"]
+        ),
     }
-    path.write_text(json.dumps({"models": entries}))
+    path = write_registry(tmp_path_factory.mktemp("table-registry") / "models.json", entries)
     return load_registry(path)
 
 

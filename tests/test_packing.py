@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from peft_engine.data.batching import collate, epoch_order, micro_batches, pack, pad
 from peft_engine.data.formats import DataFormat, Example
 from peft_engine.data.tokenize import IGNORE, tokenize_dataset
 from tests.conftest import chat
+from tests.engine_helpers import batch_logits, sdpa_llama, token_losses
 
 
 def _examples(tokenizer):
@@ -24,20 +23,12 @@ def _examples(tokenizer):
 
 def _per_token_losses(model, batch):
     with torch.no_grad():
-        logits = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-        ).logits
-    losses = F.cross_entropy(
-        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view(batch.targets.shape)
-    return logits, losses
+        logits = batch_logits(model, batch)
+    return logits, token_losses(logits, batch)
 
 
 def _load(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    return sdpa_llama(tiny_model_dir, packed=False).eval()
 
 
 def test_packed_per_example_loss_equals_padded(tiny_model_dir, tiny_tokenizer):

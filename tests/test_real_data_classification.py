@@ -33,29 +33,36 @@ def _slice(source: Path, target: Path, n: int, *, seed: int | None = 0) -> Path:
     return target
 
 
-def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir):
-    train_file = _slice(shared_file("sst2", "train.jsonl"), tmp_path / "train.jsonl", 1500)
+def _train_minilm(tmp_path, cache_dir, dataset, task, slices, **hyperparameters):
+    """LoRA r=8 on all-MiniLM-L6-v2 for `task`, trained on slices (training, validation rows)
+    of a shared dataset: the validation file, and the result."""
+    train_file = _slice(shared_file(dataset, "train.jsonl"), tmp_path / "train.jsonl", slices[0])
     validation = _slice(
-        shared_file("sst2", "validation.jsonl"), tmp_path / "val.jsonl", 400, seed=None
+        shared_file(dataset, "validation.jsonl"), tmp_path / "val.jsonl", slices[1], seed=None
+    )
+    spec = {
+        "model": "all-minilm-l6-v2",
+        "task": task,
+        "method": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {**hyperparameters, "early_stopping": None},
+    }
+    data = DataPaths(train_file, validation)
+    return validation, train(spec, tmp_path / "run", data=data, cache_dir=cache_dir)
+
+
+def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir):
+    hyperparameters = {
+        "n_epochs": 2,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "eval_every_steps": 25,
+    }
+    validation, result = _train_minilm(
+        tmp_path, cache_dir, "sst2", "seq_classification", (1500, 400), **hyperparameters
     )
     labels = [json.loads(line)["label"] for line in validation.read_text().splitlines()]
     majority = max(labels.count(label) for label in set(labels)) / len(labels)
 
-    spec = {
-        "model": "all-minilm-l6-v2",
-        "task": "seq_classification",
-        "method": {"type": "lora", "r": 8, "alpha": 16},
-        "hyperparameters": {
-            "n_epochs": 2,
-            "batch_size": 32,
-            "learning_rate": 1e-3,
-            "eval_every_steps": 25,
-            "early_stopping": None,
-        },
-    }
-    result = train(
-        spec, tmp_path / "run", data=DataPaths(train_file, validation), cache_dir=cache_dir
-    )
     report = result.result
     assert report["spec"]["hyperparameters"]["pooling"] == "mean"  # as the encoder was trained
     best = report["metrics"]["best"]
@@ -66,24 +73,14 @@ def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir
 
 
 def test_conll_slice_finds_entities(tmp_path, cache_dir):
-    train_file = _slice(shared_file("conll2003", "train.jsonl"), tmp_path / "train.jsonl", 800)
-    validation = _slice(
-        shared_file("conll2003", "validation.jsonl"), tmp_path / "val.jsonl", 300, seed=None
-    )
-    spec = {
-        "model": "all-minilm-l6-v2",
-        "task": "token_classification",
-        "method": {"type": "lora", "r": 8, "alpha": 16},
-        "hyperparameters": {
-            "n_epochs": 3,
-            "batch_size": 16,
-            "learning_rate": 2e-3,
-            "eval_every_steps": 50,
-            "early_stopping": None,
-        },
+    hyperparameters = {
+        "n_epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 2e-3,
+        "eval_every_steps": 50,
     }
-    result = train(
-        spec, tmp_path / "run", data=DataPaths(train_file, validation), cache_dir=cache_dir
+    _, result = _train_minilm(
+        tmp_path, cache_dir, "conll2003", "token_classification", (800, 300), **hyperparameters
     )
     best = result.result["metrics"]["best"]
     assert best["entity_f1"] >= 0.4, best

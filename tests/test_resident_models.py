@@ -22,7 +22,14 @@ from peft_engine.models.heads import load_body
 from peft_engine.models.loading import load_causal_lm
 from peft_engine.models.resident import ResidentLoader, ResidentModels, shares_base_weights
 from peft_engine.spec import parse_spec
-from tests.conftest import build_tiny_bert, build_tiny_llama, chat, write_jsonl
+from tests.conftest import (
+    build_tiny_bert,
+    build_tiny_llama,
+    chat,
+    local_model,
+    write_jsonl,
+    write_registry,
+)
 
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(24)]
 REVIEWS = [
@@ -58,20 +65,11 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tied_llama_dir, tiny_bert_dir):
-    path = tmp_path_factory.mktemp("resident-registry") / "models.json"
     entries = {
-        "tied-llama": {
-            "source": {"type": "local", "path": str(tied_llama_dir)},
-            "family": "llama",
-            "tasks": ["causal_lm"],
-        },
-        "tiny-bert": {
-            "source": {"type": "local", "path": str(tiny_bert_dir)},
-            "family": "bert",
-            "tasks": ["seq_classification"],
-        },
+        "tied-llama": local_model(tied_llama_dir, "llama", ["causal_lm"]),
+        "tiny-bert": local_model(tiny_bert_dir, "bert", ["seq_classification"]),
     }
-    path.write_text(json.dumps({"models": entries}))
+    path = write_registry(tmp_path_factory.mktemp("resident-registry") / "models.json", entries)
     return load_registry(path)
 
 

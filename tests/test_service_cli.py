@@ -75,15 +75,15 @@ def test_readme_lists_every_setting_with_its_default():
 NO_TORCH_IN_API = r"""
 import json, sys
 from pathlib import Path
-from tests.service_fixtures import api_client, auth, make_settings, run_cli, migrate, new_team_key
+from tests.service_fixtures import (
+    api_client, auth, chat_file, make_settings, migrate, new_team_key
+)
 
 home, registry = Path(sys.argv[1]), sys.argv[2]
 settings = make_settings(home, model_registry=registry)
 migrate(settings)
 key = new_team_key(settings, "no-torch")
-rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-        for i in range(8)]
-body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+body = chat_file(8)
 with api_client(settings) as client:
     uploaded = client.post("/files", headers=auth(key), files={"file": ("t.jsonl", body)})
     file_id = uploaded.json()["id"]

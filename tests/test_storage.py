@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 
-from tests.s3server import start_moto_server
+from tests.s3server import s3_client, start_moto_server
 from tuneq.errors import NotFound, Unavailable
 from tuneq.settings import Settings
 from tuneq.storage import LocalStore, MiB, ObjectStore, S3Store, open_store
@@ -25,17 +27,6 @@ def s3_endpoint() -> Iterator[str]:
     server, endpoint_url = start_moto_server()
     yield endpoint_url
     server.stop()
-
-
-def s3_client(endpoint_url: str):
-    """A plain boto3 client, to look at what the store wrote from the outside."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def new_s3_store(endpoint_url: str, **kwargs) -> S3Store:
@@ -244,3 +235,83 @@ def test_s3_presigns_for_the_address_clients_use(s3_endpoint: str) -> None:
     assert url is not None and url.startswith(public + "/")
     with urllib.request.urlopen(url) as response:
         assert response.read() == b"through the public address"
+
+
+# ------------------------------------------------ moving an upload's file into the store
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tuneq-tmp")]
+
+
+def test_local_move_is_a_rename_on_one_filesystem(tmp_path: Path) -> None:
+    source = tmp_path / "tmp" / "upload-1.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(b"data\n" * 1000)
+    inode = source.stat().st_ino
+    store = LocalStore(tmp_path / "store")
+
+    store.move_file("files/team/file-1", source)
+
+    target = tmp_path / "store" / "files" / "team" / "file-1"
+    assert target.read_bytes() == b"data\n" * 1000
+    assert target.stat().st_ino == inode  # the same file: renamed, not copied
+    assert not source.exists()
+    assert not _leftovers(tmp_path)
+
+
+def test_local_move_copies_across_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "elsewhere.jsonl"
+    source.write_bytes(b"data\n" * 1000)
+    replace = os.replace
+
+    def cross_device(src: Any, dst: Any) -> None:
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    store = LocalStore(tmp_path / "store")
+
+    store.move_file("files/team/file-1", source)
+
+    target = tmp_path / "store" / "files" / "team" / "file-1"
+    assert target.read_bytes() == b"data\n" * 1000
+    assert not source.exists()
+    assert not _leftovers(tmp_path)
+
+
+def test_local_move_of_a_missing_file_stores_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+
+    with pytest.raises(FileNotFoundError):
+        store.move_file("files/team/file-1", tmp_path / "missing.jsonl")
+
+    assert not store.exists("files/team/file-1")
+    assert not _leftovers(tmp_path)
+
+
+def test_s3_move_uploads_then_removes_the_file(tmp_path: Path) -> None:
+    server, endpoint_url = start_moto_server()
+    try:
+        store = S3Store(
+            bucket="moves",
+            endpoint_url=endpoint_url,
+            chunk_bytes=5 * MiB,
+            create_bucket=True,
+            access_key_id="testing",
+            secret_access_key="testing",
+        )
+        source = tmp_path / "upload.jsonl"
+        source.write_bytes(b"data\n" * 1000)
+
+        store.move_file("files/team/file-1", source)
+
+        client = s3_client(endpoint_url)
+        body = client.get_object(Bucket="moves", Key="files/team/file-1")["Body"].read()
+        assert body == b"data\n" * 1000
+        assert not source.exists()
+    finally:
+        server.stop()

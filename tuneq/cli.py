@@ -16,6 +16,7 @@ Settings come from TUNEQ_* environment variables (see the README's configuration
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,12 @@ from typing import Any
 
 from tuneq.errors import TuneqError
 from tuneq.settings import Settings
+
+# The parts above the shared package, named "module:function" and imported only when their
+# command runs: tuneq/ never imports api/ or worker/ (tests/test_import_contracts.py).
+API_APP = "api.app:create_app"
+WORKER = "worker.main:run_worker"
+BEAT = "worker.main:run_beat"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +136,7 @@ def _migrate(settings: Settings, _: argparse.Namespace) -> None:
 def _api(settings: Settings, args: argparse.Namespace) -> None:
     _ensure_home(settings)
     serve_http(
-        "api.app:create_app",
+        API_APP,
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
@@ -151,70 +158,29 @@ def serve_http(app: Any, *, host: str, port: int, factory: bool = False) -> None
     )
     config.load()  # imports the app and its libraries; uvicorn does not load it again
     # What exists now lives as long as the process: keep it out of the garbage collector's
-    # full passes, which walked all of it (~35 ms) and showed up as p99 latency.
+    # full passes, whose walks over it show up as p99 latency (bench/README.md).
     gc.collect()
     gc.freeze()
-    # A request allocates a few hundred containers, nearly all freed with it: at Python's
-    # default (a young collection every 700 allocations) the collector took a fifth of a
-    # status read's CPU (bench/api_load.py, 0.26 -> 0.21 ms a request at 50,000).
+    # A request allocates a few hundred containers, nearly all freed with it: young
+    # collections far rarer than Python's default cost less than they free (bench/README.md).
     gc.set_threshold(50_000, 20, 100)
     uvicorn.Server(config).run()
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> None:
-    from worker.tasks import create_worker_app, import_training_stack
-
     _ensure_home(settings)
-    app = create_worker_app(settings)
-    import_training_stack()  # before taking jobs, so that the first one does not wait
-    app.worker_main(
-        [
-            "worker",
-            "--queues",
-            args.queues,
-            # One training job per process: a GPU is not shared, and a solo pool lets a
-            # SIGKILL take the job down with it (the lease then hands it to another worker).
-            "--pool",
-            "solo",
-            "--concurrency",
-            "1",
-            "--prefetch-multiplier",
-            "1",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            args.name or "training@%h",
-        ]
-    )
+    _call_named(WORKER, settings, queues=args.queues, name=args.name)
 
 
 def _beat(settings: Settings, _: argparse.Namespace) -> None:
-    from tuneq.queue import MAINTENANCE_QUEUE
-    from worker.tasks import create_worker_app
-
     _ensure_home(settings)
-    app = create_worker_app(settings)
-    app.worker_main(
-        [
-            "worker",
-            "--beat",
-            # The schedule lives in memory: no shelve (pickle) file on disk.
-            "--scheduler",
-            "celery.beat:Scheduler",
-            "--queues",
-            MAINTENANCE_QUEUE,
-            "--pool",
-            "solo",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            "beat@%h",
-        ]
-    )
+    _call_named(BEAT, settings)
+
+
+def _call_named(target: str, *args: Any, **kwargs: Any) -> Any:
+    """Import `target` ("module:function") now, and call it."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)(*args, **kwargs)
 
 
 def _create_team(settings: Settings, args: argparse.Namespace) -> None:

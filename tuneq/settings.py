@@ -140,7 +140,3 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_work_dir(self) -> Path:
         return (self.work_dir or self.home / "work").resolve()
-
-
-def get_settings() -> Settings:
-    return Settings()

@@ -26,7 +26,7 @@ random bits per element (four from each random int64, many times faster than
 `bernoulli_`), so the drop probability is `p` rounded to a multiple of 1/65536 (0.05
 becomes 0.0500031). Same expectation, same distribution of kept elements otherwise; a
 different random stream from peft's, so runs with dropout match peft's statistically, not
-bit for bit. tests/test_speed_features.py holds the outputs and gradients to peft's.
+bit for bit. tests/test_lora_fused_path.py holds the outputs and gradients to peft's.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ msgspec decodes and type-checks a chat line against the structs below in one C p
 rule: a line this check accepts is one the engine accepts, with the same counts; any line
 it does not accept (an error, another format, anything unusual such as a weight of 1.0)
 goes through the engine's validator, whose words and line numbers the user sees.
-tests/test_api_perf_features.py and tests/test_upload_speed_features.py hold the two to
-the same answers.
+tests/test_chat_line_check.py and tests/test_upload_streaming.py hold the two to the
+same answers.
 
 `check_lines` runs the check over many lines in one call, stopping at the first it does not
 take: a chat upload's lines cost one Python loop iteration each, not a chain of calls.

@@ -1,34 +1,32 @@
-"""The upload's faster paths keep its behaviour: the compiled check run over a chunk's lines
-at once (`chat_lines.check_lines`) takes exactly the lines `check` takes one at a time, an
-upload's report and errors do not depend on where its chunks break and match a plain
-line-by-line pass through the engine's validator, and the local store moves an upload's
-temporary file by a rename (a copy across filesystems), whole or not at all. Nothing here
-is timed; bench/api_load.py measures the speed."""
+"""Uploads stream: the compiled check run over a chunk's lines at once
+(`chat_lines.check_lines`) takes exactly the lines `check` takes one at a time, an upload's
+report and errors do not depend on where its chunks break and match a plain line-by-line
+pass through the engine's validator, and an upload larger than the API's read-ahead
+arrives whole. Nothing here is timed; bench/api_load.py measures the speed."""
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
-import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import boto3
+import anyio
+import httpx
 import pytest
 
+from api.uploads import READ_AHEAD_BYTES
 from peft_engine.data.formats import DataFormat, ScanReport
 from peft_engine.errors import LineError
-from tests.s3server import start_moto_server
-from tests.service_fixtures import make_settings
-from tests.test_api_perf_features import _engine_answer as _engine_counts
+from tests.chat_line_helpers import engine_chat_counts
+from tests.service_fixtures import asgi_client, auth, make_settings, new_team_key
 from tuneq.errors import InvalidFile
 from tuneq.files import chat_lines
 from tuneq.files.ingest import ingest_upload
 from tuneq.settings import Settings
-from tuneq.storage import LocalStore, MiB, S3Store
 
 
 def _line(record: Any) -> bytes:
@@ -130,9 +128,9 @@ def _one_at_a_time(
 
 def test_the_check_takes_the_valid_lines_and_leaves_the_rest_to_the_engine() -> None:
     for raw in VALID:
-        assert chat_lines.check(raw) == _engine_counts(raw) is not None, raw
+        assert chat_lines.check(raw) == engine_chat_counts(raw) is not None, raw
     for raw in ENGINE_ONLY:
-        assert chat_lines.check(raw) is None and _engine_counts(raw) is not None, raw
+        assert chat_lines.check(raw) is None and engine_chat_counts(raw) is not None, raw
     for raw in INVALID:
         assert chat_lines.check(raw) is None, raw
 
@@ -335,87 +333,37 @@ def test_a_large_chat_upload_counts_every_line(home: Path) -> None:
     assert _upload(list(_chunked(data, _fixed(1 << 20))), settings) == expected
 
 
-# --------------------------------------------------------------------- moving files
+def test_upload_larger_than_the_read_ahead_arrives_whole(sqlite_settings: Settings) -> None:
+    row = _chat({"role": "system", "content": "x" * 900}, USER, REPLY) + b"\n"
+    data = row * (2 * READ_AHEAD_BYTES // len(row) + 1)
+    boundary = "perf-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"'
+            "\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    key = new_team_key(sqlite_settings, "search")
 
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
 
-def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".tuneq-tmp")]
+    async def upload() -> httpx.Response:
+        async with asgi_client(sqlite_settings) as client:
+            return await client.post(
+                "/files",
+                content=pieces(),
+                headers=auth(key) | {"content-type": f"multipart/form-data; boundary={boundary}"},
+            )
 
+    response = anyio.run(upload)
 
-def test_local_move_is_a_rename_on_one_filesystem(tmp_path: Path) -> None:
-    source = tmp_path / "tmp" / "upload-1.jsonl"
-    source.parent.mkdir()
-    source.write_bytes(b"data\n" * 1000)
-    inode = source.stat().st_ino
-    store = LocalStore(tmp_path / "store")
-
-    store.move_file("files/team/file-1", source)
-
-    target = tmp_path / "store" / "files" / "team" / "file-1"
-    assert target.read_bytes() == b"data\n" * 1000
-    assert target.stat().st_ino == inode  # the same file: renamed, not copied
-    assert not source.exists()
-    assert not _leftovers(tmp_path)
-
-
-def test_local_move_copies_across_filesystems(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    source = tmp_path / "elsewhere.jsonl"
-    source.write_bytes(b"data\n" * 1000)
-    replace = os.replace
-
-    def cross_device(src: Any, dst: Any) -> None:
-        if Path(src) == source:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", cross_device)
-    store = LocalStore(tmp_path / "store")
-
-    store.move_file("files/team/file-1", source)
-
-    target = tmp_path / "store" / "files" / "team" / "file-1"
-    assert target.read_bytes() == b"data\n" * 1000
-    assert not source.exists()
-    assert not _leftovers(tmp_path)
-
-
-def test_local_move_of_a_missing_file_stores_nothing(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-
-    with pytest.raises(FileNotFoundError):
-        store.move_file("files/team/file-1", tmp_path / "missing.jsonl")
-
-    assert not store.exists("files/team/file-1")
-    assert not _leftovers(tmp_path)
-
-
-def test_s3_move_uploads_then_removes_the_file(tmp_path: Path) -> None:
-    server, endpoint_url = start_moto_server()
-    try:
-        store = S3Store(
-            bucket="moves",
-            endpoint_url=endpoint_url,
-            chunk_bytes=5 * MiB,
-            create_bucket=True,
-            access_key_id="testing",
-            secret_access_key="testing",
-        )
-        source = tmp_path / "upload.jsonl"
-        source.write_bytes(b"data\n" * 1000)
-
-        store.move_file("files/team/file-1", source)
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        body = client.get_object(Bucket="moves", Key="files/team/file-1")["Body"].read()
-        assert body == b"data\n" * 1000
-        assert not source.exists()
-    finally:
-        server.stop()
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert (created["bytes"], created["examples"]) == (len(data), len(data) // len(row))
+    stored = next((sqlite_settings.resolved_store_dir / "files").rglob(created["id"]))
+    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert not list((sqlite_settings.home / "tmp").iterdir())
