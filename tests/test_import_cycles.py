@@ -1,9 +1,12 @@
 """No import cycle at load time in peft_engine.
 
 The graph is read from the source (no module is imported): an edge runs from a module to
-every peft_engine module it imports while it loads, that is at module level or in a class
-body, outside `if TYPE_CHECKING:`; imports inside functions run later and are left out.
-Importing `a.b.c` loads `a` and `a.b` first, so it counts as an import of each.
+every peft_engine module whose contents it needs while it loads, that is imports at module
+level or in a class body, outside `if TYPE_CHECKING:`; imports inside functions run later
+and are left out. `from a.b import name` needs `a.b` complete, unless `name` is a module of
+its own (`a/b/name.py`), which is then the one needed. A package that is still loading when
+one of its modules is imported does not block it (that is how a package's `__init__` may
+import its own modules), so importing `a.b.c` is an edge to `a.b.c` alone.
 """
 
 from __future__ import annotations
@@ -14,24 +17,9 @@ from pathlib import Path
 PACKAGE = "peft_engine"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-# Issue 13 moves the method registry out of methods/__init__.py, which imports every method
-# while each method imports the package back; the branch that does so empties this set.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset(
-        {"peft_engine.methods"}
-        | {
-            f"peft_engine.methods.{name}"
-            for name in (
-                *("adalora", "bitfit", "bottleneck", "full", "head_only", "ia3", "layerwise"),
-                *("loha", "lokr", "lora", "oft", "prompt_learning", "vera"),
-            )
-        }
-    ),
-}
 
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -49,7 +37,6 @@ def load_time_imports(tree: ast.Module, name: str, is_package: bool) -> set[str]
                 if node.level:
                     anchor = package.rsplit(".", node.level - 1)[0]
                     base = f"{anchor}.{base}" if base else anchor
-                found.add(base)
                 found.update(f"{base}.{alias.name}" for alias in node.names)
             elif isinstance(node, ast.If) and _is_type_checking(node.test):
                 visit(node.orelse)
@@ -71,21 +58,21 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module → the peft_engine modules (and their parent packages) it loads."""
-    sources = {module_name(p): p for p in ROOT.rglob("*.py")}
+    sources = {module_name(p, root): p for p in root.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in sources.items():
         tree = ast.parse(path.read_text(), str(path))
         edges: set[str] = set()
         for imported in load_time_imports(tree, name, path.name == "__init__.py"):
+            # The longest prefix that is a module: `from pkg import name` names a module only
+            # when pkg/name.py exists, and otherwise needs pkg itself.
             parts = imported.split(".")
-            # `from pkg import name` names a module only when pkg/name.py exists.
-            edges.update(
-                prefix
-                for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                if prefix in sources
-            )
+            prefixes = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+            needed = next((prefix for prefix in prefixes if prefix in sources), None)
+            if needed is not None:
+                edges.add(needed)
         edges.discard(name)
         graph[name] = edges
     return graph
@@ -128,8 +115,9 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_the_graph_sees_a_load_time_import():
     graph = import_graph()
-    assert "peft_engine.data.steps" in graph["peft_engine.training"]
-    assert "peft_engine.data" in graph["peft_engine.training"]  # the parent package loads too
+    assert "peft_engine.data.steps" in graph["peft_engine.training"]  # a module's names
+    assert "peft_engine.methods" in graph["peft_engine.training"]  # a name from the package
+    assert "peft_engine.data" not in graph["peft_engine.training"]  # only its modules' names
     assert "peft_engine.tasks.causal_lm" not in graph["peft_engine.tasks"]  # inside a function
 
 
@@ -139,8 +127,39 @@ def test_a_cycle_is_found():
 
 
 def test_peft_engine_has_no_load_time_import_cycle():
-    found = set(cycles(import_graph()))
-    assert found - KNOWN_CYCLES == set(), "import cycles at load time: " + "; ".join(
-        " <-> ".join(sorted(cycle)) for cycle in found - KNOWN_CYCLES
+    found = cycles(import_graph())
+    assert found == [], "import cycles at load time: " + "; ".join(
+        " <-> ".join(sorted(cycle)) for cycle in found
     )
-    assert KNOWN_CYCLES - found == set(), "gone: take them out of KNOWN_CYCLES"
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for name, source in files.items():
+        path = root / "pkg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    return root / "pkg"
+
+
+def test_a_registry_in_the_package_init_is_a_cycle_and_one_in_its_own_module_is_not(tmp_path):
+    # The layout issue 13 left: methods/__init__.py held the registry and imported every
+    # method at its bottom, while each method imported the registry's names from the package.
+    old = _package(
+        tmp_path / "old",
+        {
+            "__init__.py": "",
+            "methods/__init__.py": "def register(m): ...\nfrom pkg.methods import lora\n",
+            "methods/lora.py": "from pkg.methods import register\nregister('lora')\n",
+        },
+    )
+    assert cycles(import_graph(old)) == [frozenset({"pkg.methods", "pkg.methods.lora"})]
+    new = _package(
+        tmp_path / "new",
+        {
+            "__init__.py": "",
+            "methods/__init__.py": "from pkg.methods import lora, registry\n",
+            "methods/registry.py": "def register(m): ...\n",
+            "methods/lora.py": "from pkg.methods.registry import register\nregister('lora')\n",
+        },
+    )
+    assert cycles(import_graph(new)) == []
