@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
 from tests.s3server import s3_client, start_moto_server
 from tests.service_fixtures import (
     api_client,
@@ -452,6 +453,35 @@ def test_idempotency_key_is_free_again_after_a_failed_upload(api: Service) -> No
 
     assert retried.status_code == 201, retried.text
     assert api.file_rows() == 1
+
+
+# Fails a transaction that inserted a file at its COMMIT, after the object went to the store.
+REFUSE_AT_COMMIT = [
+    """CREATE FUNCTION refuse_file() RETURNS trigger LANGUAGE plpgsql AS
+       $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$""",
+    """CREATE CONSTRAINT TRIGGER refuse_file_at_commit AFTER INSERT ON files
+       DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_file()""",
+]
+
+
+def test_an_upload_whose_commit_fails_leaves_no_object(tmp_path: Path) -> None:
+    url = fresh_postgres_database(require(postgres_url))
+    try:
+        settings = make_settings(tmp_path, database_url=url)
+        migrate(settings)
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            for statement in REFUSE_AT_COMMIT:
+                connection.exec_driver_sql(statement)
+        engine.dispose()
+        with api_client(settings) as client:
+            api = Service(settings, client)
+            response = api.upload(CHAT, headers={"Idempotency-Key": "upload-1"})
+            assert response.status_code == 500
+            assert_nothing_kept(api)
+            api.engine.dispose()
+    finally:
+        drop_postgres_database(url)
 
 
 def test_idempotency_key_in_use_is_a_conflict(api: Service) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tuneq.db import transaction
 from tuneq.errors import Conflict, ErrorItem, InvalidRequest, NotFound
-from tuneq.files.ingest import IngestedUpload, ingest_upload
+from tuneq.files.ingest import ingest_upload
 from tuneq.files.models import File
 from tuneq.files.schemas import FilePublic
 from tuneq.idempotency.service import idempotent, request_hash
@@ -79,30 +79,38 @@ def upload_file(
         ) as request:
             if request.replay is not None:
                 return request.replay.body
-            with transaction(sessions) as db:
-                file = _store_upload(
-                    db=db,
-                    store=store,
-                    team=team,
-                    upload=ingested,
-                    filename=upload.filename,
-                    purpose=purpose,
-                )
-                public = FilePublic.of(file).model_dump(mode="json")
-                request.record(db, 201, public)
+            _check_purpose(purpose)
+            file_id = new_id("file")
+            key = f"files/{team.id}/{file_id}"
+            try:
+                with transaction(sessions) as db:
+                    # The temporary file is the store's now (or gone).
+                    store.move_file(key, ingested.path)
+                    file = File(
+                        id=file_id,
+                        team_id=team.id,
+                        filename=upload.filename,
+                        purpose=purpose,
+                        bytes=ingested.bytes,
+                        sha256=ingested.sha256,
+                        storage_key=key,
+                        format=str(ingested.format),
+                        examples=ingested.examples,
+                        report=ingested.report,
+                    )
+                    db.add(file)
+                    db.flush()
+                    public = FilePublic.of(file).model_dump(mode="json")
+                    request.record(db, 201, public)
+            except BaseException:
+                store.delete(
+                    key
+                )  # no object without its row, whether the insert or the commit failed
+                raise
     return public
 
 
-def _store_upload(
-    *,
-    db: Session,
-    store: ObjectStore,
-    team: Team,
-    upload: IngestedUpload,
-    filename: str,
-    purpose: str,
-) -> File:
-    """Put a validated upload in the store, then insert its row (flushed, not committed)."""
+def _check_purpose(purpose: str) -> None:
     if purpose not in PURPOSES:
         allowed = ", ".join(sorted(PURPOSES))
         raise InvalidRequest(
@@ -110,28 +118,6 @@ def _store_upload(
             errors=[ErrorItem(f"{purpose!r} is not one of: {allowed}", field="purpose")],
             param="purpose",
         )
-    file_id = new_id("file")
-    key = f"files/{team.id}/{file_id}"
-    store.move_file(key, upload.path)  # the temporary file is the store's now (or gone)
-    try:
-        row = File(
-            id=file_id,
-            team_id=team.id,
-            filename=filename,
-            purpose=purpose,
-            bytes=upload.bytes,
-            sha256=upload.sha256,
-            storage_key=key,
-            format=str(upload.format),
-            examples=upload.examples,
-            report=upload.report,
-        )
-        db.add(row)
-        db.flush()
-    except BaseException:
-        store.delete(key)  # no object without its row
-        raise
-    return row
 
 
 def list_files(
