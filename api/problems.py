@@ -1,19 +1,29 @@
-"""Every error leaves as RFC 9457 problem+json: domain errors, validation errors, 404 routes."""
+"""Every error leaves as RFC 9457 problem+json: domain errors, validation errors, 404 routes.
+
+The handlers turn each kind of exception into a TuneqError, then render it in the style of
+the road it came in by: problem+json, or the style a road under a path prefix registered
+(`add_style`: the OpenAI-compatible facade renders OpenAI's error object). Each style is
+rendered in one place; the native routes' answers do not depend on the other styles.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, routing
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from tuneq.errors import ErrorItem, TuneqError
+from tuneq.errors import ErrorItem, InvalidRequest, TuneqError
 
 PROBLEM_TYPE_BASE = "https://tuneq.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
+
+# Renders a domain error, with the headers it needs, as one road's clients expect it.
+ErrorStyle = Callable[[TuneqError, dict[str, str] | None], Response]
 
 
 def problem(
@@ -39,8 +49,7 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
-def problem_from(exc: TuneqError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+def problem_from(exc: TuneqError, headers: dict[str, str] | None = None) -> JSONResponse:
     return problem(
         exc.status,
         exc.title,
@@ -53,6 +62,22 @@ def problem_from(exc: TuneqError) -> JSONResponse:
     )
 
 
+def add_style(app: FastAPI, prefix: str, style: ErrorStyle) -> None:
+    """Render the errors of requests under `prefix` (a path such as "/openai/v1") with
+    `style` instead of problem+json."""
+    app.state.error_styles = (*getattr(app.state, "error_styles", ()), (prefix, style))
+
+
+def _render(request: Request, exc: TuneqError, headers: dict[str, str] | None = None) -> Response:
+    if exc.status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+    for prefix, style in getattr(request.app.state, "error_styles", ()):
+        if path == prefix or path.startswith(prefix + "/"):
+            return style(exc, headers)
+    return problem_from(exc, headers)
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header"}:
@@ -60,12 +85,12 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-async def _tuneq_error(_: Request, exc: Exception) -> JSONResponse:
+async def _tuneq_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TuneqError)
-    return problem_from(exc)
+    return _render(request, exc)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     items = [
         ErrorItem(
@@ -75,26 +100,28 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     first = items[0]
-    return problem(
-        422,
-        "Invalid request",
-        f"{first.field}: {first.message}" if first.field else first.message,
-        code="invalid_request",
-        errors=items,
-        param=first.field or None,
-    )
+    detail = f"{first.field}: {first.message}" if first.field else first.message
+    return _render(request, InvalidRequest(detail, errors=items, param=first.field or None))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+class _HttpError(TuneqError):
+    """An error Starlette raised (no route, wrong method), as a domain error to render."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        self.title = {404: "Not found", 405: "Method not allowed"}.get(status, "HTTP error")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
         # Starlette names the methods of the first route that matched the path; RFC 9110
         # wants every method the resource has, and each of ours is a route of its own.
         headers["Allow"] = ", ".join(sorted(_methods_for(request)))
-    return problem(exc.status_code, title, str(exc.detail), code=code, headers=headers or None)
+    return _render(request, _HttpError(exc.status_code, str(exc.detail)), headers or None)
 
 
 def _methods_for(request: Request) -> set[str]:
@@ -109,8 +136,8 @@ def _methods_for(request: Request) -> set[str]:
     return methods
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    return problem(500, "Internal error", "an unexpected error occurred", code="internal_error")
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return _render(request, TuneqError("an unexpected error occurred"))
 
 
 def install(app: FastAPI) -> None:

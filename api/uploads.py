@@ -20,7 +20,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from tuneq.errors import ErrorItem, InvalidRequest, PayloadTooLarge
+from tuneq.errors import InvalidRequest, PayloadTooLarge, field_error
 
 # Room for the boundaries, the part headers and the small fields around the file's bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -89,7 +89,7 @@ class MultipartUpload:
         if not self._ended:
             raise InvalidRequest("the multipart body ended before its closing boundary")
         if not self._file_seen:
-            raise _field_error(FILE_FIELD, "required: the dataset to upload")
+            raise field_error(FILE_FIELD, "required: the dataset to upload")
 
     def _on_part_begin(self) -> None:
         self._disposition = b""
@@ -112,13 +112,13 @@ class MultipartUpload:
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name == FILE_FIELD:
             if self._file_seen:
-                raise _field_error(FILE_FIELD, "sent more than once: upload one file at a time")
+                raise field_error(FILE_FIELD, "sent more than once: upload one file at a time")
             self._file_seen = True
             sent = options.get(b"filename", b"").decode("utf-8", "replace")
             # Some clients send the path the file had on their machine; keep its last part.
             self.filename = PureWindowsPath(sent).name[:255] or DEFAULT_FILENAME
         elif name not in OTHER_FIELDS:
-            raise _field_error(name or "(no name)", "unknown field")
+            raise field_error(name or "(no name)", "unknown field")
         self._part_name = name
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -127,7 +127,7 @@ class MultipartUpload:
             return
         self._field_value += data[start:end]
         if len(self._field_value) > MAX_FIELD_BYTES:
-            raise _field_error(str(self._part_name), f"longer than {MAX_FIELD_BYTES} bytes")
+            raise field_error(str(self._part_name), f"longer than {MAX_FIELD_BYTES} bytes")
 
     def _on_part_end(self) -> None:
         if self._part_name != FILE_FIELD:
@@ -236,9 +236,3 @@ class _BodyReader:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()  # anyio events fire once
-
-
-def _field_error(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(
-        f"{field}: {message}", errors=[ErrorItem(message, field=field)], param=field
-    )

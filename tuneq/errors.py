@@ -58,6 +58,13 @@ class InvalidRequest(TuneqError):
     status, code, title = 422, "invalid_request", "Invalid request"
 
 
+def field_error(field: str, message: str) -> InvalidRequest:
+    """An invalid request with one field at fault, named in the detail and as `param`."""
+    return InvalidRequest(
+        f"{field}: {message}", errors=[ErrorItem(message, field=field)], param=field
+    )
+
+
 class InvalidFile(InvalidRequest):
     code, title = "invalid_training_file", "Invalid file"
 

@@ -22,7 +22,9 @@ router = APIRouter(prefix="/files", tags=["files"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 
-_UPLOAD_BODY = {
+# The upload's multipart body in OpenAPI (read by api.uploads, not by FastAPI); the
+# facade's upload (api/openai) takes the same body.
+UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "content": {
@@ -41,7 +43,7 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("", status_code=201, response_model=FilePublic, openapi_extra=_UPLOAD_BODY)
+@router.post("", status_code=201, response_model=FilePublic, openapi_extra=UPLOAD_BODY)
 async def upload_file(
     request: Request,
     team: TeamDep,
