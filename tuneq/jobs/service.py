@@ -10,7 +10,7 @@ same idempotency, outbox and errors; the reads take the caller's session.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -230,12 +230,15 @@ def _event(db: Session, job: Job, message: str, level: str = "info") -> None:
 
 
 def list_events(
-    *, db: Session, job: Job, after: int | None, limit: int
+    *, db: Session, job: Job, after: int | None, limit: int, newest_first: bool = False
 ) -> tuple[list[JobEvent], bool]:
+    """A page of the job's events after the event `after` in the page's order: oldest
+    first (the native order), or newest first (OpenAI's), and whether more follow."""
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
-        query = query.where(JobEvent.id > after)
-    rows = list(db.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+        query = query.where(JobEvent.id < after if newest_first else JobEvent.id > after)
+    order = JobEvent.id.desc() if newest_first else JobEvent.id
+    rows = list(db.scalars(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 
@@ -258,6 +261,16 @@ def metrics_series(*, db: Session, job: Job) -> dict[str, Any]:
         "train": [train[s] for s in sorted(train)],
         "eval": [evaluation[s] for s in sorted(evaluation)],
     }
+
+
+def train_metrics_at(*, db: Session, job: Job, steps: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """The training metrics of the given steps (the latest attempt's where steps repeat)."""
+    rows = db.scalars(
+        select(JobMetric)
+        .where(JobMetric.job_id == job.id, JobMetric.kind == "train", JobMetric.step.in_(steps))
+        .order_by(JobMetric.id)
+    )
+    return {row.step: row.values for row in rows}
 
 
 def list_checkpoints(*, db: Session, job: Job) -> list[JobCheckpoint]:
