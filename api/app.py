@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import metrics, problems
+from api import metrics, openai, problems
 from api.deps import Reads
 from api.job_reads import open_job_reads
 from api.routes import files, health, jobs, models
@@ -55,4 +55,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routes are matched in order: the jobs routes, which clients poll, are tried first.
     for module in (jobs, files, models, health):
         app.include_router(module.router)
+    openai.install(app)  # the OpenAI-compatible facade, under /openai/v1
     return app

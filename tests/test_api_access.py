@@ -90,6 +90,7 @@ def test_the_table_names_every_endpoint(tmp_path):
         name
         for name in app_endpoints(create_app(make_settings(tmp_path)))
         if name.split(" ", 1)[1] not in PUBLIC_PATHS
+        and not name.split(" ", 1)[1].startswith("/openai/v1/")  # tests/test_openai_facade_api
     }
     assert served, "no routes found: has FastAPI changed how it stores included routers?"
     assert served == set(BY_ID), "add new endpoints to ENDPOINTS (and remove gone ones)"

@@ -1,0 +1,196 @@
+"""OpenAI's `POST /fine_tuning/jobs` body, translated into a native job spec (DESIGN §5).
+
+OpenAI's fields map onto the spec's; native features with no OpenAI field ride in one
+extension member, `tuneq`: a partial native job spec merged into the translated one (the
+client sends it with `extra_body={"tuneq": {...}}`), for example
+`{"method": {"type": "ia3"}, "task": "causal_lm", "hyperparameters": {"max_steps": 20}}`.
+A value set in both places is refused, never silently chosen.
+
+- `hyperparameters` (deprecated by OpenAI) or `method.supervised.hyperparameters`:
+  `n_epochs` and `batch_size` as they are; `learning_rate_multiplier` m sets the learning
+  rate to m times the method's default (what "auto" resolves to for that method).
+- `method.type` "supervised" is tuneq's training (LoRA unless `tuneq.method` says
+  otherwise); "dpo" and "reinforcement" are refused, naming `method.type`.
+- `seed` is `hyperparameters.seed`; `suffix`, `metadata`, `validation_file` as they are;
+  `integrations` must be empty (tuneq reports to no third party).
+
+Errors name the field as the request named it: `Translation.param` maps a native field
+(`hyperparameters.n_epochs`) back to where the value came from
+(`method.supervised.hyperparameters.n_epochs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peft_engine.methods import METHODS
+from tuneq.errors import InvalidRequest, field_error
+
+EXTENSION = "tuneq"
+_SUPERVISED_HYPERPARAMETERS = "method.supervised.hyperparameters"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Auto = Literal["auto"]
+
+
+class SupervisedHyperparameters(_Strict):
+    n_epochs: int | Auto | None = None
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Auto | None = None
+
+
+class SupervisedMethod(_Strict):
+    hyperparameters: SupervisedHyperparameters | None = None
+
+
+class Method(_Strict):
+    type: str
+    supervised: SupervisedMethod | None = None
+    # Accepted as sent, so that the refusal names `method.type` rather than their fields.
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(_Strict):
+    """What `client.fine_tuning.jobs.create(...)` sends, plus the `tuneq` extension."""
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: SupervisedHyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    tuneq: dict[str, Any] | None = None
+
+
+@dataclass
+class Translation:
+    """The native spec, and where each of its fields came from in the request."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def set(self, path: str, value: Any, origin: str) -> None:
+        """Set the native field at the dotted `path`, sent as `origin`."""
+        *parents, name = path.split(".")
+        target = self.body
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
+        self.origins[path] = origin
+
+    def param(self, native: str | None) -> str | None:
+        """The request's name of a native field: where it, or the object holding it, came
+        from; a field nobody set (a default) is named where it could be set: `tuneq.`."""
+        if native is None:
+            return None
+        parts = native.split(".")
+        for n in range(len(parts), 0, -1):
+            origin = self.origins.get(".".join(parts[:n]))
+            if origin is not None:
+                return ".".join([origin, *parts[n:]])
+        return f"{EXTENSION}.{native}"
+
+
+def translate(request: JobCreate) -> Translation:
+    """The native spec for an OpenAI request; InvalidRequest for what cannot be honoured."""
+    out = Translation()
+    for name in ("model", "training_file", "validation_file", "suffix", "metadata"):
+        value = getattr(request, name)
+        if value is not None:
+            out.set(name, value, name)
+    if request.integrations:
+        raise field_error("integrations", "tuneq reports to no third party; send no integrations")
+    origin, hyperparameters = _hyperparameters(request)
+    for name in ("n_epochs", "batch_size"):
+        value = getattr(hyperparameters, name)
+        if value is not None:
+            out.set(f"hyperparameters.{name}", value, f"{origin}.{name}")
+    if request.seed is not None:
+        out.set("hyperparameters.seed", request.seed, "seed")
+    extension = request.tuneq or {}
+    _merge(out, extension, prefix="")
+    multiplier = hyperparameters.learning_rate_multiplier
+    if multiplier not in (None, "auto"):
+        assert isinstance(multiplier, float)
+        rate = _learning_rate(multiplier, out.body.get("method"))
+        if rate is not None:
+            origin_of_rate = f"{origin}.learning_rate_multiplier"
+            if "learning_rate" in out.body.get("hyperparameters", {}):
+                raise _twice("hyperparameters.learning_rate", origin_of_rate)
+            out.set("hyperparameters.learning_rate", rate, origin_of_rate)
+    return out
+
+
+def _hyperparameters(request: JobCreate) -> tuple[str, SupervisedHyperparameters]:
+    """OpenAI's hyperparameters, from `method.supervised` or the deprecated top level."""
+    method = request.method
+    if method is not None and method.type != "supervised":
+        if method.type in ("dpo", "reinforcement"):
+            message = f"tuneq trains supervised only, not {method.type}"
+        else:
+            message = (
+                f"unknown method type {method.type!r}; send 'supervised', and choose "
+                f'a native method with {{"{EXTENSION}": {{"method": {{"type": ...}}}}}}'
+            )
+        raise field_error("method.type", message)
+    nested = method.supervised.hyperparameters if method and method.supervised else None
+    if nested is not None and request.hyperparameters is not None:
+        raise field_error(
+            "hyperparameters",
+            f"set either hyperparameters or {_SUPERVISED_HYPERPARAMETERS}, not both",
+        )
+    if nested is not None:
+        return _SUPERVISED_HYPERPARAMETERS, nested
+    return "hyperparameters", request.hyperparameters or SupervisedHyperparameters()
+
+
+def _merge(out: Translation, extension: dict[str, Any], *, prefix: str) -> None:
+    """Merge the extension's fields into the spec; a field set twice is refused. Objects
+    merge member by member, except `method`, which the extension gives whole."""
+    for name, value in extension.items():
+        path = f"{prefix}{name}"
+        current = _get(out.body, path)
+        if isinstance(value, dict) and isinstance(current, dict) and path != "method":
+            _merge(out, value, prefix=f"{path}.")
+        elif current is not None:
+            raise _twice(path, out.origins.get(path, path))
+        else:
+            out.set(path, value, f"{EXTENSION}.{path}")
+
+
+def _get(body: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(body, dict):
+            return None
+        body = body.get(part)  # type: ignore[assignment]
+    return body
+
+
+def _learning_rate(multiplier: float, method: Any) -> float | None:
+    """`multiplier` times the method's default learning rate; None when the method is not
+    valid (the submission then refuses it, naming its field)."""
+    method = method if isinstance(method, dict) else {}
+    definition = METHODS.get(method.get("type", "lora"))
+    if definition is None:
+        return None
+    try:
+        spec = definition.spec.model_validate(method)
+    except ValidationError:
+        return None
+    return multiplier * definition.default_learning_rate(spec)
+
+
+def _twice(native: str, first: str) -> InvalidRequest:
+    extension = f"{EXTENSION}.{native}"
+    return field_error(extension, f"already set by {first}; set it in one place")
