@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 
 from api.deps import (
     CeleryDep,
@@ -23,7 +23,6 @@ from api.deps import (
     StoreDep,
     TeamDep,
 )
-from api.downloads import stored_object_response
 from api.job_reads import JobQuery, JobReads
 from api.openai.objects import (
     CHECKPOINT_ID_PREFIX,
@@ -36,8 +35,8 @@ from api.openai.objects import (
     page,
 )
 from api.openai.requests import JobCreate, translate
-from api.routes.files import UPLOAD_BODY
-from api.uploads import MultipartUpload, read_upload
+from api.routes.files import UPLOAD_BODY, download_file, receive_upload
+from api.routes.jobs import metadata_filter
 from tuneq.errors import ErrorItem, NotFound, TuneqError, field_error
 from tuneq.files import service as files
 from tuneq.files.schemas import FilePublic
@@ -64,17 +63,14 @@ async def create_file(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> FileObject:
-    def create(upload: MultipartUpload) -> dict[str, Any]:
-        return files.upload_file(
-            sessions=sessions,
-            store=store,
-            settings=settings,
-            team=team,
-            upload=upload,
-            idempotency_key=idempotency_key,  # the same key as `POST /files`'s
-        )
-
-    native = await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
+    native = await receive_upload(
+        request,
+        team=team,
+        sessions=sessions,
+        store=store,
+        settings=settings,
+        idempotency_key=idempotency_key,  # the same key as `POST /files`'s
+    )
     return FileObject.of(native)
 
 
@@ -106,16 +102,14 @@ def delete_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> File
     return FileDeleted(id=file.id)
 
 
-@router.get("/files/{file_id}/content", responses={200: {"content": {"application/jsonl": {}}}})
-def file_content(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Response:
-    file = files.get_file(db=db, team=team, file_id=file_id)
-    return stored_object_response(
-        store,
-        file.storage_key,
-        filename=file.filename,
-        media_type="application/octet-stream",
-        size=file.bytes,
-    )
+# A file's content is the native download itself, served on the facade's path too.
+router.add_api_route(
+    "/files/{file_id}/content",
+    download_file,
+    methods=["GET"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
+)
 
 
 def _file(row: Any) -> FileObject:
@@ -164,13 +158,9 @@ def create_job(
 async def list_jobs(
     request: Request, team: TeamDep, after: str | None = None, limit: Limit = 20
 ) -> dict[str, Any]:
-    metadata = {
-        key[len("metadata[") : -1]: value
-        for key, value in request.query_params.items()
-        if key.startswith("metadata[") and key.endswith("]")
-    }
+    query = JobQuery(team.id, limit, after, metadata=metadata_filter(request))
     job_reads: JobReads = request.app.state.job_reads
-    native = json.loads(await job_reads.page(JobQuery(team.id, limit, after, metadata=metadata)))
+    native = json.loads(await job_reads.page(query))
     return page([_job(job, team) for job in native["data"]], has_more=native["has_more"])
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
@@ -17,6 +18,9 @@ from api.downloads import stored_object_response
 from api.uploads import MultipartUpload, read_upload
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
+from tuneq.settings import Settings
+from tuneq.storage import ObjectStore
+from tuneq.teams.models import Team
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -52,6 +56,29 @@ async def upload_file(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    public = await receive_upload(
+        request,
+        team=team,
+        sessions=sessions,
+        store=store,
+        settings=settings,
+        idempotency_key=idempotency_key,
+    )
+    return JSONResponse(public, status_code=201)
+
+
+async def receive_upload(
+    request: Request,
+    *,
+    team: Team,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    """The upload in the request's multipart body, kept by the one upload use case: the new
+    file as `FilePublic` JSON. Every road that takes uploads (the facade too) comes here."""
+
     def create(upload: MultipartUpload) -> dict[str, Any]:
         return service.upload_file(
             sessions=sessions,
@@ -63,8 +90,7 @@ async def upload_file(
         )
 
     # Reading, validating and storing are blocking work: all of it off the event loop.
-    public = await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
-    return JSONResponse(public, status_code=201)
+    return await read_upload(request, max_upload_bytes=settings.max_upload_bytes, work=create)
 
 
 @router.get("", response_model=FilesPublic)

@@ -76,15 +76,20 @@ async def list_jobs(
     model: str | None = None,
 ) -> Response:
     # Polled with the status read: both go straight from rows to bytes (api.job_reads).
-    metadata = {
-        key[len("metadata[") : -1]: value
-        for key, value in request.query_params.items()
-        if key.startswith("metadata[") and key.endswith("]")
-    }
+    metadata = metadata_filter(request)
     query = JobQuery(team.id, limit, after=after, status=status, model=model, metadata=metadata)
     job_reads: JobReads = request.app.state.job_reads
     page = await job_reads.page(query)
     return Response(page, media_type="application/json")
+
+
+def metadata_filter(request: Request) -> dict[str, str]:
+    """The `metadata[key]=value` query parameters, as {key: value}."""
+    return {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
 
 
 @router.get("/{job_id}", response_model=JobPublic)
