@@ -166,6 +166,10 @@ def test_a_native_method_and_native_fields_pass_through_the_extension():
         ({"method": {"type": "reinforcement"}}, "method.type"),
         ({"method": {"type": "lora"}}, "method.type"),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
+        ({"hyperparameters": {"learning_rate_multiplier": "high"}},
+         "hyperparameters.learning_rate_multiplier"),
+        ({"hyperparameters": {"learning_rate_multiplier": 0}},
+         "hyperparameters.learning_rate_multiplier"),
         ({"seed": 1, "tuneq": {"hyperparameters": {"seed": 2}}}, "tuneq.hyperparameters.seed"),
         ({"suffix": "a", "tuneq": {"suffix": "b"}}, "tuneq.suffix"),
         (
@@ -304,6 +308,8 @@ def test_an_invalid_spec_is_a_bad_request_naming_the_field_as_sent(world):
             world.a.fine_tuning.jobs.create(**body)
         assert refused.value.param == param, (options, refused.value.body)
         assert refused.value.body["type"] == "invalid_request_error"
+        if "hyperparameters" in param:  # the message too names the field as it was sent
+            assert refused.value.body["message"].startswith(f"{param}: "), refused.value.body
 
 
 def test_another_teams_job_is_not_found_like_a_missing_one(world):

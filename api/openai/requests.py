@@ -22,12 +22,12 @@ Errors name the field as the request named it: `Translation.param` maps a native
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from peft_engine.methods import METHODS
-from tuneq.errors import InvalidRequest, field_error
+from tuneq.errors import ErrorItem, InvalidRequest, TuneqError, field_error
 
 EXTENSION = "tuneq"
 _SUPERVISED_HYPERPARAMETERS = "method.supervised.hyperparameters"
@@ -37,13 +37,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Auto = Literal["auto"]
-
-
 class SupervisedHyperparameters(_Strict):
-    n_epochs: int | Auto | None = None
-    batch_size: int | Auto | None = None
-    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Auto | None = None
+    """Taken as sent: the native spec checks `n_epochs` and `batch_size` (its error names the
+    field as the request did), `translate` the multiplier."""
+
+    n_epochs: Any = None
+    batch_size: Any = None
+    learning_rate_multiplier: Any = None
 
 
 class SupervisedMethod(_Strict):
@@ -102,6 +102,19 @@ class Translation:
         return f"{EXTENSION}.{native}"
 
 
+def renamed(error: TuneqError, translation: Translation) -> TuneqError:
+    """The submission's error naming its fields as the request named them (`param`, the
+    detail's leading field, each item's field)."""
+    native = error.param
+    error.param = translation.param(native)
+    if native and error.param and error.detail.startswith(f"{native}:"):
+        error.detail = error.param + error.detail[len(native) :]
+    error.errors = [
+        ErrorItem(item.message, translation.param(item.field), item.line) for item in error.errors
+    ]
+    return error
+
+
 def translate(request: JobCreate) -> Translation:
     """The native spec for an OpenAI request; InvalidRequest for what cannot be honoured."""
     out = Translation()
@@ -122,10 +135,13 @@ def translate(request: JobCreate) -> Translation:
     _merge(out, extension, prefix="")
     multiplier = hyperparameters.learning_rate_multiplier
     if multiplier not in (None, "auto"):
-        assert isinstance(multiplier, float)
-        rate = _learning_rate(multiplier, out.body.get("method"))
+        origin_of_rate = f"{origin}.learning_rate_multiplier"
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+            raise field_error(origin_of_rate, 'must be a number greater than 0, or "auto"')
+        if multiplier <= 0:
+            raise field_error(origin_of_rate, "must be greater than 0")
+        rate = _learning_rate(float(multiplier), out.body.get("method"))
         if rate is not None:
-            origin_of_rate = f"{origin}.learning_rate_multiplier"
             if "learning_rate" in out.body.get("hyperparameters", {}):
                 raise _twice("hyperparameters.learning_rate", origin_of_rate)
             out.set("hyperparameters.learning_rate", rate, origin_of_rate)

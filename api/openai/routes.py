@@ -34,10 +34,10 @@ from api.openai.objects import (
     FineTuningJobEvent,
     page,
 )
-from api.openai.requests import JobCreate, translate
+from api.openai.requests import JobCreate, renamed, translate
 from api.routes.files import UPLOAD_BODY, download_file, receive_upload
 from api.routes.jobs import metadata_filter
-from tuneq.errors import ErrorItem, NotFound, TuneqError, field_error
+from tuneq.errors import NotFound, TuneqError, field_error
 from tuneq.files import service as files
 from tuneq.files.schemas import FilePublic
 from tuneq.jobs import service as jobs
@@ -146,11 +146,7 @@ def create_job(
             defer=background.add_task,
         )
     except TuneqError as err:
-        # The same error, naming the field as this request named it.
-        err.param = translation.param(err.param)
-        for n, item in enumerate(err.errors):
-            err.errors[n] = ErrorItem(item.message, translation.param(item.field), item.line)
-        raise
+        raise renamed(err, translation) from None
     return _job(submitted.body, team)
 
 
@@ -226,7 +222,8 @@ def list_checkpoints(
     rows = jobs.list_checkpoints(db=db, job=job)[::-1]
     if after is not None:
         before = _cursor(after, CHECKPOINT_ID_PREFIX)
-        rows = rows[next((n + 1 for n, row in enumerate(rows) if row.id == before), 0) :]
+        position = next((n for n, row in enumerate(rows) if row.id == before), None)
+        rows = [] if position is None else rows[position + 1 :]  # an id not of this job: none
     shown = rows[:limit]
     train = jobs.train_metrics_at(db=db, job=job, steps=[row.step for row in shown])
     document = JobPublic.of(job).model_dump(mode="json")
