@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -36,7 +36,8 @@ class _JobsByState(Collector):
 
 
 class _Observe:
-    """Counts and times every HTTP request by route and status.
+    """Counts and times every HTTP request by route and status (an event stream is counted,
+    not timed: it lasts as long as its client listens, and would swamp the latencies).
 
     Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
     each request through an extra task and memory streams (and a task group per body
@@ -54,11 +55,13 @@ class _Observe:
             return
         started = time.perf_counter()
         status = 500  # unless a response starts: an exception escaped the app
+        event_stream = False
 
         async def send_observed(message: Message) -> None:
-            nonlocal status
+            nonlocal status, event_stream
             if message["type"] == "http.response.start":
                 status = message["status"]
+                event_stream = _is_event_stream(message.get("headers", ()))
             await send(message)
 
         try:
@@ -66,8 +69,16 @@ class _Observe:
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
-            self.latency.labels(method, path).observe(time.perf_counter() - started)
+            if not event_stream:  # its duration is how long a client listened, not latency
+                self.latency.labels(method, path).observe(time.perf_counter() - started)
             self.requests.labels(method, path, str(status)).inc()
+
+
+def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+        for name, value in headers
+    )
 
 
 def install(app: FastAPI) -> None:
