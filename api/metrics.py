@@ -1,4 +1,5 @@
-"""Prometheus `/metrics`: request counts and latencies by route, and jobs by state."""
+"""Prometheus `/metrics`: request counts and latencies by route, event streams open, and jobs
+by state."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -36,18 +37,20 @@ class _JobsByState(Collector):
 
 
 class _Observe:
-    """Counts and times every HTTP request by route and status (an event stream is counted,
-    not timed: it lasts as long as its client listens, and would swamp the latencies).
+    """Counts and times every HTTP request by route and status. An event stream is counted,
+    and gauged while open, but not timed: it lasts as long as its client listens, and would
+    swamp the latencies.
 
     Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
     each request through an extra task and memory streams (and a task group per body
     read), which cost a GET about as much as the route itself.
     """
 
-    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram, streams: Gauge) -> None:
         self.app = app
         self.requests = requests
         self.latency = latency
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,6 +65,8 @@ class _Observe:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 event_stream = _is_event_stream(message.get("headers", ()))
+                if event_stream:
+                    self.streams.inc()
             await send(message)
 
         try:
@@ -69,7 +74,9 @@ class _Observe:
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
-            if not event_stream:  # its duration is how long a client listened, not latency
+            if event_stream:
+                self.streams.dec()
+            else:
                 self.latency.labels(method, path).observe(time.perf_counter() - started)
             self.requests.labels(method, path, str(status)).inc()
 
@@ -89,8 +96,9 @@ def install(app: FastAPI) -> None:
     latency = Histogram(
         "tuneq_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry
     )
+    streams = Gauge("tuneq_http_event_streams", "Event streams open", registry=registry)
     registry.register(_JobsByState(app))
-    app.add_middleware(_Observe, requests=requests, latency=latency)
+    app.add_middleware(_Observe, requests=requests, latency=latency, streams=streams)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:

@@ -33,7 +33,7 @@ from tests.sse_helpers import (
     is_comment,
     listed_events,
 )
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 from tuneq.db import make_sessionmaker, transaction
 from tuneq.jobs.models import Job, JobEvent
 from tuneq.jobs.states import JobState, move_to
@@ -218,6 +218,22 @@ def test_event_streams_are_counted_but_kept_out_of_the_latency_histogram(env, fi
     assert grew("tuneq_http_requests_total", "200") == 1
     assert grew("tuneq_http_requests_total", "404") == 1
     assert grew("tuneq_http_request_seconds_count") == 1  # the 404's; not the stream's
+
+
+def _streams_open(env: Env) -> float:
+    families = text_string_to_metric_families(env.client.get("/metrics").text)
+    return next(
+        s.value for f in families for s in f.samples if s.name == "tuneq_http_event_streams"
+    )
+
+
+def test_a_client_hanging_up_ends_its_stream_on_the_server(env):
+    job_id = env.create_job()  # queued: only the client can end its stream
+    with env.stream(job_id, headers=auth(env.key)) as response:
+        stream = frames(response.iter_bytes())
+        assert next(stream) == {"retry": "2000"}
+        assert _streams_open(env) == 1
+    wait_for(lambda: _streams_open(env) == 0, timeout=60, what="the server to end the stream")
 
 
 def test_a_server_shutting_down_ends_its_open_streams(env):
