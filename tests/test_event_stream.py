@@ -236,6 +236,21 @@ def test_a_client_hanging_up_ends_its_stream_on_the_server(env):
     wait_for(lambda: _streams_open(env) == 0, timeout=60, what="the server to end the stream")
 
 
+def test_a_stream_open_too_long_closes_without_end(env):
+    job_id = env.create_job()  # queued: nothing would end its stream
+    short_lived = Stack(
+        env.stack.name, env.stack.home, env.stack.overrides | {"sse_max_seconds": 1}
+    )
+    with (
+        api_server(short_lived, "short-lived") as server,
+        httpx.Client(base_url=server.url, timeout=STREAM_TIMEOUT) as client,
+        client.stream("GET", STREAM.format(job_id), headers=auth(env.key)) as response,
+    ):
+        received = [f for f in frames(response.iter_bytes()) if not is_comment(f)]  # to the close
+    created = listed_events(env.client, env.key, job_id)
+    assert [decoded(f) for f in received] == [{"retry": "2000"}, *map(carried, created)]
+
+
 def test_a_server_shutting_down_ends_its_open_streams(env):
     job_id = env.create_job()  # queued: its stream would wait for it forever
     with (

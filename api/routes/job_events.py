@@ -37,7 +37,7 @@ from api.deps import DbDep, Reads, TeamDep
 from api.routes.jobs import Limit, list_page
 from tuneq.errors import NotFound
 from tuneq.jobs import service
-from tuneq.jobs.models import Job, JobEvent
+from tuneq.jobs.models import JobEvent
 from tuneq.jobs.schemas import EventPublic, JobPublic
 from tuneq.jobs.states import TERMINAL
 from tuneq.settings import Settings
@@ -75,9 +75,9 @@ async def stream_events(
     """The job's events with id > Last-Event-ID (or `after`), then the ones to come."""
     reads: Reads = request.app.state.reads
     # Before the response starts: another team's job or none is a 404, not a broken stream.
-    job = await reads.run(lambda db: service.get_job(db=db, team=team, job_id=job_id))
+    await reads.run(lambda db: service.get_job(db=db, team=team, job_id=job_id))
     resume = last_event_id if last_event_id is not None else after
-    follow = _Follow(reads, team, job, request.app.state.settings)
+    follow = _Follow(reads, team, job_id, request.app.state.settings)
     return StreamingResponse(follow.stream(resume), media_type="text/event-stream", headers=HEADERS)
 
 
@@ -91,13 +91,13 @@ class _Poll:
     end: bytes | None
 
 
-def _poll(db: Session, *, team: Team, job: Job, after: int | None) -> _Poll:
+def _poll(db: Session, *, team: Team, job_id: str, after: int | None) -> _Poll:
     # The state is read before the events: an event committed before (or with) the terminal
     # state is in this page or a later one, never skipped by an `end` sent too soon.
-    current = service.get_job(db=db, team=team, job_id=job.id)
-    ended = current.state in TERMINAL
-    document = JobPublic.of(current).model_dump_json() if ended else None
-    events, has_more = service.list_events(db=db, job=current, after=after, limit=PAGE)
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    ended = job.state in TERMINAL
+    document = JobPublic.of(job).model_dump_json() if ended else None
+    events, has_more = service.list_events(db=db, job=job, after=after, limit=PAGE)
     frames = b"".join(map(_event_frame, events))
     end = f"event: end\ndata: {document}\n\n".encode() if ended and not has_more else None
     return _Poll(frames, events[-1].id if events else None, has_more, end)
@@ -116,7 +116,7 @@ class _Follow:
 
     reads: Reads
     team: Team
-    job: Job
+    job_id: str
     settings: Settings
 
     async def stream(self, after: int | None) -> AsyncIterator[bytes]:
@@ -125,7 +125,7 @@ class _Follow:
         while time.monotonic() - started < self.settings.sse_max_seconds:
             try:
                 poll = await self.reads.run(
-                    partial(_poll, team=self.team, job=self.job, after=after)
+                    partial(_poll, team=self.team, job_id=self.job_id, after=after)
                 )
             except NotFound:  # the job is gone: a reconnect gets the 404
                 return
