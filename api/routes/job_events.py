@@ -29,7 +29,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -69,7 +69,7 @@ async def stream_events(
     job_id: str,
     request: Request,
     team: TeamDep,
-    after: int | None = None,
+    after: Annotated[int | None, Query(description="resume after this event id")] = None,
     last_event_id: Annotated[int | None, Header(description="resume after it (wins)")] = None,
 ) -> StreamingResponse:
     """The job's events with id > Last-Event-ID (or `after`), then the ones to come."""
