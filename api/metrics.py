@@ -1,12 +1,13 @@
-"""Prometheus `/metrics`: request counts and latencies by route, and jobs by state."""
+"""Prometheus `/metrics`: request counts and latencies by route, event streams open, and jobs
+by state."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -36,17 +37,20 @@ class _JobsByState(Collector):
 
 
 class _Observe:
-    """Counts and times every HTTP request by route and status.
+    """Counts and times every HTTP request by route and status. An event stream is counted,
+    and gauged while open, but not timed: it lasts as long as its client listens, and would
+    swamp the latencies.
 
     Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
     each request through an extra task and memory streams (and a task group per body
     read), which cost a GET about as much as the route itself.
     """
 
-    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram, streams: Gauge) -> None:
         self.app = app
         self.requests = requests
         self.latency = latency
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,11 +58,15 @@ class _Observe:
             return
         started = time.perf_counter()
         status = 500  # unless a response starts: an exception escaped the app
+        event_stream = False
 
         async def send_observed(message: Message) -> None:
-            nonlocal status
+            nonlocal status, event_stream
             if message["type"] == "http.response.start":
                 status = message["status"]
+                event_stream = _is_event_stream(message.get("headers", ()))
+                if event_stream:
+                    self.streams.inc()
             await send(message)
 
         try:
@@ -66,8 +74,18 @@ class _Observe:
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
-            self.latency.labels(method, path).observe(time.perf_counter() - started)
+            if event_stream:
+                self.streams.dec()
+            else:
+                self.latency.labels(method, path).observe(time.perf_counter() - started)
             self.requests.labels(method, path, str(status)).inc()
+
+
+def _is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+        for name, value in headers
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -78,8 +96,9 @@ def install(app: FastAPI) -> None:
     latency = Histogram(
         "tuneq_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry
     )
+    streams = Gauge("tuneq_http_event_streams", "Event streams open", registry=registry)
     registry.register(_JobsByState(app))
-    app.add_middleware(_Observe, requests=requests, latency=latency)
+    app.add_middleware(_Observe, requests=requests, latency=latency, streams=streams)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:

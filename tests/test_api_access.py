@@ -59,6 +59,7 @@ ENDPOINTS = [
     Endpoint("POST", "/jobs/{job_id}/pause", "object"),
     Endpoint("POST", "/jobs/{job_id}/resume", "object", 409),  # queued, not paused
     Endpoint("GET", "/jobs/{job_id}/events", "object", 200),
+    Endpoint("GET", "/jobs/{job_id}/events/stream", "object"),  # a queued job's never ends
     Endpoint("GET", "/jobs/{job_id}/metrics", "object", 200),
     Endpoint("GET", "/jobs/{job_id}/checkpoints", "object", 200),
     Endpoint("GET", "/jobs/{job_id}/artifacts", "object", 200),

@@ -30,6 +30,8 @@ from tuneq.settings import Settings
 API_APP = "api.app:create_app"
 WORKER = "worker.main:run_worker"
 BEAT = "worker.main:run_beat"
+# Within Docker's default stop timeout (10 s), so the API shuts down before it is killed.
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +156,15 @@ def serve_http(app: Any, *, host: str, port: int, factory: bool = False) -> None
     import uvicorn
 
     config = uvicorn.Config(
-        app, factory=factory, host=host, port=port, proxy_headers=True, log_level="info"
+        app,
+        factory=factory,
+        host=host,
+        port=port,
+        proxy_headers=True,
+        log_level="info",
+        # On SIGTERM, requests still running this long after are cancelled: an open event
+        # stream never ends by itself (its client reconnects elsewhere with Last-Event-ID).
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     config.load()  # imports the app and its libraries; uvicorn does not load it again
     # What exists now lives as long as the process: keep it out of the garbage collector's

@@ -106,6 +106,22 @@ class Settings(BaseSettings):
         "within it (0: check every request)",
     )
 
+    # Server-Sent Events: GET /jobs/{id}/events/stream (api/routes/job_events.py)
+    sse_poll_seconds: float = Field(
+        0.5, gt=0, description="how often an event stream looks for new events while its job runs"
+    )
+    sse_heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="an event stream silent this long sends a `: keep-alive` comment",
+    )
+    sse_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="an event stream open this long ends without `end`; the client "
+        "reconnects with Last-Event-ID",
+    )
+
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
 

@@ -27,7 +27,6 @@ from tuneq.jobs.schemas import (
     ArtifactPublic,
     CheckpointPublic,
     DryRunPublic,
-    EventPublic,
     JobPublic,
 )
 
@@ -132,15 +131,6 @@ def resume_job(
     )
 
 
-@router.get("/{job_id}/events")
-def list_events(
-    job_id: str, team: TeamDep, db: DbDep, after: int | None = None, limit: Limit = 100
-) -> dict[str, Any]:
-    job = service.get_job(db=db, team=team, job_id=job_id)
-    events, has_more = service.list_events(db=db, job=job, after=after, limit=limit)
-    return _list(map(EventPublic.of, events), has_more=has_more)
-
-
 @router.get("/{job_id}/metrics")
 def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     return service.metrics_series(db=db, job=service.get_job(db=db, team=team, job_id=job_id))
@@ -149,13 +139,13 @@ def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
-    return _list(map(CheckpointPublic.of, service.list_checkpoints(db=db, job=job)))
+    return list_page(map(CheckpointPublic.of, service.list_checkpoints(db=db, job=job)))
 
 
 @router.get("/{job_id}/artifacts")
 def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
-    return _list(map(ArtifactPublic.of, service.list_artifacts(db=db, job=job)))
+    return list_page(map(ArtifactPublic.of, service.list_artifacts(db=db, job=job)))
 
 
 @router.get("/{job_id}/artifacts/{name}", response_model=None)
@@ -173,7 +163,7 @@ def download_artifact(
     )
 
 
-def _list(items: Iterable[BaseModel], *, has_more: bool = False) -> dict[str, Any]:
+def list_page(items: Iterable[BaseModel], *, has_more: bool = False) -> dict[str, Any]:
     """A list as every list route shows it (DESIGN §4)."""
     return {
         "object": "list",
