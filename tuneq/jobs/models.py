@@ -3,8 +3,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Connection,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    event,
+    select,
+)
+from sqlalchemy.orm import Mapped, Mapper, mapped_column
 
 from tuneq.db import Base, UTCDateTime, utcnow
 
@@ -66,6 +78,22 @@ class JobEvent(BelongsToJob, Base):
     level: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+@event.listens_for(JobEvent, "before_insert")
+def _events_of_a_job_commit_in_id_order(
+    _: Mapper[Any], connection: Connection, row: JobEvent
+) -> None:
+    """Lock the job's row before an event of it takes an id, until the transaction ends.
+
+    Readers resume after the last id they saw (`?after=`, SSE's Last-Event-ID). PostgreSQL
+    hands out ids when rows are inserted, not when they commit: without this, an event
+    inserted by the API while the worker's transaction with a lower id is still open would
+    be seen first, and the lower one never. Under the lock, the writers of one job's events
+    take ids in the order they commit. (SQLite already lets one writer in at a time.)
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(select(Job.id).where(Job.id == row.job_id).with_for_update())
 
 
 class JobMetric(BelongsToJob, Base):
