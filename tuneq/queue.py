@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 RUN_JOB_TASK = "tuneq.run_job"
 RELAY_TASK = "tuneq.relay_outbox"
 REAP_TASK = "tuneq.reap_expired_leases"
+DELIVER_WEBHOOKS_TASK = "tuneq.deliver_webhooks"
 TRAINING_QUEUE = "training"
 MAINTENANCE_QUEUE = "maintenance"
 
@@ -59,6 +60,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             RELAY_TASK: {"queue": MAINTENANCE_QUEUE},
             REAP_TASK: {"queue": MAINTENANCE_QUEUE},
+            DELIVER_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
         },
         beat_schedule={
             "relay-outbox": {
@@ -70,6 +72,11 @@ def make_celery(settings: Settings) -> Celery:
                 "task": REAP_TASK,
                 "schedule": settings.reaper_interval_seconds,
                 "options": {"expires": settings.reaper_interval_seconds * 2},
+            },
+            "deliver-webhooks": {
+                "task": DELIVER_WEBHOOKS_TASK,
+                "schedule": settings.webhook_poll_seconds,
+                "options": {"expires": settings.webhook_poll_seconds * 2},
             },
         },
         worker_hijack_root_logger=False,
