@@ -95,8 +95,8 @@ def non_public_kind(address: Address) -> str | None:
         ("unspecified", address.is_unspecified),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
-        ("private", address.is_private),
         ("reserved", address.is_reserved),
+        ("private", address.is_private),
     ):
         if flagged:
             return kind
