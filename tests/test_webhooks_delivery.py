@@ -172,3 +172,17 @@ def test_the_target_is_checked_again_before_each_attempt(settings, sessions):
     assert attempts[0].status_code is None
     assert attempts[0].error.startswith("refused: 127.0.0.1 resolves to 127.0.0.1, a loopback")
     assert delivery.state == DeliveryState.PENDING  # retried on the schedule meanwhile
+
+
+def test_redirects_are_not_followed(settings, sessions):
+    with receiver() as elsewhere, receiver(307) as hook:
+        hook.location = elsewhere.url
+        team, endpoint_id = _register(sessions, settings, hook.url)
+        _owe(sessions, endpoint_id)
+        assert deliver_due(sessions, settings) == 1
+        assert len(hook.received) == 1 and elsewhere.received == []
+    with sessions() as db:
+        endpoint = get_webhook(db=db, team=team, webhook_id=endpoint_id)
+        ((delivery, attempts),), _ = list_deliveries(db=db, endpoint=endpoint, limit=10)
+    assert attempts[0].status_code == 307 and attempts[0].error.startswith("HTTP 307")
+    assert delivery.state == DeliveryState.PENDING  # a failed attempt, retried

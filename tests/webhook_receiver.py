@@ -32,6 +32,7 @@ class Receiver:
     url: str
     statuses: list[int]  # answers in order; 200 once they are spent
     received: list[Received] = field(default_factory=list)
+    location: str | None = None  # a Location header on every answer (a redirect)
 
     def wait_for(self, count: int, timeout: float = 60) -> list[Received]:
         return wait_for(
@@ -65,6 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
         state.received.append(Received(headers, body))
         status = state.statuses.pop(0) if state.statuses else 200
         self.send_response(status)
+        if state.location is not None:
+            self.send_header("location", state.location)
         self.send_header("content-length", "2")
         self.end_headers()
         self.wfile.write(b"ok")

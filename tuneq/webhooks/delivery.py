@@ -35,8 +35,7 @@ from tuneq.webhooks.targets import check_target
 
 log = logging.getLogger(__name__)
 
-BATCH = 50  # deliveries claimed per run
-SENDERS = 8  # attempts in flight at once, so one slow receiver does not hold the others
+SENDERS = 8  # attempts claimed and sent at once, so one slow receiver does not hold the rest
 RESPONSE_BYTES = 4096  # what is read of an answer, at most
 ERROR_CHARS = 300  # of an error or a non-2xx answer, kept on the attempt
 JITTER = 0.2  # each retry waits its scheduled time ± 20%
@@ -65,12 +64,30 @@ class Outcome:
 
 
 def deliver_due(sessions: sessionmaker[Session], settings: Settings) -> int:
-    """Claim the due deliveries, send each once, record what happened; how many were tried."""
-    with transaction(sessions) as db:
-        claimed = claim_due(db, limit=BATCH, lease_seconds=lease_seconds(settings))
+    """Claim what is due a few at a time, send each batch side by side, record what
+    happened; how many attempts were made. Stops when nothing more is due or after about
+    one poll interval: beat's worker runs the relay and the reaper between runs."""
+    claimed = _claim(sessions, settings)
     if not claimed:
         return 0
-    client = httpx.Client(
+    started, tried = time.monotonic(), 0
+    with _client(settings) as client, ThreadPoolExecutor(max_workers=SENDERS) as pool:
+        while claimed:
+            list(pool.map(partial(_attempt, sessions, settings, client), claimed))
+            tried += len(claimed)
+            if len(claimed) < SENDERS or time.monotonic() - started > settings.webhook_poll_seconds:
+                break
+            claimed = _claim(sessions, settings)
+    return tried
+
+
+def _claim(sessions: sessionmaker[Session], settings: Settings) -> list[Claimed]:
+    with transaction(sessions) as db:
+        return claim_due(db, limit=SENDERS, lease_seconds=lease_seconds(settings))
+
+
+def _client(settings: Settings) -> httpx.Client:
+    return httpx.Client(
         timeout=httpx.Timeout(settings.webhook_timeout_seconds),
         follow_redirects=False,
         # No proxy from the environment: it would connect to names we did not check.
@@ -79,12 +96,6 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings) -> int:
         # on the same address must not ride on this one's TLS session.
         limits=httpx.Limits(max_keepalive_connections=0),
     )
-    with (
-        client,
-        ThreadPoolExecutor(max_workers=min(SENDERS, len(claimed))) as pool,
-    ):
-        list(pool.map(partial(_attempt, sessions, settings, client), claimed))
-    return len(claimed)
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -160,7 +171,7 @@ def send(claimed: Claimed, settings: Settings, client: httpx.Client) -> Outcome:
     try:
         response = client.send(request, stream=True)
         try:
-            answer = _read_capped(response)
+            answer = _read_capped(response, started + settings.webhook_timeout_seconds)
         finally:
             response.close()
     except httpx.TimeoutException:
@@ -172,12 +183,13 @@ def send(claimed: Claimed, settings: Settings, client: httpx.Client) -> Outcome:
     return outcome(response.status_code, f"HTTP {response.status_code}: {answer}".rstrip(": "))
 
 
-def _read_capped(response: httpx.Response) -> str:
-    """The start of the answer: a receiver's error message, never a stream we wait out."""
+def _read_capped(response: httpx.Response, deadline: float) -> str:
+    """The start of the answer, a receiver's error message: at most RESPONSE_BYTES, and
+    nothing more once the deadline passed (a receiver trickling bytes is not waited out)."""
     read = b""
     for chunk in response.iter_raw():
         read += chunk
-        if len(read) >= RESPONSE_BYTES:
+        if len(read) >= RESPONSE_BYTES or time.monotonic() > deadline:
             break
     return read[:RESPONSE_BYTES].decode("utf-8", "replace").strip()
 
