@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import Field as Member
 
+from tuneq.documents import SECONDS_OR_ZERO, Field, public_model
 from tuneq.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 JOB_SUCCEEDED = "job.succeeded"
@@ -20,9 +22,9 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=2048, description="http(s) URL the events are POSTed to")
-    events: list[EventType] = Field(min_length=1, description="the event types to receive")
-    description: str | None = Field(None, max_length=255)
+    url: str = Member(max_length=2048, description="http(s) URL the events are POSTed to")
+    events: list[EventType] = Member(min_length=1, description="the event types to receive")
+    description: str | None = Member(None, max_length=255)
 
     @field_validator("events")
     @classmethod
@@ -30,27 +32,21 @@ class WebhookCreate(BaseModel):
         return list(dict.fromkeys(events))
 
 
-class WebhookPublic(BaseModel):
-    id: str
-    object: Literal["webhook"] = "webhook"
-    url: str
-    events: list[str]
-    description: str | None
-    created_at: int
-
-    @classmethod
-    def of(cls, endpoint: WebhookEndpoint) -> WebhookPublic:
-        return cls(
-            id=endpoint.id,
-            url=endpoint.url,
-            events=endpoint.events,
-            description=endpoint.description,
-            created_at=int(endpoint.created_at.timestamp()),
-        )
-
-
-class WebhookCreated(WebhookPublic):
-    secret: str = Field(description="the signing secret (whsec_...); shown only here")
+WEBHOOK_DOCUMENT = (
+    Field("id", str, WebhookEndpoint.id),
+    Field("object", str, constant="webhook"),
+    Field("url", str, WebhookEndpoint.url),
+    Field("events", list[str], WebhookEndpoint.events),
+    Field("description", str | None, WebhookEndpoint.description),
+    Field("created_at", int, WebhookEndpoint.created_at, shown=SECONDS_OR_ZERO),
+)
+WebhookPublic = public_model("WebhookPublic", WEBHOOK_DOCUMENT, module=__name__)
+# The answer to a registration, the only one that shows the signing secret.
+WebhookCreated = public_model(
+    "WebhookCreated",
+    (*WEBHOOK_DOCUMENT, Field("secret", str, WebhookEndpoint.secret)),
+    module=__name__,
+)
 
 
 class WebhooksPublic(BaseModel):
@@ -65,32 +61,27 @@ class WebhookDeleted(BaseModel):
     deleted: Literal[True] = True
 
 
-class AttemptPublic(BaseModel):
-    attempt: int
-    status_code: int | None = Field(description="the receiver's HTTP status, if it answered")
-    error: str | None = Field(description="why the attempt failed; null when it succeeded")
-    duration_ms: int
-    created_at: int
-
-    @classmethod
-    def of(cls, attempt: WebhookAttempt) -> AttemptPublic:
-        return cls(
-            attempt=attempt.attempt,
-            status_code=attempt.status_code,
-            error=attempt.error,
-            duration_ms=attempt.duration_ms,
-            created_at=int(attempt.created_at.timestamp()),
-        )
+AttemptPublic = public_model(
+    "AttemptPublic",
+    (
+        Field("attempt", int, WebhookAttempt.attempt),
+        Field("status_code", int | None, WebhookAttempt.status_code),  # when it answered
+        Field("error", str | None, WebhookAttempt.error),  # null when it succeeded
+        Field("duration_ms", int, WebhookAttempt.duration_ms),
+        Field("created_at", int, WebhookAttempt.created_at, shown=SECONDS_OR_ZERO),
+    ),
+    module=__name__,
+)
 
 
 class DeliveryPublic(BaseModel):
-    id: str = Field(description="the webhook-id header, the same on every attempt")
+    id: str = Member(description="the webhook-id header, the same on every attempt")
     object: Literal["webhook.delivery"] = "webhook.delivery"
     type: str
     job_id: str
     status: Literal["pending", "succeeded", "failed"]
-    attempts: list[AttemptPublic]
-    next_attempt_at: int | None = Field(description="when a pending delivery is tried next")
+    attempts: list[AttemptPublic]  # type: ignore[valid-type]
+    next_attempt_at: int | None = Member(description="when a pending delivery is tried next")
     created_at: int
 
     @classmethod

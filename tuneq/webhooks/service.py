@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,11 +22,12 @@ from tuneq.jobs.schemas import JobPublic
 from tuneq.settings import Settings
 from tuneq.teams.models import Team
 from tuneq.webhooks.models import DeliveryState, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from tuneq.webhooks.schemas import WebhookCreate, WebhookCreated, WebhookPublic
+from tuneq.webhooks.schemas import WebhookCreate, WebhookCreated
 from tuneq.webhooks.signing import new_secret
 from tuneq.webhooks.targets import check_target
 
 REGISTER = "POST /webhooks"  # the use case's name under an Idempotency-Key
+Row = TypeVar("Row", WebhookEndpoint, WebhookDelivery)
 
 
 def create_webhook(
@@ -62,9 +63,7 @@ def create_webhook(
             )
             db.add(endpoint)
             db.flush()
-            created = WebhookCreated(
-                **WebhookPublic.of(endpoint).model_dump(), secret=endpoint.secret
-            ).model_dump(mode="json")
+            created = WebhookCreated.of(endpoint).model_dump(mode="json")
             request.record(db, 201, created)
     return created
 
@@ -73,11 +72,8 @@ def list_webhooks(
     *, db: Session, team: Team, limit: int, after: str | None = None
 ) -> tuple[list[WebhookEndpoint], bool]:
     """A page of the team's endpoints, newest first, and whether more follow."""
-    query = select(WebhookEndpoint).where(WebhookEndpoint.team_id == team.id)
-    if after is not None:
-        query = query.where(WebhookEndpoint.id < after)
-    rows = list(db.scalars(query.order_by(WebhookEndpoint.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    mine = WebhookEndpoint.team_id == team.id
+    return _newest_first(db, WebhookEndpoint, mine, limit=limit, after=after)
 
 
 def get_webhook(*, db: Session, team: Team, webhook_id: str) -> WebhookEndpoint:
@@ -99,11 +95,8 @@ def list_deliveries(
     *, db: Session, endpoint: WebhookEndpoint, limit: int, after: str | None = None
 ) -> tuple[list[tuple[WebhookDelivery, list[WebhookAttempt]]], bool]:
     """A page of the endpoint's deliveries, newest first, each with its attempts in order."""
-    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
-    if after is not None:
-        query = query.where(WebhookDelivery.id < after)
-    rows = list(db.scalars(query.order_by(WebhookDelivery.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
+    its = WebhookDelivery.endpoint_id == endpoint.id
+    page, has_more = _newest_first(db, WebhookDelivery, its, limit=limit, after=after)
     attempts: dict[str, list[WebhookAttempt]] = defaultdict(list)
     for attempt in db.scalars(
         select(WebhookAttempt)
@@ -111,7 +104,18 @@ def list_deliveries(
         .order_by(WebhookAttempt.attempt)
     ):
         attempts[attempt.delivery_id].append(attempt)
-    return [(d, attempts[d.id]) for d in page], len(rows) > limit
+    return [(d, attempts[d.id]) for d in page], has_more
+
+
+def _newest_first(
+    db: Session, model: type[Row], belongs: Any, *, limit: int, after: str | None
+) -> tuple[list[Row], bool]:
+    """A cursor page of rows whose ids sort by creation time (tuneq.ids), newest first."""
+    query = select(model).where(belongs)
+    if after is not None:
+        query = query.where(model.id < after)
+    rows = list(db.scalars(query.order_by(model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def enqueue_job_event(
