@@ -4,6 +4,7 @@ before each attempt. The receiver is a real HTTP server on loopback."""
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import timedelta
 
@@ -11,9 +12,14 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.api_helpers import deployment
+from tests.stack import wait_for
 from tests.webhook_receiver import receiver
 from tuneq.db import db_now, make_engine, make_sessionmaker, transaction, utcnow
 from tuneq.ids import new_id
+from tuneq.jobs.lease import claim_job, reap_expired_leases
+from tuneq.jobs.models import Job
+from tuneq.jobs.service import cancel_job
+from tuneq.jobs.states import JobState
 from tuneq.teams.service import create_team
 from tuneq.webhooks.delivery import Outcome, claim_due, deliver_due, record_attempt
 from tuneq.webhooks.models import DeliveryState, WebhookAttempt, WebhookDelivery
@@ -36,10 +42,10 @@ def sessions(settings):
     engine.dispose()
 
 
-def _register(sessions, settings, url):
+def _register(sessions, settings, url, events=("job.cancelled",)):
     with transaction(sessions) as db:
         team = create_team(db=db, name=new_id("team"))
-    body = WebhookCreate(url=url, events=["job.cancelled"])
+    body = WebhookCreate(url=url, events=list(events))
     webhook = create_webhook(
         sessions=sessions, settings=settings, team=team, body=body, idempotency_key=None
     )
@@ -186,3 +192,53 @@ def test_redirects_are_not_followed(settings, sessions):
         ((delivery, attempts),), _ = list_deliveries(db=db, endpoint=endpoint, limit=10)
     assert attempts[0].status_code == 307 and attempts[0].error.startswith("HTTP 307")
     assert delivery.state == DeliveryState.PENDING  # a failed attempt, retried
+
+
+def _queued_job(sessions, team):
+    with transaction(sessions) as db:
+        job = Job(
+            id=new_id("job"),
+            team_id=team.id,
+            state=JobState.QUEUED,
+            model="tiny-llama",
+            queue="training",
+            task="causal_lm",
+            training_file_id="file-x",
+            spec={},
+            resolved={},
+            estimate={},
+            max_attempts=1,
+        )
+        db.add(job)
+    return job.id
+
+
+def _lease_expired(sessions, job_id):
+    """By the database's clock, which is what the reaper reads."""
+    with sessions() as db:
+        return db.scalar(select(Job.lease_expires_at < db_now()).where(Job.id == job_id))
+
+
+def _owed(sessions):
+    with sessions() as db:
+        return [(d.event_type, json.loads(d.body)) for d in db.scalars(select(WebhookDelivery))]
+
+
+def test_a_job_cancelled_while_queued_or_failed_by_the_reaper_is_owed(settings, sessions):
+    team, _ = _register(
+        sessions, settings, "http://127.0.0.1:9/hook", events=("job.cancelled", "job.failed")
+    )
+    cancelled = _queued_job(sessions, team)
+    cancel_job(sessions=sessions, team=team, job_id=cancelled)
+    ((event, payload),) = _owed(sessions)
+    assert event == payload["type"] == "job.cancelled"
+    assert payload["data"]["id"] == cancelled and payload["data"]["status"] == "cancelled"
+
+    lost = _queued_job(sessions, team)
+    with transaction(sessions) as db:
+        claim_job(db, job_id=lost, owner="w1", lease_ttl=0.2)
+    wait_for(lambda: _lease_expired(sessions, lost), timeout=30, what="the lease to expire")
+    with transaction(sessions) as db:
+        assert reap_expired_leases(db) == [(lost, JobState.FAILED)]
+    (event, payload), *_ = [o for o in _owed(sessions) if o[1]["data"]["id"] == lost]
+    assert event == "job.failed" and payload["data"]["error"]["code"] == "worker_lost"
