@@ -171,3 +171,33 @@ def test_a_deleted_endpoint_gets_nothing(stack, api, key):
         assert signature_is_valid(keep["secret"], request)
         assert deleted.received == []
     assert api.get(f"/webhooks/{gone['id']}/deliveries", headers=auth(key)).status_code == 404
+
+
+def test_a_running_job_cancelled_is_announced_by_its_worker(stack, api, key):
+    worker = stack.start("worker", "worker-cancel")
+    try:
+        with receiver() as hook:
+            webhook = _register(api, key, hook.url, "job.cancelled")
+            training = upload(api, key, TRAIN_ROWS * 10)
+            spec = job_spec(training)
+            spec["hyperparameters"] |= {"n_epochs": 50}
+            job_id = api.post("/jobs", headers=auth(key), json=spec).json()["id"]
+            wait_for(
+                lambda: (
+                    (api.get(f"/jobs/{job_id}", headers=auth(key)).json()["progress"] or {}).get(
+                        "step", 0
+                    )
+                    >= 1
+                ),
+                timeout=120,
+                what="the job to be training",
+            )
+            cancelling = api.post(f"/jobs/{job_id}/cancel", headers=auth(key)).json()
+            assert cancelling["status"] == "cancelling"  # the worker stops it and says so
+            (request,) = hook.wait_for(1)
+    finally:
+        stack.kill(worker, signal.SIGTERM)
+    assert signature_is_valid(webhook["secret"], request)
+    payload = request.json()
+    assert payload["type"] == "job.cancelled" and payload["data"]["id"] == job_id
+    assert payload["data"]["status"] == "cancelled" and payload["data"]["attempt"] == 1
