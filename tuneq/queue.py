@@ -89,6 +89,15 @@ def publish_run_job(app: Celery, job_id: str, queue: str = TRAINING_QUEUE) -> No
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
 
 
+def kick_webhook_delivery(app: Celery) -> None:
+    """Have beat's worker send what a job's end owes now, not at its next tick (the tick
+    is the backstop: a lost kick only waits for it)."""
+    try:
+        app.send_task(DELIVER_WEBHOOKS_TASK, queue=MAINTENANCE_QUEUE)
+    except Exception:  # noqa: BLE001 - the broker may be down; beat's schedule retries
+        log.warning("could not ask for webhook delivery; beat's schedule will send it")
+
+
 def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:
     """Publish unsent outbox rows, oldest first, each to its job's queue; the caller's
     transaction marks them sent."""

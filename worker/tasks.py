@@ -25,6 +25,7 @@ from tuneq.queue import (
     REAP_TASK,
     RELAY_TASK,
     RUN_JOB_TASK,
+    kick_webhook_delivery,
     make_celery,
     purge_sent,
     relay_outbox,
@@ -85,6 +86,7 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
         )
         outcome = runner.run(job_id)
         log.info("job %s: %s", job_id, outcome)
+        kick_webhook_delivery(app)  # the job's end, if it ended, is owed to its webhooks
         return outcome
 
     @app.task(name=RELAY_TASK, ignore_result=True)
