@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,10 +45,15 @@ class Receiver:
 
 
 @contextmanager
-def receiver(*statuses: int) -> Iterator[Receiver]:
-    """A receiver at http://127.0.0.1:<free port>/hook until the block ends."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    state = Receiver(f"http://127.0.0.1:{server.server_address[1]}/hook", list(statuses))
+def receiver(
+    *statuses: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+) -> Iterator[Receiver]:
+    """A receiver at http(s)://<host>:<free port>/hook until the block ends."""
+    server = ThreadingHTTPServer((host, 0), _Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls is not None else "http"
+    state = Receiver(f"{scheme}://{host}:{server.server_address[1]}/hook", list(statuses))
     server.state = state  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
