@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import metrics, openai, problems
 from api.deps import Reads
 from api.job_reads import open_job_reads
-from api.routes import files, health, job_events, jobs, models
+from api.routes import files, health, job_events, jobs, models, webhooks
 from peft_engine.models import load_registry
 from tuneq import __version__
 from tuneq.db import make_engine, make_sessionmaker
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     metrics.install(app)
     # Routes are matched in order: the jobs routes, which clients poll, are tried first.
-    for module in (jobs, job_events, files, models, health):
+    for module in (jobs, job_events, files, models, webhooks, health):
         app.include_router(module.router)
     openai.install(app)  # the OpenAI-compatible facade, under /openai/v1
     return app

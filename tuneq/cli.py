@@ -6,7 +6,7 @@
     tuneq migrate                      apply the database migrations
     tuneq api                          the HTTP control plane (uvicorn)
     tuneq worker                       a training worker (one job at a time)
-    tuneq beat                         the periodic relay and reaper (run exactly one)
+    tuneq beat                         the periodic relay, reaper and webhook deliveries (one)
     tuneq admin create-team NAME
     tuneq admin create-key --team NAME   prints the new key alone on its last line
 
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(run=_worker)
 
-    beat = commands.add_parser("beat", help="run the periodic outbox relay and lease reaper")
+    beat = commands.add_parser("beat", help="run the periodic outbox relay, lease reaper and webhook deliveries")
     beat.set_defaults(run=_beat)
 
     admin = commands.add_parser("admin", help="teams and API keys")

@@ -5,6 +5,7 @@ from tuneq.files.models import File
 from tuneq.idempotency.models import IdempotencyKey
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.teams.models import ApiKey, Team
+from tuneq.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
@@ -18,4 +19,7 @@ __all__ = [
     "JobMetric",
     "OutboxMessage",
     "Team",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 RUN_JOB_TASK = "tuneq.run_job"
 RELAY_TASK = "tuneq.relay_outbox"
 REAP_TASK = "tuneq.reap_expired_leases"
+DELIVER_WEBHOOKS_TASK = "tuneq.deliver_webhooks"
 TRAINING_QUEUE = "training"
 MAINTENANCE_QUEUE = "maintenance"
 
@@ -59,6 +60,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             RELAY_TASK: {"queue": MAINTENANCE_QUEUE},
             REAP_TASK: {"queue": MAINTENANCE_QUEUE},
+            DELIVER_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
         },
         beat_schedule={
             "relay-outbox": {
@@ -71,6 +73,11 @@ def make_celery(settings: Settings) -> Celery:
                 "schedule": settings.reaper_interval_seconds,
                 "options": {"expires": settings.reaper_interval_seconds * 2},
             },
+            "deliver-webhooks": {
+                "task": DELIVER_WEBHOOKS_TASK,
+                "schedule": settings.webhook_poll_seconds,
+                "options": {"expires": settings.webhook_poll_seconds * 2},
+            },
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -80,6 +87,15 @@ def make_celery(settings: Settings) -> Celery:
 
 def publish_run_job(app: Celery, job_id: str, queue: str = TRAINING_QUEUE) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+
+def kick_webhook_delivery(app: Celery) -> None:
+    """Have beat's worker send what a job's end owes now, not at its next tick (the tick
+    is the backstop: a lost kick only waits for it)."""
+    try:
+        app.send_task(DELIVER_WEBHOOKS_TASK, queue=MAINTENANCE_QUEUE)
+    except Exception:  # noqa: BLE001 - the broker may be down; beat's schedule retries
+        log.warning("could not ask for webhook delivery; beat's schedule will send it")
 
 
 def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:

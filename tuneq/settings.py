@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -122,8 +122,45 @@ class Settings(BaseSettings):
         "reconnects with Last-Event-ID",
     )
 
+    # Webhooks (tuneq.webhooks): delivered by beat's maintenance worker, never by the API.
+    webhook_poll_seconds: float = Field(
+        2.0, gt=0, description="how often beat sends the webhook deliveries that are due"
+    )
+    webhook_retry_schedule_seconds: Annotated[tuple[float, ...], NoDecode] = Field(
+        (5, 300, 1800, 7200, 18000, 36000, 36000),
+        description="waits before each retry of a failed webhook delivery, comma-separated "
+        "(each with up to 20% jitter); once spent, the delivery is failed",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="connect, send and read timeout of one webhook attempt"
+    )
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="hosts webhooks may target, comma-separated: exact names or "
+        "`*.example.com` (empty: any host whose addresses are public)",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="let webhooks target loopback, private, link-local and other "
+        "non-public addresses (a test or a closed network)",
+    )
+
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
+
+    @field_validator("webhook_retry_schedule_seconds", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule_seconds")
+    @classmethod
+    def _non_negative_waits(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(wait < 0 for wait in value):
+            raise ValueError("retry waits are seconds, 0 or more")
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> Settings:

@@ -43,10 +43,12 @@ from tuneq.files.models import File
 from tuneq.files.service import local_copy
 from tuneq.jobs.lease import Claim, claim_job, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
-from tuneq.jobs.schemas import ADAPTER_ARTIFACT, checkpoint_artifact_name
+from tuneq.jobs.schemas import ADAPTER_ARTIFACT, CheckpointPublic, checkpoint_artifact_name
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
+from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_CHECKPOINT, JOB_FAILED, JOB_SUCCEEDED
+from tuneq.webhooks.service import enqueue_job_event
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -255,14 +257,20 @@ class _Attempt:
             ):
                 self.heartbeat.lost.set()
                 return
-            db.add(
-                JobCheckpoint(
-                    job_id=self.claim.job_id,
-                    attempt=self.claim.attempt,
-                    step=step,
-                    storage_prefix=prefix,
-                    metrics={k: float(v) for k, v in metrics.items()},
-                )
+            checkpoint = JobCheckpoint(
+                job_id=self.claim.job_id,
+                attempt=self.claim.attempt,
+                step=step,
+                storage_prefix=prefix,
+                metrics={k: float(v) for k, v in metrics.items()},
+            )
+            db.add(checkpoint)
+            db.flush()
+            enqueue_job_event(
+                db,
+                job_id=self.claim.job_id,
+                event_type=JOB_CHECKPOINT,
+                checkpoint=CheckpointPublic.of(checkpoint).model_dump(mode="json"),
             )
             self._add_artifact(db, checkpoint_artifact_name(step), "checkpoint", step,
                                artifact_key, size, digest)  # fmt: skip
@@ -288,6 +296,7 @@ class _Attempt:
                 return "lease lost before the result was recorded"
             self._add_artifact(db, ADAPTER_ARTIFACT, "adapter", None, key, size, digest)
             db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
+            enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_SUCCEEDED)
         return "succeeded"
 
     def _stopped(self) -> str:
@@ -310,6 +319,8 @@ class _Attempt:
                 db.add(self._event_row("info", message))
                 if target == JobState.QUEUED:
                     db.add(OutboxMessage(job_id=self.claim.job_id))
+                elif target == JobState.CANCELLED:
+                    enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_CANCELLED)
         return message
 
     def _fail(self, code: str, message: str, param: str | None) -> None:
@@ -324,6 +335,7 @@ class _Attempt:
                 lease_expires_at=None,
             ):
                 db.add(self._event_row("error", f"job failed: {message}", {"code": code}))
+                enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_FAILED)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The Celery tasks. Each takes ids only, re-reads the world, and is safe to run twice.
 
 `run_job` is on the training queue (one job at a time per worker process, late acks,
-prefetch 1); the relay and the reaper are periodic (Celery beat) on the maintenance queue.
+prefetch 1); the relay, the reaper and webhook delivery are periodic (Celery beat) on the
+maintenance queue.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.idempotency.service import purge_expired
 from tuneq.jobs.lease import reap_expired_leases
 from tuneq.queue import (
+    DELIVER_WEBHOOKS_TASK,
     REAP_TASK,
     RELAY_TASK,
     RUN_JOB_TASK,
+    kick_webhook_delivery,
     make_celery,
     purge_sent,
     relay_outbox,
@@ -30,6 +33,7 @@ from tuneq.queue import (
 )
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore, open_store
+from tuneq.webhooks.delivery import deliver_due
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
         )
         outcome = runner.run(job_id)
         log.info("job %s: %s", job_id, outcome)
+        kick_webhook_delivery(app)  # the job's end, if it ended, is owed to its webhooks
         return outcome
 
     @app.task(name=RELAY_TASK, ignore_result=True)
@@ -102,6 +107,10 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
         with transaction(context.sessions) as db:
             relay_outbox(db, app)
         return len(moved)
+
+    @app.task(name=DELIVER_WEBHOOKS_TASK, ignore_result=True)
+    def deliver_webhooks() -> int:
+        return deliver_due(context.sessions, settings)
 
 
 def create_worker_app(settings: Settings | None = None) -> Celery:

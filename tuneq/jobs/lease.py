@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 from tuneq.db import db_now, seconds_from_now
 from tuneq.jobs.models import Job, JobEvent, OutboxMessage
 from tuneq.jobs.states import LEASED, JobState, move_to
+from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_FAILED
+from tuneq.webhooks.service import enqueue_job_event
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
             continue  # a move the table refuses: nothing written, nothing to tell
         if target == JobState.QUEUED:
             db.add(OutboxMessage(job_id=job.id))
+        else:
+            ended = JOB_CANCELLED if target == JobState.CANCELLED else JOB_FAILED
+            enqueue_job_event(db, job_id=job.id, event_type=ended)
         db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message))
         moved.append((job.id, target))
     return moved

@@ -32,6 +32,8 @@ from tuneq.queue import relay_now
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
+from tuneq.webhooks.schemas import JOB_CANCELLED
+from tuneq.webhooks.service import enqueue_job_event
 
 SUBMIT = "POST /jobs"  # the use case's name under an Idempotency-Key
 # How a use case publishes after its commit: runs a function with its arguments once the
@@ -177,6 +179,7 @@ def _cancel(db: Session, job: Job) -> None:
     if job.state in (JobState.QUEUED, JobState.PAUSED):
         _transition(db, job, JobState.CANCELLED, finished=True, cancel_requested=True)
         _event(db, job, "cancelled before it ran" if job.attempt == 0 else "cancelled")
+        enqueue_job_event(db, job_id=job.id, event_type=JOB_CANCELLED)
     elif job.state == JobState.RUNNING:
         _transition(db, job, JobState.CANCELLING, cancel_requested=True)
         _event(db, job, "cancel requested; the worker stops within two heartbeats")
