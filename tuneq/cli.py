@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(run=_worker)
 
-    beat = commands.add_parser("beat", help="run the periodic outbox relay, lease reaper and webhook deliveries")
+    beat = commands.add_parser(
+        "beat", help="run the periodic outbox relay, lease reaper and webhook deliveries"
+    )
     beat.set_defaults(run=_beat)
 
     admin = commands.add_parser("admin", help="teams and API keys")

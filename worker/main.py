@@ -39,7 +39,7 @@ def run_worker(settings: Settings, *, queues: str, name: str | None = None) -> N
 
 
 def run_beat(settings: Settings) -> None:
-    """The periodic outbox relay and lease reaper (run exactly one), until stopped."""
+    """The periodic outbox relay, lease reaper and webhook deliveries (run exactly one)."""
     app = create_worker_app(settings)
     app.worker_main(
         [
