@@ -109,6 +109,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
 
+    # The user's side: the API that the `tuneq files|jobs|models` commands and the SDK
+    # (tuneq.client.Client) call, and their key; `tuneq up` prints both.
+    url: str | None = Field(
+        None, description="API the user commands and SDK call, e.g. http://127.0.0.1:8000"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key the user commands and SDK send (never logged)"
+    )
+
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> Settings:
         if self.environment == "production":
