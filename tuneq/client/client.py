@@ -82,16 +82,18 @@ class Files:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
-    def upload(self, path: str | Path, *, purpose: str = "fine-tune") -> File:
-        """Upload a dataset, streamed from disk; a file that fails validation raises
-        TuneqAPIError whose `errors` name the lines at fault."""
+    def upload(
+        self, path: str | Path, *, purpose: str = "fine-tune", filename: str | None = None
+    ) -> File:
+        """Upload a dataset, streamed from disk (under `filename`, default the path's name);
+        a file that fails validation raises TuneqAPIError whose `errors` name the lines."""
         path = Path(path)
         with path.open("rb") as content:
             body = self.transport.json(
                 "POST",
                 "/files",
                 create=True,
-                files={"file": (path.name, content)},
+                files={"file": (filename or path.name, content)},
                 data={"purpose": purpose},
             )
         return File.of(body)
