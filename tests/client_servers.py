@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from tests.service_fixtures import make_settings, migrate, new_team_key
 from tuneq.settings import Settings
 
 
@@ -39,6 +41,17 @@ def serve_app(settings: Settings) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def sdk_deployment(home: Path, registry: Path, *teams: str) -> Iterator[tuple[str, list[str]]]:
+    """A migrated SQLite deployment under `home`, its API served over HTTP: (URL, a key for
+    each team named)."""
+    settings = make_settings(home, model_registry=str(registry))
+    migrate(settings)
+    keys = [new_team_key(settings, team) for team in teams]
+    with serve_app(settings) as url:
+        yield url, keys
 
 
 @dataclass

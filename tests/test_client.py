@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from tests.api_helpers import TRAIN_ROWS, job_spec, jsonl
-from tests.client_servers import Peer, Seen, send, serve_app
-from tests.service_fixtures import make_settings, migrate, new_team_key
+from tests.client_servers import Peer, Seen, sdk_deployment, send
 from tuneq.client import (
     Client,
     Estimate,
@@ -32,10 +31,8 @@ from tuneq.client import (
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_registry_file):
     """The real app over HTTP on a migrated SQLite deployment, and two teams' keys."""
-    settings = make_settings(tmp_path_factory.mktemp("sdk"), model_registry=str(tiny_registry_file))
-    migrate(settings)
-    keys = [new_team_key(settings, team) for team in ("sdk", "other")]
-    with serve_app(settings) as url:
+    home = tmp_path_factory.mktemp("sdk")
+    with sdk_deployment(home, tiny_registry_file, "sdk", "other") as (url, keys):
         yield url, keys
 
 
