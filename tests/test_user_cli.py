@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
 
 from tests.api_helpers import job_spec
 from tests.conftest import chat, logits_from_plain_peft, write_jsonl
-from tests.service_fixtures import run_cli
+from tests.service_fixtures import cli_env, run_cli
 from tests.stack import Stack, production_services, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -198,3 +200,20 @@ def test_usage_and_api_errors_exit_2_with_one_clear_line(tuneq, tmp_path):
     assert not_found.stderr.strip() == "error: no job 'job-nope' (not_found, HTTP 404)"
     bad_set = tuneq("jobs", "create", "--model", "tiny-llama", "--set", "method.r")
     assert bad_set.returncode == 2 and "expected PATH=VALUE" in bad_set.stderr
+
+
+NO_TORCH = """
+import sys
+from tuneq.cli import main
+code = main(["jobs", "list"])
+print(code, sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+"""
+
+
+def test_the_user_commands_never_load_torch(deployment):
+    home, url, key = deployment
+    env = cli_env(home, TUNEQ_URL=url, TUNEQ_API_KEY=key)
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr

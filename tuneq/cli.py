@@ -1,4 +1,4 @@
-"""`tuneq`: run the parts of the service and administer it.
+"""`tuneq`: run the parts of the service, administer it, and use it (files, models, jobs).
 
     tuneq up                           the embedded stack in the background; prints URL and key
     tuneq down                         stops it

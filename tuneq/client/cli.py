@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def _run(handler: Handler, settings: Any, args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
     except TuneqAPIError as err:
         output.problem(err)
-    except (OSError, ValueError) as err:  # a local file missing or unreadable, a bad --set
+    except (OSError, ValueError, tarfile.TarError) as err:  # a local file, a bad --set
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
