@@ -22,12 +22,15 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneq.client.client import Client
 from tuneq.client.errors import MissingSetting, TuneqAPIError
 from tuneq.client.render import Output
 from tuneq.client.types import Job
+
+if TYPE_CHECKING:
+    from tuneq.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = __doc__.split("for scripts:\n\n")[1].split("\n\n")[0]
@@ -119,7 +122,7 @@ def _create_options(parser: Any) -> None:
     parser.add_argument("--follow", action="store_true", help="then follow it until it ends")
 
 
-def _run(handler: Handler, settings: Any, args: argparse.Namespace) -> int:
+def _run(handler: Handler, settings: Settings, args: argparse.Namespace) -> int:
     """Run one user command; errors become a message on stderr and exit code 2."""
     output = Output(as_json=args.json)
     try:
