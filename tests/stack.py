@@ -14,11 +14,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.infra import (
+    drop_postgres_database,
+    fresh_postgres_database,
+    postgres_url,
+    redis_url,
+    require,
+)
+from tests.s3server import s3_client, start_moto_server
 from tests.service_fixtures import api_client, make_settings, migrate, new_team_key
 from tuneq.settings import Settings
 
@@ -84,6 +93,29 @@ class Stack:
     def log(self, name: str) -> str:
         path = self.home / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextmanager
+def production_services(bucket: str) -> Iterator[dict[str, Any]]:
+    """A fresh PostgreSQL database, Redis, and an S3 server (moto) with `bucket`: the
+    settings overrides of a production deployment on them. The database and server go
+    at exit."""
+    database = fresh_postgres_database(require(postgres_url))
+    server, endpoint = start_moto_server()
+    try:
+        s3_client(endpoint).create_bucket(Bucket=bucket)
+        yield {
+            "database_url": database,
+            "broker_url": require(redis_url),
+            "store": "s3",
+            "s3_endpoint_url": endpoint,
+            "s3_bucket": bucket,
+            "s3_access_key_id": "testing",
+            "s3_secret_access_key": "testing",
+        }
+    finally:
+        server.stop()
+        drop_postgres_database(database)
 
 
 def wait_for(

@@ -7,6 +7,7 @@ mocked; the model is a tiny random Llama so that training takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
@@ -17,16 +18,8 @@ import pytest
 
 from tests.api_helpers import job_spec, jsonl
 from tests.conftest import chat, logits_from_plain_peft
-from tests.infra import (
-    drop_postgres_database,
-    fresh_postgres_database,
-    postgres_url,
-    redis_url,
-    require,
-)
-from tests.s3server import s3_client, start_moto_server
 from tests.service_fixtures import auth
-from tests.stack import Stack, wait_for
+from tests.stack import Stack, production_services, wait_for
 from tuneq.queue import make_celery, publish_run_job
 
 pytestmark = pytest.mark.e2e
@@ -45,29 +38,14 @@ def stack(request, tmp_path_factory, tiny_registry_file):
         "relay_interval_seconds": 1.0,
         "estimated_tokens_per_second": 1000.0,
     }
-    cleanup = []
-    if request.param == "production":
-        database = fresh_postgres_database(require(postgres_url))
-        cleanup.append(lambda: drop_postgres_database(database))
-        server, endpoint = start_moto_server()
-        cleanup.append(server.stop)
-        overrides |= {
-            "database_url": database,
-            "broker_url": require(redis_url),
-            "store": "s3",
-            "s3_endpoint_url": endpoint,
-            "s3_bucket": "tuneq-e2e",
-            "s3_access_key_id": "testing",
-            "s3_secret_access_key": "testing",
-        }
-        s3_client(endpoint).create_bucket(Bucket="tuneq-e2e")
-    deployment = Stack(request.param, home, overrides)
-    deployment.setup()
-    deployment.start("beat")
-    yield deployment
-    deployment.stop_all()
-    for step in reversed(cleanup):
-        step()
+    with contextlib.ExitStack() as services:
+        if request.param == "production":
+            overrides |= services.enter_context(production_services("tuneq-e2e"))
+        deployment = Stack(request.param, home, overrides)
+        deployment.setup()
+        deployment.start("beat")
+        yield deployment
+        deployment.stop_all()
 
 
 @pytest.fixture(scope="module")

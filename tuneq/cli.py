@@ -1,4 +1,4 @@
-"""`tuneq`: run the parts of the service and administer it.
+"""`tuneq`: run the parts of the service, administer it, and use it (files, models, jobs).
 
     tuneq up                           the embedded stack in the background; prints URL and key
     tuneq down                         stops it
@@ -9,6 +9,10 @@
     tuneq beat                         the periodic relay, reaper and webhook deliveries (one)
     tuneq admin create-team NAME
     tuneq admin create-key --team NAME   prints the new key alone on its last line
+
+A user's commands (TUNEQ_URL, TUNEQ_API_KEY; `--json` on each; `tuneq jobs -h`):
+    tuneq files upload|list|get|delete     tuneq models list
+    tuneq jobs create|list|get|follow|cancel|pause|resume|events|metrics|checkpoints|download
 
 Settings come from TUNEQ_* environment variables (see the README's configuration table).
 """
@@ -22,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tuneq.client.cli import register_user_commands
 from tuneq.errors import TuneqError
 from tuneq.settings import Settings
 
@@ -89,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     key = admin_commands.add_parser("create-key", help="create an API key for a team")
     key.add_argument("--team", required=True)
     key.set_defaults(run=_create_key)
+
+    register_user_commands(commands)
     return parser
 
 

@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
 
+    # The user's side: the API that the `tuneq files|jobs|models` commands and the SDK
+    # (tuneq.client.Client) call, and their key; `tuneq up` prints both.
+    url: str | None = Field(
+        None, description="API the user commands and SDK call, e.g. http://127.0.0.1:8000"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key the user commands and SDK send (never logged)"
+    )
+
     @field_validator("webhook_retry_schedule_seconds", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

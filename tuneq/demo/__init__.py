@@ -13,18 +13,16 @@ with "Yo ho ho!". A hundred-odd steps of LoRA are enough for the habit to show.
 from __future__ import annotations
 
 import contextlib
-import io
-import tarfile
 import textwrap
 import time
-from importlib.resources import files
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from peft_engine.hooks import Event
 from peft_engine.progress import ConsoleProgress, format_duration
+from tuneq.client import Client, Job, TuneqAPIError
+from tuneq.client.client import ADAPTER
+from tuneq.client.progress import draw_event
 from tuneq.embedded import EmbeddedStack, local_key
 from tuneq.settings import Settings
 
@@ -62,16 +60,13 @@ def run_demo(settings: Settings) -> int:
     job_id = None
     try:
         stack.wait_ready()
-        key = local_key(settings, "demo")
-        client = httpx.Client(
-            base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=300
-        )
+        client = Client(stack.url, local_key(settings, "demo"))
         print(f"API ready at {stack.url} (docs: {stack.url}/docs); team 'demo', a new key")
         job = _submit(client)
-        job_id = job["id"]
+        job_id = job.id
         job = _follow(client, job_id)
-        if job["status"] != "succeeded":
-            print(f"\nthe job ended {job['status']}: {job.get('error')}")
+        if job.status != "succeeded":
+            print(f"\nthe job ended {job.status}: {job.error}")
             return 1
         adapter = _download(client, job_id, stack.home / "demo" / job_id)
         _compare(job, adapter, settings)
@@ -92,84 +87,65 @@ def run_demo(settings: Settings) -> int:
         print(f"  logs      {stack.logs}")
 
 
-def _cancel(client: httpx.Client, job_id: str) -> None:
+def _cancel(client: Client, job_id: str) -> None:
     """Cancel the job and wait for the worker to stop it, so it ends `cancelled`."""
-    with contextlib.suppress(httpx.HTTPError):
-        client.post(f"/jobs/{job_id}/cancel")
+    with contextlib.suppress(TuneqAPIError):
+        client.jobs.cancel(job_id)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if client.get(f"/jobs/{job_id}").json()["status"] in ("cancelled", "failed"):
+            if client.jobs.get(job_id).status in ("cancelled", "failed"):
                 return
             time.sleep(0.5)
 
 
-def _submit(client: httpx.Client) -> dict[str, Any]:
-    data = files("tuneq.demo") / "data"
+def _submit(client: Client) -> Job:
     ids = {}
     for name in ("train", "validation"):
-        content = (data / f"{name}.jsonl").read_bytes()
-        response = client.post("/files", files={"file": (f"pirate-{name}.jsonl", content)})
-        response.raise_for_status()
-        ids[name] = uploaded = response.json()
-        print(f"uploaded {uploaded['filename']}: {uploaded['examples']} {uploaded['format']} "
-              f"examples ({uploaded['id']})")  # fmt: skip
-    spec = SPEC | {"training_file": ids["train"]["id"], "validation_file": ids["validation"]["id"]}
-    response = client.post("/jobs", json=spec)
-    response.raise_for_status()
-    job = response.json()
-    estimate = job["estimate"]
+        with as_file(files("tuneq.demo") / "data" / f"{name}.jsonl") as path:
+            ids[name] = uploaded = client.files.upload(path, filename=f"pirate-{name}.jsonl")
+        print(f"uploaded {uploaded.filename}: {uploaded.examples} {uploaded.format} "
+              f"examples ({uploaded.id})")  # fmt: skip
+    spec = SPEC | {"training_file": ids["train"].id, "validation_file": ids["validation"].id}
+    job = client.jobs.create(spec)
+    estimate = job.estimate or {}
     how = "" if estimate["tokens_exact"] else " (guessed from characters until the model is cached)"
     print(
-        f"created {job['id']}: LoRA r=16 on {MODEL}, {estimate['total_steps']} steps, "
+        f"created {job.id}: LoRA r=16 on {MODEL}, {estimate['total_steps']} steps, "
         f"~{estimate['trained_tokens']:,} tokens{how}"
     )
     return job
 
 
-def _follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
+def _follow(client: Client, job_id: str) -> Job:
     """Draw the job's progress from its events until it ends."""
     progress = ConsoleProgress()
-    after = None
-    while True:
-        params: dict[str, Any] = {"limit": 100} | ({"after": after} if after is not None else {})
-        page = client.get(f"/jobs/{job_id}/events", params=params).json()
-        for event in page["data"]:
-            after = event["id"]
-            if event["type"] == "metrics":
-                progress.on_metrics(event["data"]["step"], event["data"])
-            else:
-                progress.on_event(Event(event["level"], event["message"]))
-        if page["has_more"]:
-            continue
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(1.0)
+    following = client.jobs.follow(job_id)
+    for event in following:
+        draw_event(progress, event)
+    assert following.job is not None  # the events end only once the job has
+    return following.job
 
 
-def _download(client: httpx.Client, job_id: str, target: Path) -> Path:
-    response = client.get(f"/jobs/{job_id}/artifacts/adapter.tar.gz", follow_redirects=True)
-    response.raise_for_status()
-    adapter = target / "adapter"
-    adapter.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
-        archive.extractall(adapter, filter="data")
-    print(f"downloaded the adapter ({len(response.content) / 1e6:.1f} MB) to {adapter}")
+def _download(client: Client, job_id: str, target: Path) -> Path:
+    adapter = client.jobs.download(job_id, out=target / "adapter")
+    size = next(a.bytes for a in client.jobs.artifacts(job_id) if a.name == ADAPTER)
+    print(f"downloaded the adapter ({size / 1e6:.1f} MB) to {adapter}")
     return adapter
 
 
-def _compare(job: dict[str, Any], adapter: Path, settings: Settings) -> None:
+def _compare(job: Job, adapter: Path, settings: Settings) -> None:
     from peft_engine.generate import Answerer
     from peft_engine.models import load_registry
     from peft_engine.progress import quiet_library_output
 
     quiet_library_output()
 
-    metrics = job["result"]["metrics"]
+    result = job.result or {}
+    metrics = result["metrics"]
     before, after = metrics["initial"]["eval_loss"], metrics["best"]["eval_loss"]
     print(
         f"\neval loss on the held-out validation file: {before:.3f} (base model) -> "
-        f"{after:.3f} (tuned, step {job['result']['best_step']})"
+        f"{after:.3f} (tuned, step {result['best_step']})"
     )
     answerer = Answerer(
         MODEL,
@@ -179,7 +155,7 @@ def _compare(job: dict[str, Any], adapter: Path, settings: Settings) -> None:
     )
     width = 46
     print("\nQuestions the training data never asked, answered greedily:\n")
-    print(f"{'base model':<{width}} | tuned ({job['id']})")
+    print(f"{'base model':<{width}} | tuned ({job.id})")
     print(f"{'-' * width}-+-{'-' * width}")
     for prompt in HELD_OUT:
         base = textwrap.wrap(answerer.answer(prompt, tuned=False), width)
