@@ -163,7 +163,7 @@ def deployment(tmp_path_factory, tiny_registry_file):
 
 
 def test_follow_on_the_real_api_sees_each_event_live_then_the_ended_job(deployment, tmp_path):
-    """With the stream route or without it (then it polls), the same events in order."""
+    """The real stream route, read live: each event once, in order, then the ended job."""
     url, key = deployment
     train = tmp_path / "train.jsonl"
     train.write_bytes(jsonl(TRAIN_ROWS))
@@ -181,5 +181,6 @@ def test_follow_on_the_real_api_sees_each_event_live_then_the_ended_job(deployme
         assert seen[0].startswith("job created: ")
         assert seen[1:] == ["paused", "resumed; queued again", "cancelled before it ran"]
         assert following.job is not None and following.job.status == "cancelled"
+        assert following.streamed  # from GET /jobs/{id}/events/stream, not polling
         listed = client.jobs.events(job.id).data
         assert [e.message for e in listed] == seen
