@@ -19,8 +19,12 @@ import httpx
 from fastapi.testclient import TestClient
 
 from tuneq.db import make_engine, make_sessionmaker, transaction
+from tuneq.ids import new_id
+from tuneq.jobs.models import Job
+from tuneq.jobs.states import JobState
 from tuneq.migrate import upgrade
 from tuneq.settings import Settings
+from tuneq.teams.models import Team
 from tuneq.teams.service import create_key, create_team
 
 
@@ -45,6 +49,38 @@ def new_team_key(settings: Settings, team_name: str) -> str:
         return key
     finally:
         engine.dispose()
+
+
+def insert_job(
+    sessions: Any,
+    *,
+    team_id: str | None = None,
+    state: JobState = JobState.QUEUED,
+    max_attempts: int = 2,
+) -> str:
+    """A job's row with no files behind it (in a new team unless one is named), for tests of
+    what happens to rows: leases, events, deliveries."""
+    with transaction(sessions) as db:
+        if team_id is None:
+            team = Team(id=new_id("team"), name=new_id("t"))
+            db.add(team)
+            db.flush()
+            team_id = team.id
+        job = Job(
+            id=new_id("job"),
+            team_id=team_id,
+            state=state,
+            model="tiny-llama",
+            queue="training",
+            task="causal_lm",
+            training_file_id="file-x",
+            spec={},
+            resolved={},
+            estimate={},
+            max_attempts=max_attempts,
+        )
+        db.add(job)
+        return job.id
 
 
 def api_client(settings: Settings) -> TestClient:

@@ -16,12 +16,10 @@ import pytest
 from sqlalchemy import select, text
 
 from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
-from tests.service_fixtures import make_settings, migrate
+from tests.service_fixtures import insert_job, make_settings, migrate
 from tuneq.db import make_engine, make_sessionmaker, transaction
-from tuneq.ids import new_id
-from tuneq.jobs.models import Job, JobEvent
+from tuneq.jobs.models import JobEvent
 from tuneq.jobs.states import JobState
-from tuneq.teams.models import Team
 
 
 @pytest.fixture
@@ -33,28 +31,6 @@ def sessions(tmp_path):
     yield make_sessionmaker(engine)
     engine.dispose()
     drop_postgres_database(url)
-
-
-def _job(sessions) -> str:
-    with transaction(sessions) as db:
-        team = Team(id=new_id("team"), name=new_id("t"))
-        db.add(team)
-        db.flush()
-        job = Job(
-            id=new_id("job"),
-            team_id=team.id,
-            state=JobState.RUNNING,
-            model="tiny-llama",
-            queue="training",
-            task="causal_lm",
-            training_file_id="file-x",
-            spec={},
-            resolved={},
-            estimate={},
-            max_attempts=3,
-        )
-        db.add(job)
-        return job.id
 
 
 def _event(job_id: str, message: str) -> JobEvent:
@@ -73,7 +49,7 @@ def _waiting_for_a_lock(sessions) -> bool:
 
 
 def test_a_later_writer_of_a_jobs_events_waits_for_the_earlier_one_to_commit(sessions):
-    job_id = _job(sessions)
+    job_id = insert_job(sessions, state=JobState.RUNNING)
     first = sessions()
     first.begin()
     first.add(_event(job_id, "worker: step 7"))

@@ -12,13 +12,11 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
-from tests.service_fixtures import make_settings, migrate
+from tests.service_fixtures import insert_job, make_settings, migrate
 from tuneq.db import make_engine, make_sessionmaker, transaction
-from tuneq.ids import new_id
 from tuneq.jobs.lease import claim_job, fenced_update, reap_expired_leases, renew_lease
 from tuneq.jobs.models import Job, OutboxMessage
 from tuneq.jobs.states import JobState
-from tuneq.teams.models import Team
 
 SHORT = 0.3  # seconds: a lease that expires while the test waits
 
@@ -39,28 +37,6 @@ def sessions(request, tmp_path):
         drop_postgres_database(url)
 
 
-def _job(sessions, *, max_attempts=2) -> str:
-    with transaction(sessions) as db:
-        team = Team(id=new_id("team"), name=new_id("t"))
-        db.add(team)
-        db.flush()
-        job = Job(
-            id=new_id("job"),
-            team_id=team.id,
-            state=JobState.QUEUED,
-            model="tiny-llama",
-            queue="training",
-            task="causal_lm",
-            training_file_id="file-x",
-            spec={},
-            resolved={},
-            estimate={},
-            max_attempts=max_attempts,
-        )
-        db.add(job)
-        return job.id
-
-
 def _claim(sessions, job_id, owner="w1", ttl=30.0):
     with transaction(sessions) as db:
         return claim_job(db, job_id=job_id, owner=owner, lease_ttl=ttl)
@@ -79,7 +55,7 @@ def _reap(sessions):
 
 
 def test_only_one_claim_wins_while_the_lease_holds(sessions):
-    job_id = _job(sessions)
+    job_id = insert_job(sessions)
     first = _claim(sessions, job_id, "w1")
     assert first is not None and first.attempt == 1 and first.fence == 1
     assert _claim(sessions, job_id, "w2") is None  # a duplicate message: dropped
@@ -89,7 +65,7 @@ def test_only_one_claim_wins_while_the_lease_holds(sessions):
 
 
 def test_an_expired_lease_is_claimed_again_and_fences_out_the_old_owner(sessions):
-    job_id = _job(sessions, max_attempts=3)
+    job_id = insert_job(sessions, max_attempts=3)
     old = _claim(sessions, job_id, "w1", ttl=SHORT)
     time.sleep(SHORT + 0.3)
     new = _claim(sessions, job_id, "w2")
@@ -109,7 +85,7 @@ def test_an_expired_lease_is_claimed_again_and_fences_out_the_old_owner(sessions
 
 
 def test_renewal_reports_cancel_and_pause_requests(sessions):
-    job_id = _job(sessions)
+    job_id = insert_job(sessions)
     claim = _claim(sessions, job_id)
     with transaction(sessions) as db:
         db.get(Job, job_id).cancel_requested = True
@@ -119,7 +95,7 @@ def test_renewal_reports_cancel_and_pause_requests(sessions):
 
 
 def test_the_reaper_requeues_then_fails_with_worker_lost(sessions):
-    job_id = _job(sessions, max_attempts=2)
+    job_id = insert_job(sessions, max_attempts=2)
     _claim(sessions, job_id, ttl=SHORT)
     assert _reap(sessions) == []  # the lease still holds
     time.sleep(SHORT + 0.3)
@@ -139,7 +115,7 @@ def test_the_reaper_requeues_then_fails_with_worker_lost(sessions):
 
 
 def test_a_cancel_requested_job_whose_worker_died_ends_cancelled(sessions):
-    job_id = _job(sessions)
+    job_id = insert_job(sessions)
     _claim(sessions, job_id, ttl=SHORT)
     with transaction(sessions) as db:
         job = db.get(Job, job_id)

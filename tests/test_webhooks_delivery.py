@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.api_helpers import deployment
+from tests.service_fixtures import insert_job
 from tests.stack import wait_for
 from tests.webhook_receiver import receiver
 from tuneq.db import db_now, make_engine, make_sessionmaker, transaction, utcnow
@@ -199,25 +200,6 @@ def test_redirects_are_not_followed(settings, sessions):
     assert delivery.state == DeliveryState.PENDING  # a failed attempt, retried
 
 
-def _queued_job(sessions, team):
-    with transaction(sessions) as db:
-        job = Job(
-            id=new_id("job"),
-            team_id=team.id,
-            state=JobState.QUEUED,
-            model="tiny-llama",
-            queue="training",
-            task="causal_lm",
-            training_file_id="file-x",
-            spec={},
-            resolved={},
-            estimate={},
-            max_attempts=1,
-        )
-        db.add(job)
-    return job.id
-
-
 def _lease_expired(sessions, job_id):
     """By the database's clock, which is what the reaper reads."""
     with sessions() as db:
@@ -233,13 +215,13 @@ def test_a_job_cancelled_while_queued_or_failed_by_the_reaper_is_owed(settings, 
     team, _ = _register(
         sessions, settings, "http://127.0.0.1:9/hook", events=("job.cancelled", "job.failed")
     )
-    cancelled = _queued_job(sessions, team)
+    cancelled = insert_job(sessions, team_id=team.id, max_attempts=1)
     cancel_job(sessions=sessions, team=team, job_id=cancelled)
     ((event, payload),) = _owed(sessions)
     assert event == payload["type"] == "job.cancelled"
     assert payload["data"]["id"] == cancelled and payload["data"]["status"] == "cancelled"
 
-    lost = _queued_job(sessions, team)
+    lost = insert_job(sessions, team_id=team.id, max_attempts=1)
     with transaction(sessions) as db:
         claim_job(db, job_id=lost, owner="w1", lease_ttl=0.2)
     wait_for(lambda: _lease_expired(sessions, lost), timeout=30, what="the lease to expire")
