@@ -106,7 +106,7 @@ def _create_options(parser: Any) -> None:
     parser.add_argument("--model", help="a base model (`tuneq models list`)")
     parser.add_argument("--training-file", help="a file id, or a local path uploaded first")
     parser.add_argument("--validation-file", help="a file id, or a local path uploaded first")
-    parser.add_argument("--method", help="method.type: lora, dora, ia3, ... (default: lora)")
+    parser.add_argument("--method", help="method.type: lora, ia3, full, ... (`tuneq models list`)")
     parser.add_argument("--task", help="causal_lm, seq_classification, token_classification")
     parser.add_argument("--suffix", help="a name for the adapter")
     parser.add_argument(
