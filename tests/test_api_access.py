@@ -30,6 +30,9 @@ PUBLIC_PATHS = frozenset(
 )
 MISSING_FILE = "file-" + "0" * 26
 MISSING_JOB = "job-" + "0" * 26
+MISSING_WEBHOOK = "wh-" + "0" * 26
+# A public address, so registration passes the SSRF checks without resolving a name.
+WEBHOOK_URL = "https://8.8.8.8/hook"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ ENDPOINTS = [
     Endpoint("GET", "/jobs/{job_id}/artifacts/{name}", "object", 404),  # the job never ran
     Endpoint("GET", "/models", "catalogue"),
     Endpoint("GET", "/models/{model_id}", "catalogue"),
+    Endpoint("POST", "/webhooks", "collection"),
+    Endpoint("GET", "/webhooks", "collection"),
+    Endpoint("GET", "/webhooks/{webhook_id}", "object", 200),
+    Endpoint("GET", "/webhooks/{webhook_id}/deliveries", "object", 200),
+    Endpoint("DELETE", "/webhooks/{webhook_id}", "object"),
 ]
 BY_ID = {str(e): e for e in ENDPOINTS}
 
@@ -107,11 +115,15 @@ class World:
     key_b: str
     file_a: str
     job_a: str
+    webhook_a: str
 
-    def path(self, endpoint: Endpoint, *, file_id: str = "", job_id: str = "") -> str:
+    def path(
+        self, endpoint: Endpoint, *, file_id: str = "", job_id: str = "", webhook_id: str = ""
+    ) -> str:
         return endpoint.path.format(
             file_id=file_id or self.file_a,
             job_id=job_id or self.job_a,
+            webhook_id=webhook_id or self.webhook_a,
             model_id="tiny-llama",
             name="adapter.tar.gz",
         )
@@ -123,6 +135,8 @@ class World:
             kwargs["files"] = {"file": ("b.jsonl", jsonl(TRAIN_ROWS))}
         elif str(endpoint) == "POST /jobs":
             kwargs["json"] = job_spec(ids.get("file_id") or self.file_a)
+        elif str(endpoint) == "POST /webhooks":
+            kwargs["json"] = {"url": WEBHOOK_URL, "events": ["job.succeeded"]}
         return self.client.request(endpoint.method, self.path(endpoint, **ids), **kwargs)
 
     def assert_team_a_untouched(self) -> None:
@@ -134,6 +148,8 @@ class World:
         assert [(j["id"], j["status"]) for j in jobs] == [(self.job_a, "queued")]
         content = self.client.get(f"/files/{self.file_a}/content", headers=a)
         assert content.status_code == 200 and content.content == jsonl(TRAIN_ROWS)
+        webhooks = self.client.get("/webhooks", headers=a).json()["data"]
+        assert [w["id"] for w in webhooks] == [self.webhook_a]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -145,7 +161,13 @@ def world(request, tmp_path_factory, tiny_registry_file) -> Iterator[World]:
             file_a = upload(client, key_a, TRAIN_ROWS)
             created = client.post("/jobs", headers=auth(key_a), json=job_spec(file_a))
             assert created.status_code == 201, created.text
-            yield World(client, key_a, key_b, file_a, created.json()["id"])
+            webhook = client.post(
+                "/webhooks",
+                headers=auth(key_a),
+                json={"url": WEBHOOK_URL, "events": ["job.succeeded"]},
+            )
+            assert webhook.status_code == 201, webhook.text
+            yield World(client, key_a, key_b, file_a, created.json()["id"], webhook.json()["id"])
 
 
 # ------------------------------------------------------------------------------ the table
@@ -173,16 +195,20 @@ OBJECTS = [e for e in ENDPOINTS if e.kind == "object"]
 @pytest.mark.parametrize("endpoint", OBJECTS, ids=str)
 def test_another_teams_object_is_a_404_like_one_that_never_existed(world, endpoint):
     b = auth(world.key_b)
-    kind = "file_id" if "{file_id}" in endpoint.path else "job_id"
+    kind = next(k for k in ("file_id", "job_id", "webhook_id") if f"{{{k}}}" in endpoint.path)
+    owned_id, missing_id = {
+        "file_id": (world.file_a, MISSING_FILE),
+        "job_id": (world.job_a, MISSING_JOB),
+        "webhook_id": (world.webhook_a, MISSING_WEBHOOK),
+    }[kind]
     theirs = world.call(endpoint, b)
-    missing = world.call(endpoint, b, **{kind: MISSING_FILE if kind == "file_id" else MISSING_JOB})
+    missing = world.call(endpoint, b, **{kind: missing_id})
 
     got, never = assert_problem(theirs, 404), assert_problem(missing, 404)
-    owned_id = world.file_a if kind == "file_id" else world.job_a
     assert got["param"] == kind
     # Same answer, word for word but for the id: nothing tells "exists elsewhere" apart.
     assert json.dumps(got).replace(owned_id, "<id>") == json.dumps(never).replace(
-        MISSING_FILE if kind == "file_id" else MISSING_JOB, "<id>"
+        missing_id, "<id>"
     )
     world.assert_team_a_untouched()
 
@@ -238,6 +264,24 @@ def test_another_team_cannot_train_on_team_as_file(world):
     world.assert_team_a_untouched()
 
 
+def test_another_team_lists_only_its_own_webhooks(world):
+    response = world.client.get("/webhooks", headers=auth(world.key_b))
+
+    assert response.status_code == 200
+    assert response.json()["data"] == []
+    assert world.webhook_a not in response.text
+
+
+def test_another_teams_webhook_goes_to_its_own_team(world):
+    created = world.call(BY_ID["POST /webhooks"], auth(world.key_b))
+
+    assert created.status_code == 201, created.text
+    webhook_b = created.json()["id"]
+    assert world.client.get(f"/webhooks/{webhook_b}", headers=auth(world.key_b)).status_code == 200
+    assert_problem(world.client.get(f"/webhooks/{webhook_b}", headers=auth(world.key_a)), 404)
+    world.assert_team_a_untouched()
+
+
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.kind == "catalogue"], ids=str)
 def test_the_model_catalogue_is_the_same_for_every_team(world, endpoint):
     theirs = world.call(endpoint, auth(world.key_b))
@@ -257,4 +301,6 @@ def test_every_collection_endpoint_has_an_other_team_test():
         "GET /jobs",
         "GET /models",
         "GET /models/{model_id}",
+        "POST /webhooks",
+        "GET /webhooks",
     }
