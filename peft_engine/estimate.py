@@ -6,6 +6,16 @@ library and the model's chat template) when its files are on disk; a GGUF model 
 dequantised has none, and then a characters-per-token rule is used and the estimate says
 so (`exact: false`). The worker's engine counts exactly again when the job runs.
 
+The duration is the sum of four phases, each from the token counts and a `Throughput`
+(the caller's figures for this model, measured on the deployment or its defaults, and
+`basis` says which):
+
+    load        the base model's loading, as measured (seconds a job)
+    train       trained tokens / train tokens per second
+    eval        the evaluations the cadence runs (`evaluation_plan`) x the tokens each reads,
+                / eval tokens per second (a forward pass only: by default 3x the train speed)
+    checkpoint  the checkpoints the cadence writes, plus the output, x seconds per checkpoint
+
 Classification text is counted as the model's encoder sees it (special tokens, and a
 text_a/text_b pair as one pair); token classification as its words joined by spaces.
 Image classification has no tokens: each image counts as one, so its "tokens" are
@@ -31,12 +41,84 @@ from peft_engine.spec import (
     DatasetStats,
     JobSpec,
     ModelLimits,
+    ResolvedHyperparameters,
     ResolvedSpec,
     resolve_max_seq_length,
     resolve_spec,
 )
 
 _CHARS_PER_TOKEN = 4.0  # English text with a BPE vocabulary of ~50k: a rough but usual rule
+# An evaluated token costs a forward pass, about a third of a trained token's forward and
+# backward (PARTS interface 1: spec.EVAL_COST_PER_TOKEN once the eval budget lands).
+EVAL_COST_PER_TOKEN = 1 / 3
+PHASES = ("load", "train", "eval", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast a model trains on this deployment: what a duration estimate divides by."""
+
+    train_tokens_per_second: float
+    eval_tokens_per_second: float
+    load_seconds: float  # the base model's loading, once a job
+    seconds_per_checkpoint: float  # one checkpoint (or the output) written
+    basis: str  # where the figures come from, e.g. "measured: 12 jobs of m on cpu"
+
+    @classmethod
+    def of(
+        cls,
+        train_tokens_per_second: float,
+        *,
+        load_seconds: float,
+        seconds_per_checkpoint: float,
+        basis: str,
+        eval_tokens_per_second: float | None = None,
+    ) -> Throughput:
+        """Figures where the eval speed may be unknown: then a forward pass's share of a
+        training step (EVAL_COST_PER_TOKEN) of the train speed."""
+        return cls(
+            train_tokens_per_second,
+            eval_tokens_per_second or train_tokens_per_second / EVAL_COST_PER_TOKEN,
+            load_seconds,
+            seconds_per_checkpoint,
+            basis,
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """The evaluations a job's cadence runs, and how many validation examples each reads."""
+
+    periodic: int  # every eval_every_steps steps before the last, on `sample_size` examples
+    sample_size: int
+    whole: int  # on the whole validation set: the base model at step 0, and the final one
+    n_validation: int
+
+    @property
+    def evaluations(self) -> int:
+        return self.periodic + self.whole
+
+    @property
+    def examples(self) -> int:
+        return self.periodic * self.sample_size + self.whole * self.n_validation
+
+
+def evaluation_plan(hp: ResolvedHyperparameters, n_validation: int) -> EvaluationPlan:
+    """The evaluations of a job that runs to its last step (an early stop runs fewer).
+
+    The last step's evaluation is the final one, on the whole set; the periodic ones before
+    it read `eval_sample_size` examples (None: the whole set).
+    """
+    if n_validation == 0 or hp.eval_every_steps is None:
+        return EvaluationPlan(0, 0, 0, 0)
+    sample = getattr(hp, "eval_sample_size", None)
+    periodic = (hp.total_steps - 1) // hp.eval_every_steps
+    return EvaluationPlan(periodic, min(sample or n_validation, n_validation), 2, n_validation)
+
+
+def checkpoint_writes(hp: ResolvedHyperparameters) -> int:
+    """Checkpoints every checkpoint_every_steps steps before the last, and the output."""
+    return (hp.total_steps - 1) // hp.checkpoint_every_steps + 1
 
 
 @dataclass(frozen=True)
@@ -48,7 +130,15 @@ class Estimate:
     trained_tokens: int  # over the whole job (epochs, max_steps)
     truncated: int  # training examples longer than max_seq_length
     exact: bool  # counted with the model's tokenizer
-    seconds: float
+    evaluations: int
+    eval_tokens: int  # read by every evaluation together
+    checkpoints: int  # written, the output included
+    seconds_by_phase: dict[str, float]  # PHASES
+    basis: str  # where the throughput figures come from
+
+    @property
+    def estimated_seconds(self) -> float:
+        return sum(self.seconds_by_phase.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +149,12 @@ class Estimate:
             "truncated_examples": self.truncated,
             "total_steps": self.spec.hyperparameters.total_steps,
             "tokens_exact": self.exact,
-            "estimated_seconds": round(self.seconds, 1),
+            "evaluations": self.evaluations,
+            "eval_tokens": self.eval_tokens,
+            "checkpoints": self.checkpoints,
+            "estimated_seconds": round(self.estimated_seconds, 1),
+            "seconds_by_phase": {k: round(v, 1) for k, v in self.seconds_by_phase.items()},
+            "basis": self.basis,
         }
 
 
@@ -69,7 +164,7 @@ def estimate_job(
     *,
     registry: ModelRegistry,
     cache_dir: Path,
-    tokens_per_second: float,
+    throughput: Throughput,
 ) -> Estimate:
     entry = registry.get(spec.model)
     check_support(spec, entry)
@@ -94,6 +189,15 @@ def estimate_job(
     per_epoch = sum(min(n, hp.max_seq_length) for n in lengths)
     epochs_run = hp.total_steps / hp.steps_per_epoch  # max_steps may end the job early
     trained = math.ceil(per_epoch * epochs_run)
+    evals = evaluation_plan(hp, len(validation_examples))
+    eval_tokens = _eval_tokens(evals, validation_examples, count, hp.max_seq_length)
+    checkpoints = checkpoint_writes(hp)
+    seconds = {
+        "load": throughput.load_seconds,
+        "train": trained / throughput.train_tokens_per_second,
+        "eval": eval_tokens / throughput.eval_tokens_per_second,
+        "checkpoint": checkpoints * throughput.seconds_per_checkpoint,
+    }
     return Estimate(
         spec=resolved,
         n_train=stats.n_train,
@@ -102,8 +206,22 @@ def estimate_job(
         trained_tokens=trained,
         truncated=sum(1 for n in lengths if n > hp.max_seq_length),
         exact=path is not None,
-        seconds=trained / tokens_per_second,
+        evaluations=evals.evaluations,
+        eval_tokens=eval_tokens,
+        checkpoints=checkpoints,
+        seconds_by_phase=seconds,
+        basis=throughput.basis,
     )
+
+
+def _eval_tokens(
+    plan: EvaluationPlan, examples: list[Example], count: TokenCounter, max_seq_length: int
+) -> int:
+    """The tokens the plan's evaluations read: examples read x the mean validation length."""
+    if not plan.examples:
+        return 0
+    mean = sum(min(count(e), max_seq_length) for e in examples) / len(examples)
+    return math.ceil(plan.examples * mean)
 
 
 TokenCounter = Callable[[Example], int]

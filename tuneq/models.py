@@ -5,6 +5,7 @@ from tuneq.files.models import File
 from tuneq.idempotency.models import IdempotencyKey
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.teams.models import ApiKey, Team
+from tuneq.throughput.models import ModelThroughput
 from tuneq.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "JobCheckpoint",
     "JobEvent",
     "JobMetric",
+    "ModelThroughput",
     "OutboxMessage",
     "Team",
     "WebhookAttempt",

@@ -95,8 +95,24 @@ class Settings(BaseSettings):
     resident_model_bytes: int = Field(
         8 * 1024**3, ge=0, description="most bytes of base-model weights a worker keeps in memory"
     )
+    # The dry run's duration: a model's figures measured by the workers (tuneq.throughput)
+    # when it has trained here, else these.
     estimated_tokens_per_second: float = Field(
-        100.0, gt=0, description="throughput the duration estimate assumes"
+        100.0,
+        gt=0,
+        description="trained tokens/s the duration estimate assumes for a model not yet "
+        "trained here (evaluation: 3x as fast, a forward pass only)",
+    )
+    estimated_load_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="seconds the estimate allows for loading a model not yet trained here",
+    )
+    estimated_checkpoint_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="seconds the estimate allows for each checkpoint (and the output) of a "
+        "model not yet trained here",
     )
 
     api_key_cache_seconds: float = Field(

@@ -47,6 +47,7 @@ from tuneq.jobs.schemas import ADAPTER_ARTIFACT, CheckpointPublic, checkpoint_ar
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
+from tuneq.throughput.service import JobFigures, record_job_figures
 from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_CHECKPOINT, JOB_FAILED, JOB_SUCCEEDED
 from tuneq.webhooks.service import enqueue_job_event
 from worker.heartbeat import Heartbeat
@@ -297,7 +298,21 @@ class _Attempt:
             self._add_artifact(db, ADAPTER_ARTIFACT, "adapter", None, key, size, digest)
             db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
             enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_SUCCEEDED)
+            self._record_throughput(db, result)
         return "succeeded"
+
+    def _record_throughput(self, db: Session, result: dict[str, Any]) -> None:
+        """The job's speeds, for the next estimates of its model (tuneq.throughput); in a
+        savepoint, so that a failure to record them never fails the job."""
+        try:
+            figures = JobFigures.from_result(result)
+            if figures is None:
+                return
+            spec = result["spec"]
+            with db.begin_nested():
+                record_job_figures(db, model=spec["model"], task=spec["task"], figures=figures)
+        except Exception:
+            log.warning("job %s: its throughput was not recorded", self.claim.job_id, exc_info=True)
 
     def _stopped(self) -> str:
         self.heartbeat.beat()  # the latest flags: a cancel may have come since the last beat

@@ -1,6 +1,7 @@
 """Planning a job: its spec checked against the model registry and the team's files, with
-what it will cost. Everything a submission validates before anything is written; the
-engine's user errors come out as the API's typed errors."""
+what it will cost (its duration from the model's throughput measured here: tuneq.throughput).
+Everything a submission validates before anything is written; the engine's user errors
+come out as the API's typed errors."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tuneq.jobs.schemas import DryRunPublic
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
+from tuneq.throughput.service import throughput_for
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def plan_job(
             data,
             registry=registry,
             cache_dir=settings.resolved_cache_dir,
-            tokens_per_second=settings.estimated_tokens_per_second,
+            throughput=throughput_for(db, model=spec.model, task=spec.task, settings=settings),
         )
     except UserError as err:
         raise as_tuneq_error(err) from None
