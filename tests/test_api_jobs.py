@@ -259,6 +259,12 @@ def test_dry_run_estimates_and_resolves_without_creating_anything(env):
     assert estimate["tokens_exact"] is True  # counted with the tiny Llama's own tokenizer
     assert estimate["trained_tokens"] > 0 and estimate["estimated_seconds"] > 0
     assert estimate["total_steps"] == hp["total_steps"] == hp["steps_per_epoch"] * hp["n_epochs"]
+    # the duration by phase, from the settings' figures until a job of the model finished
+    phases = estimate["seconds_by_phase"]
+    assert set(phases) == {"load", "train", "eval", "checkpoint"}
+    assert phases["eval"] > 0 and estimate["evaluations"] >= 2  # the base model and the final
+    assert estimate["estimated_seconds"] == pytest.approx(sum(phases.values()), abs=0.3)
+    assert estimate["basis"].startswith("default:")
     assert _autos(body) == [], body
     assert isinstance(hp["learning_rate"], float) and 16 <= hp["max_seq_length"] <= 512
     assert env.written() == before
