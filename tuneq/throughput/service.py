@@ -101,13 +101,7 @@ def throughput_for(db: Session, *, model: str, task: str, settings: Settings) ->
     )
     row = db.scalars(query.limit(1)).first()
     if row is None:
-        return Throughput.of(
-            settings.estimated_tokens_per_second,
-            load_seconds=settings.estimated_load_seconds,
-            seconds_per_checkpoint=settings.estimated_checkpoint_seconds,
-            basis=f"default: TUNEQ_ESTIMATED_* settings (no {task} job of {model} has "
-            "finished here yet)",
-        )
+        return default_throughput(settings, model=model, task=task)
     return Throughput.of(
         row.train_tokens_per_second,
         eval_tokens_per_second=row.eval_tokens_per_second,
@@ -117,6 +111,17 @@ def throughput_for(db: Session, *, model: str, task: str, settings: Settings) ->
         ),
         basis=f"measured: {row.jobs} {task} job{'s' if row.jobs != 1 else ''} of {model} "
         f"on {row.device}",
+    )
+
+
+def default_throughput(settings: Settings, *, model: str, task: str) -> Throughput:
+    """The figures of a model no job has trained here yet: the settings'."""
+    return Throughput.of(
+        settings.estimated_tokens_per_second,
+        load_seconds=settings.estimated_load_seconds,
+        seconds_per_checkpoint=settings.estimated_checkpoint_seconds,
+        basis=f"default: TUNEQ_ESTIMATED_* settings (no {task} job of {model} has finished "
+        "here yet)",
     )
 
 
