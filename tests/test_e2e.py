@@ -115,6 +115,7 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
     dry = api.post("/jobs?dry_run=true", headers=auth(key), json=_spec(train, validation))
     assert dry.status_code == 200, dry.text
     assert dry.json()["estimate"]["total_steps"] == 20 and dry.json()["estimate"]["tokens_exact"]
+    assert dry.json()["estimate"]["basis"].startswith("default:")  # no job of the model yet
     assert api.get("/jobs", headers=auth(key)).json()["data"] == []  # a dry run creates nothing
 
     created = api.post("/jobs", headers=auth(key), json=_spec(train, validation))
@@ -131,6 +132,10 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
         job["result"]["metrics"]["best"]["eval_loss"]
         < job["result"]["metrics"]["initial"]["eval_loss"]
     )
+
+    # the worker recorded the job's speed: the next dry run of the model is estimated with it
+    again = api.post("/jobs?dry_run=true", headers=auth(key), json=_spec(train, validation))
+    assert again.json()["estimate"]["basis"].startswith("measured: 1 causal_lm job of tiny-llama")
 
     metrics = api.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()
     assert [p["step"] for p in metrics["train"]] == list(range(1, 21))
