@@ -74,7 +74,7 @@ def finished(request, tmp_path_factory, tiny_registry_file) -> Iterator[Finished
         with api_client(settings) as client, serve_app(settings) as url:
             train, validation = upload(client, key, TRAIN), upload(client, key, VALIDATION)
             spec = job_spec(train, validation_file=validation)
-            spec["hyperparameters"] |= {"n_epochs": 3, "learning_rate": 3e-3}
+            spec["hyperparameters"] |= {"n_epochs": 3, "learning_rate": 3e-3, "eval_every_steps": 9}
             created = client.post("/jobs", headers=auth(key), json=spec)
             queued = client.post("/jobs", headers=auth(key), json=job_spec(train))
             assert created.status_code == queued.status_code == 201, created.text
