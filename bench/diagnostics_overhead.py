@@ -1,12 +1,14 @@
 """What per-example diagnostics cost a training step: the causal-LM step with and without
 the per-example losses, side by side in one process.
 
-    .venv/bin/python bench/diagnostics_overhead.py                 # SmolLM2-135M's shape
-    .venv/bin/python bench/diagnostics_overhead.py --layers 4 --repeats 5
+    .venv/bin/python bench/diagnostics_overhead.py             # SmolLM2-135M's shape on a GPU
+    .venv/bin/python bench/diagnostics_overhead.py --layers 30 --examples 8 --length 256
 
 A random Llama with SmolLM2-135M-Instruct's shape (hidden 576, 9 heads / 3 KV heads,
-vocabulary 49,152; `--layers`, default 30) from its config, no download; a micro-batch of
-`--examples` random examples of `--length` tokens each, every token a target. One step is
+vocabulary 49,152) from its config, no download; a micro-batch of `--examples` random
+examples of `--length` tokens each, every token a target. On a GPU the defaults are the
+whole model (30 layers) and 8 x 512 tokens; on a CPU 2 layers and 4 x 128 tokens, so that
+it ends in minutes (the output layer, where the per-example sums happen, is full size). One step is
 forward, loss and backward, as the training loop does it: with diagnostics, the loss also
 returns each example's summed loss (the fused loss writes each row's loss, then a segment
 sum over the examples) and the step records them in a `TrainLossTracker` (one `.tolist()`
@@ -40,6 +42,10 @@ from peft_engine.models.attention import use_packed_attention
 def main() -> None:
     args = _parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    gpu = device.type == "cuda"
+    args.layers = args.layers or (30 if gpu else 2)
+    args.examples = args.examples or (8 if gpu else 4)
+    args.length = args.length or (512 if gpu else 128)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=49_152,
@@ -60,23 +66,14 @@ def main() -> None:
         for fused in (True, False):
             seconds = _time_variants(model, batch, fused, args.repeats, device)
             without, with_ = (statistics.median(seconds[v]) for v in (False, True))
-            rows.append(
-                {
-                    "packing": packing,
-                    "fused": fused,
-                    "without_seconds": without,
-                    "with_seconds": with_,
-                    "ratio": with_ / without,
-                }
-            )
-    print(f"{'layout':8} {'head':6} {'without s':>10} {'with s':>10} {'ratio':>7}")
-    for row in rows:
-        layout, head = (
-            "packed" if row["packing"] else "padded",
-            "fused" if row["fused"] else "plain",
-        )
-        print(f"{layout:8} {head:6} {row['without_seconds']:10.4f} {row['with_seconds']:10.4f} "
-              f"{row['ratio']:7.3f}")  # fmt: skip
+            row = {"packing": packing, "fused": fused, "without_seconds": without,
+                   "with_seconds": with_, "ratio": with_ / without}  # fmt: skip
+            rows.append(row)
+            if len(rows) == 1:
+                print(f"{'layout':8} {'head':6} {'without s':>10} {'with s':>10} {'ratio':>7}")
+            layout, head = "packed" if packing else "padded", "fused" if fused else "plain"
+            print(f"{layout:8} {head:6} {without:10.4f} {with_:10.4f} {with_ / without:7.3f}",
+                  flush=True)  # fmt: skip
     print(json.dumps({"device": str(device), "layers": args.layers, "examples": args.examples,
                       "length": args.length, "rows": rows}))  # fmt: skip
 
@@ -114,9 +111,9 @@ def _sync(device: torch.device) -> None:
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--examples", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--layers", type=int, help="default 30 on a GPU, 2 on a CPU")
+    parser.add_argument("--examples", type=int, help="default 8 on a GPU, 4 on a CPU")
+    parser.add_argument("--length", type=int, help="default 512 on a GPU, 128 on a CPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", action="store_true", help="on the CPU even with a GPU")
     return parser.parse_args()
