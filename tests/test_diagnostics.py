@@ -307,3 +307,37 @@ def test_a_run_reports_the_lines_made_hard(tmp_path, tiny_registry, cache_dir):
     summary = result.result["diagnostics"]
     assert {w["line"] for w in summary["worst_validation"][:2]} == HARD_VALIDATION_LINES
     assert summary["file"] == "diagnostics.jsonl" and summary["most_confused"] == []
+
+
+def test_a_classification_run_reports_its_confusions(tmp_path, bert_registry, cache_dir):
+    data = DataPaths(
+        write_jsonl(tmp_path / "train.jsonl", REVIEWS * 2),
+        write_jsonl(tmp_path / "validation.jsonl", REVIEWS),
+    )
+    spec = {
+        "model": "tiny-bert",
+        "task": "seq_classification",
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4, "pooling": "mean"},
+    }
+
+    result = train(spec, tmp_path / "run", data=data, registry=bert_registry, cache_dir=cache_dir)
+
+    rows = [
+        json.loads(r)
+        for r in (result.output_dir / "diagnostics.jsonl").read_text().split("\n")
+        if r
+    ]
+    worst = [r for r in rows if r["kind"] == "worst_validation"]
+    pairs = [r for r in rows if r["kind"] == "confused_labels"]
+    assert sorted(r["line"] for r in worst) == list(range(1, len(REVIEWS) + 1))
+    assert all(r["gold"] == REVIEWS[r["line"] - 1]["label"] for r in worst)
+    assert all(r["preview"] == REVIEWS[r["line"] - 1]["text"] for r in worst)
+    wrong = {(r["gold"], r["predicted"]): set() for r in worst if r["gold"] != r["predicted"]}
+    for r in worst:
+        if r["gold"] != r["predicted"]:
+            wrong[(r["gold"], r["predicted"])].add(r["line"])
+    assert {(p["gold"], p["predicted"]): p["count"] for p in pairs} == {
+        pair: len(lines) for pair, lines in wrong.items()
+    }
+    assert pairs and all(set(p["lines"]) <= wrong[(p["gold"], p["predicted"])] for p in pairs)
+    assert result.result["report"]["confusion_matrix"]  # the same evaluation's report
