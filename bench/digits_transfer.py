@@ -238,7 +238,7 @@ def pretrain(
     result = run(spec, data, root / "runs" / "pretrain", registry, root / "cache")
     job = prepare_job(parse_spec(spec), data, registry=registry, cache_dir=root / "cache")
     recalibrate_batch_norm(result.model, job.train.examples)
-    recalibrated, _ = IMAGE_CLASSIFICATION.evaluate(
+    recalibrated, _, _ = IMAGE_CLASSIFICATION.evaluate(
         result.model, batches(job.validation.examples), torch.device("cpu"), job
     )
     directory = root / "models" / "pretrained"

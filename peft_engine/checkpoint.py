@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from peft_engine.diagnostics import DiagnosticsState
 from peft_engine.errors import SpecError
 from peft_engine.methods.weights import MODEL_INFO_FILE, WeightsFormat
 
@@ -70,11 +71,14 @@ class TrainerState:
         default_factory=lambda: {"scale": 1.0, "best": None, "bad_evals": 0}
     )
     spec_fingerprint: str = ""
+    # per-example losses: the training lines' and the last and best evaluations' worst
+    diagnostics: DiagnosticsState = field(default_factory=DiagnosticsState)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainerState:
         data = dict(data)
         data["early_stopping"] = EarlyStoppingState(**data["early_stopping"])
+        data["diagnostics"] = DiagnosticsState.from_json(data.get("diagnostics") or {})
         return cls(**data)
 
 

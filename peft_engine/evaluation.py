@@ -18,13 +18,14 @@ if TYPE_CHECKING:
     from peft_engine.methods.weights import WeightsFormat
     from peft_engine.outputs import MetricsLog
     from peft_engine.prepare import PreparedJob
-    from peft_engine.tasks.base import Task
+    from peft_engine.tasks.base import ExampleResult, Task
 
 
 def evaluate(
     model: Any, job: PreparedJob, task: Task, device: torch.device
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """The task's metrics on the validation data, and its report (per class, per type)."""
+) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
+    """The task's metrics on the validation data, its report (per class, per type), and
+    each example's result (peft_engine.diagnostics)."""
     assert job.validation is not None
     hp = job.spec.hyperparameters
     examples = job.validation.examples

@@ -53,14 +53,20 @@ def _find_parts(model: Any) -> tuple[nn.Module, nn.Linear] | None:
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, and the correct count.
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    *,
+    per_row: bool = False,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, the correct count, and
+    with `per_row` each row's loss (0 where ignored; detached), else None.
 
     `hidden` is (n, d), `weight` (vocab, d), `targets` (n,). Logits are computed in float32.
     """
-    loss, correct = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index)
-    return loss, int(correct)
+    loss, correct, rows = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, per_row)
+    return loss, int(correct), rows if per_row else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -71,12 +77,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         ignore_index: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        per_row: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        rows = torch.zeros(hidden.shape[0] if per_row else 0, device=hidden.device)
         w32 = weight.float()
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h = hidden[start : start + CHUNK_ROWS]
@@ -87,7 +95,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct += ((logits.argmax(-1) == t) & valid).sum()
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            row_loss = (lse - picked) * valid
+            total += row_loss.sum()
+            if per_row:
+                rows[start : start + CHUNK_ROWS] = row_loss
             if grad_hidden is None and grad_weight is None:
                 continue
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows; in place.
@@ -103,12 +114,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight if grad_weight is not None else torch.empty(0),
         )
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(correct)
-        return total, correct
+        ctx.mark_non_differentiable(correct, rows)
+        return total, correct, rows
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any, _grad_rows: Any
+    ) -> tuple[Any, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_out = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden.numel() else None
         weight_out = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight.numel() else None
-        return hidden_out, weight_out, None, None
+        return hidden_out, weight_out, None, None, None

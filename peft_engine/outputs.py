@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from peft_engine import __version__
+from peft_engine.diagnostics import DIAGNOSTICS_FILE, write_rows
 from peft_engine.methods.weights import MODEL_INFO_FILE, WeightsFormat
 from peft_engine.model_card import render_model_card
 
@@ -100,6 +101,7 @@ def write_output(
     result: dict[str, Any],
     metrics_log: MetricsLog,
     model_info: dict[str, Any] | None = None,
+    diagnostics: list[dict[str, Any]] | None = None,
 ) -> Path:
     final = workdir / "output"
     tmp = workdir / "output.tmp"
@@ -113,6 +115,8 @@ def write_output(
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(model_info, indent=2))
     shutil.copyfile(metrics_log.path, tmp / "metrics.jsonl")
     (tmp / "result.json").write_text(json.dumps(result, indent=2))
+    if diagnostics is not None:
+        write_rows(tmp / DIAGNOSTICS_FILE, diagnostics)
     (tmp / "README.md").write_text(render_model_card(job, result))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

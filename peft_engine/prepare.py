@@ -59,6 +59,7 @@ class PreparedJob:
     n_validation_examples: int
     labels: tuple[str, ...] | None = None  # class or tag names, in id order
     task_options: dict[str, Any] = field(default_factory=dict)
+    data: DataPaths | None = None  # where the examples came from (diagnostics' previews)
 
     @property
     def pad_token_id(self) -> int:
@@ -108,6 +109,7 @@ def prepare_job(
         n_validation_examples=len(validation_examples),
         labels=prepared.labels,
         task_options=prepared.options,
+        data=data,
     )
 
 

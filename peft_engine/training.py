@@ -29,6 +29,7 @@ import torch
 from peft_engine import checkpoint as ckpt
 from peft_engine import outputs
 from peft_engine.data.steps import step_micro_batches
+from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
 from peft_engine.evaluation import early_stop_message, evaluate, log_eval, record_eval, snapshot
 from peft_engine.hooks import Event, Hooks
 from peft_engine.methods import method_for
@@ -163,7 +164,10 @@ def train(
 
     # 6. Keep the best evaluation's weights, and write the output.
     _keep_best_weights(run, state)
-    return _write_output(run, _result(job, state, started, early_stopped))
+    result = _result(job, state, started, early_stopped)
+    diagnostics = build_diagnostics(state.diagnostics, job)  # per-example, of the kept weights
+    result["diagnostics"] = diagnostics.summary
+    return _write_output(run, result, diagnostics.rows)
 
 
 def _build_model(
@@ -205,7 +209,7 @@ def _start(run: _Run) -> ckpt.TrainerState:
     )
     run.metrics_log.reset()
     if job.validation is not None:
-        state.initial_metrics, state.last_report = evaluate(run.model, job, run.task, run.device)
+        state.initial_metrics, state.last_report, _ = evaluate(run.model, job, run.task, run.device)
         state.last_eval = dict(state.initial_metrics)
         log_eval(0, state.initial_metrics, run.task, run.metrics_log, run.hooks, "base model")
     return state
@@ -237,7 +241,7 @@ def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
         step = state.step + 1
 
         # forward, loss, backward, clip, step, schedule
-        sums = _optimizer_step(run, step)
+        sums = _optimizer_step(run, step, state.diagnostics.train)
 
         # log
         steps_this_run += 1
@@ -263,9 +267,9 @@ def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
     return False, False
 
 
-def _optimizer_step(run: _Run, step: int) -> _StepSums:
+def _optimizer_step(run: _Run, step: int, train_losses: TrainLossTracker) -> _StepSums:
     """Optimizer step `step`: forward, loss and backward for each of its micro-batches, then
-    clip, step and schedule."""
+    clip, step and schedule; each example's loss goes to `train_losses`."""
     run.method_trainer.before_step(step)
     micro = step_micro_batches(run.job, step, run.task, tokens_per_forward=run.tokens_per_forward)
     loss_tokens = sum(b.n_loss_tokens for b in micro)
@@ -276,6 +280,7 @@ def _optimizer_step(run: _Run, step: int) -> _StepSums:
         result = run.task.loss(run.model, batch.to(run.device), run.job)
         (result.loss / loss_tokens).backward()
         loss_sum += float(result.loss.detach())
+        train_losses.record(result.examples)
     if (extra := run.method_trainer.extra_loss()) is not None:
         extra.backward()  # a method's regulariser (AdaLoRA's orthogonality), once a step
 
@@ -322,12 +327,16 @@ def _evaluate_step(run: _Run, state: ckpt.TrainerState, step: int) -> bool:
     """Evaluate after `step`, keep the weights when they are the best so far, lower the
     learning rate on a plateau; True when early stopping says to stop."""
     hp = run.job.spec.hyperparameters
-    state.last_eval, state.last_report = evaluate(run.model, run.job, run.task, run.device)
+    state.last_eval, state.last_report, examples = evaluate(
+        run.model, run.job, run.task, run.device
+    )
+    state.diagnostics.record_eval(step, examples)
     log_eval(step, state.last_eval, run.task, run.metrics_log, run.hooks)
     is_best, early_stopped = record_eval(state, step, hp.early_stopping)
     if is_best:
         run.best_weights = snapshot(run.model, run.weights)
         state.best_report = state.last_report
+        state.diagnostics.keep_best()
     if hp.lr_scheduler == "reduce_on_plateau" and run.plateau.update(state, hp):
         run.hooks.on_event(
             Event(
@@ -355,7 +364,9 @@ def _save_checkpoint(run: _Run, state: ckpt.TrainerState) -> None:
     run.hooks.on_checkpoint(path, state.step, dict(state.last_eval))
 
 
-def _write_output(run: _Run, result: dict[str, Any]) -> TrainResult:
+def _write_output(
+    run: _Run, result: dict[str, Any], diagnostics: list[dict[str, Any]]
+) -> TrainResult:
     output_dir = outputs.write_output(
         run.workdir,
         model=run.model,
@@ -365,6 +376,7 @@ def _write_output(run: _Run, result: dict[str, Any]) -> TrainResult:
         result=result,
         metrics_log=run.metrics_log,
         model_info=_model_info(run.job, run.task),
+        diagnostics=diagnostics,
     )
     run.hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
     return TrainResult("succeeded", output_dir, result, run.model)

@@ -67,6 +67,7 @@ ENDPOINTS = [
     Endpoint("GET", "/jobs/{job_id}/checkpoints", "object", 200),
     Endpoint("GET", "/jobs/{job_id}/artifacts", "object", 200),
     Endpoint("GET", "/jobs/{job_id}/artifacts/{name}", "object", 404),  # the job never ran
+    Endpoint("GET", "/jobs/{job_id}/diagnostics", "object", 409),  # no result yet
     Endpoint("GET", "/models", "catalogue"),
     Endpoint("GET", "/models/{model_id}", "catalogue"),
     Endpoint("POST", "/webhooks", "collection"),

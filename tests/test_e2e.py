@@ -158,6 +158,7 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
     }
     assert set(artifacts) == {
         "adapter.tar.gz",
+        "diagnostics.jsonl",
         "checkpoint-5.tar.gz",
         "checkpoint-10.tar.gz",
         "checkpoint-15.tar.gz",

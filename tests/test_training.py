@@ -123,6 +123,17 @@ def test_resume_continues_exactly(tmp_path, data, tiny_registry, cache_dir, pack
         <= 1e-5
     )
     assert resumed.result["metrics"]["initial"] == whole.result["metrics"]["initial"]
+    # the per-example losses went through the checkpoint too: the same diagnostics
+    expected_rows, got_rows = (
+        [json.loads(row) for row in (out / "diagnostics.jsonl").read_text().splitlines()]
+        for out in (whole.output_dir, resumed.output_dir)
+    )
+    assert [(r["kind"], r["line"]) for r in got_rows] == [
+        (r["kind"], r["line"]) for r in expected_rows
+    ]
+    assert any(r["kind"] == "hardest_training" and r["passes"] == 2 for r in got_rows)
+    for got_row, expected_row in zip(got_rows, expected_rows, strict=True):
+        assert got_row["loss"] == pytest.approx(expected_row["loss"], abs=1e-5)
 
 
 def test_resume_refuses_a_checkpoint_of_another_job(tmp_path, data, tiny_registry, cache_dir):

@@ -144,6 +144,9 @@ def test_create_follow_download_and_load_with_plain_peft(tuneq, data, tmp_path, 
     assert [c["step"] for c in checkpoints["data"]] == [5, 10, 15]
     metrics = tuneq("jobs", "metrics", job_id)
     assert metrics.returncode == 0 and "eval (5 points)" in metrics.stdout
+    diagnostics = tuneq("jobs", "diagnostics", job_id)
+    assert diagnostics.returncode == 0, diagnostics.stderr
+    assert "worst validation examples (validation_file)" in diagnostics.stdout
     events = json.loads(tuneq("jobs", "events", job_id, "--json").stdout)["data"]
     assert events[-1]["message"] == "job succeeded"
 

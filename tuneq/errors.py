@@ -85,6 +85,10 @@ class Conflict(TuneqError):
     status, code, title = 409, "conflict", "Conflict"
 
 
+class JobNotFinished(Conflict):
+    code, title = "job_not_finished", "The job has not finished"
+
+
 class IdempotencyKeyReused(InvalidRequest):
     code, title = "idempotency_key_reused", "Idempotency key reused with another request"
 

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 import peft_engine
+from peft_engine.diagnostics import DIAGNOSTICS_FILE
 from peft_engine.errors import UserError
 from peft_engine.hooks import Event, Hooks
 from peft_engine.methods.weights import (
@@ -43,7 +44,12 @@ from tuneq.files.models import File
 from tuneq.files.service import local_copy
 from tuneq.jobs.lease import Claim, claim_job, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
-from tuneq.jobs.schemas import ADAPTER_ARTIFACT, CheckpointPublic, checkpoint_artifact_name
+from tuneq.jobs.schemas import (
+    ADAPTER_ARTIFACT,
+    DIAGNOSTICS_ARTIFACT,
+    CheckpointPublic,
+    checkpoint_artifact_name,
+)
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
@@ -280,9 +286,13 @@ class _Attempt:
     # -- outcomes ----------------------------------------------------------------------
 
     def _succeed(self, output_dir: Path, result: dict[str, Any]) -> str:
-        key = f"jobs/{self.claim.job_id}/attempts/{self.claim.attempt}/{ADAPTER_ARTIFACT}"
+        prefix = f"jobs/{self.claim.job_id}/attempts/{self.claim.attempt}"
         files = tuple(p.name for p in output_dir.iterdir() if p.is_file())
-        key, size, digest = self._upload_tarball(output_dir, key, files)
+        key, size, digest = self._upload_tarball(output_dir, f"{prefix}/{ADAPTER_ARTIFACT}", files)
+        diagnostics = output_dir / DIAGNOSTICS_FILE  # also on its own, for GET .../diagnostics
+        diagnostics_key = f"{prefix}/{DIAGNOSTICS_ARTIFACT}"
+        if diagnostics.is_file():
+            self.store.put_file(diagnostics_key, diagnostics)
         with transaction(self.runner.sessions) as db:
             if not fenced_update(
                 db,
@@ -294,8 +304,12 @@ class _Attempt:
                 lease_expires_at=None,
             ):
                 self.store.delete(key)
+                self.store.delete(diagnostics_key)
                 return "lease lost before the result was recorded"
             self._add_artifact(db, ADAPTER_ARTIFACT, "adapter", None, key, size, digest)
+            if diagnostics.is_file():
+                self._add_artifact(db, DIAGNOSTICS_ARTIFACT, "diagnostics", None,
+                                   diagnostics_key, *_size_and_digest(diagnostics))  # fmt: skip
             db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
             enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_SUCCEEDED)
             self._record_throughput(db, result)
@@ -363,9 +377,7 @@ class _Attempt:
             for name in sorted(names):
                 if (directory / name).is_file():
                     archive.add(directory / name, arcname=name)
-        with tarball.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        size = tarball.stat().st_size
+        size, digest = _size_and_digest(tarball)
         self.store.put_file(key, tarball)
         tarball.unlink()
         return key, size, digest
@@ -395,6 +407,11 @@ class _Attempt:
     def _event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         with transaction(self.runner.sessions) as db:
             db.add(self._event_row(level, message, _jsonable(data or {})))
+
+
+def _size_and_digest(path: Path) -> tuple[int, str]:
+    with path.open("rb") as handle:
+        return path.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

@@ -158,9 +158,17 @@ def download_artifact(
         store,
         artifact.storage_key,
         filename=f"{job.id}-{artifact.name}",
-        media_type="application/gzip",
+        media_type="application/x-ndjson" if name.endswith(".jsonl") else "application/gzip",
         size=artifact.bytes,
     )
+
+
+@router.get("/{job_id}/diagnostics")
+def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> dict[str, Any]:
+    """The worst validation examples, the hardest training examples and the most confused
+    label pairs of a finished job (409 job_not_finished before it has a result)."""
+    job = service.get_job(db=db, team=team, job_id=job_id)
+    return service.read_diagnostics(db=db, store=store, job=job)
 
 
 def list_page(items: Iterable[BaseModel], *, has_more: bool = False) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class Batch:
     # Packed rows: where each example starts and ends ([0, len0, len0 + len1, ...]), kept on
     # the CPU (the attention reads it as Python ints); None when padded.
     cu_seqlens: torch.Tensor | None = None
+    # The examples' file lines and loss tokens, in the order they sit in the batch.
+    lines: tuple[int, ...] = ()
+    example_loss_tokens: tuple[int, ...] = ()
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -38,7 +41,17 @@ class Batch:
             self.n_tokens,
             self.n_loss_tokens,
             self.cu_seqlens,
+            self.lines,
+            self.example_loss_tokens,
         )
+
+    def example_of_position(self) -> torch.Tensor:
+        """(rows, length): the index of the example each position belongs to."""
+        rows, length = self.input_ids.shape
+        if self.cu_seqlens is None:  # padded: a row is an example
+            return torch.arange(rows)[:, None].expand(rows, length)
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None]
 
     @property
     def longest(self) -> int:
@@ -65,6 +78,8 @@ def pack(examples: Sequence[TokenizedExample]) -> Batch:
         n_tokens=len(input_ids),
         n_loss_tokens=sum(t != IGNORE for t in targets),
         cu_seqlens=torch.cumsum(lengths, 0, dtype=torch.int32),
+        lines=tuple(e.line for e in examples),
+        example_loss_tokens=tuple(e.n_loss_tokens for e in examples),
     )
 
 
@@ -86,6 +101,8 @@ def pad(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
         attention_mask=attention_mask,
         n_tokens=int(attention_mask.sum()),
         n_loss_tokens=int((targets != IGNORE).sum()),
+        lines=tuple(e.line for e in examples),
+        example_loss_tokens=tuple(e.n_loss_tokens for e in examples),
     )
 
 

@@ -6,8 +6,10 @@ that differ:
     prepare   examples → the tokenized (or decoded) datasets, the label set, the processor
     load_model          → the base model with the task's head (the loop applies the method)
     collate   examples → a batch (`n_tokens` and `n_loss_tokens` for the loop's accounting)
-    loss      (model, batch) → summed loss, the number of items it is summed over
-    evaluate  (model, batches) → flat metrics (for the metrics series) and a report
+    loss      (model, batch) → summed loss, the number of items it is summed over, and
+                        the loss of each of the batch's examples (for diagnostics)
+    evaluate  (model, batches) → flat metrics (for the metrics series), a report, and
+                        each validation example's result (peft_engine.diagnostics)
 
 `n_loss_tokens` counts what the loss is averaged over: next-token targets for causal LM,
 examples for sequence classification, labelled words for token classification.
@@ -59,11 +61,50 @@ class TaskData:
     options: dict[str, Any] = field(default_factory=dict)  # resolved task options
 
 
+@dataclass(frozen=True)
+class ExampleLosses:
+    """A batch's loss per example, in the batch's example order: each summed over the
+    example's items (target tokens, labelled words; one for a label or an image)."""
+
+    lines: tuple[int, ...]
+    loss: torch.Tensor  # (examples,) float32, detached; sums to the batch's loss
+    n_items: tuple[int, ...]
+
+    @classmethod
+    def from_items(
+        cls,
+        lines: Sequence[int],
+        n_items: Sequence[int],
+        owner: torch.Tensor,
+        item_losses: torch.Tensor,
+    ) -> ExampleLosses:
+        """Sum item losses into their examples: `owner[i]` is item i's example index (a
+        segment sum of losses already computed; no extra forward)."""
+        import torch
+
+        sums = torch.zeros(len(lines), dtype=torch.float32, device=item_losses.device)
+        sums.index_add_(0, owner.to(item_losses.device), item_losses.detach().float())
+        return cls(tuple(lines), sums, tuple(n_items))
+
+
+@dataclass(frozen=True)
+class ExampleResult:
+    """One validation example as an evaluation saw it."""
+
+    line: int
+    loss: float  # summed over its items
+    n_items: int
+    gold: str | None = None  # one-label tasks: the gold and the predicted label
+    predicted: str | None = None
+    mistakes: tuple[tuple[str, str], ...] = ()  # (gold, predicted) of each wrong label
+
+
 @dataclass
 class LossSum:
     loss: torch.Tensor  # summed over the items that carry loss (a graph when training)
     n_loss_tokens: int
     n_correct: int
+    examples: ExampleLosses | None = None  # the same loss, per example
 
 
 class Task(Protocol):
@@ -92,7 +133,7 @@ class Task(Protocol):
 
     def evaluate(
         self, model: Any, batches: Iterable[Any], device: torch.device, job: PreparedJob
-    ) -> tuple[dict[str, float], dict[str, Any]]: ...
+    ) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]: ...
 
     def describe_eval(self, metrics: dict[str, float]) -> str: ...
 

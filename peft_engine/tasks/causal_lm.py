@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from peft_engine.data.batching import Batch, collate
-from peft_engine.data.tokenize import IGNORE, TokenizedExample, tokenize_dataset
-from peft_engine.loss import batch_loss, evaluate
-from peft_engine.tasks.base import LossSum, TaskData
+from peft_engine.data.tokenize import TokenizedExample, tokenize_dataset
+from peft_engine.loss import batch_loss, evaluate, example_losses, token_cross_entropy
+from peft_engine.tasks.base import ExampleResult, LossSum, TaskData
 
 
 class CausalLMTask:
@@ -68,13 +67,14 @@ class CausalLMTask:
 
     def evaluate(
         self, model: Any, batches: Iterable[Batch], device: torch.device, job: Any
-    ) -> tuple[dict[str, float], dict[str, Any]]:
+    ) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
         virtual = _virtual_tokens(job)
         if virtual is None:
-            return evaluate(model, batches, device), {}
-        return evaluate(
-            model, batches, device, loss=lambda m, b: _prompt_learning_loss(m, b, virtual)
-        ), {}
+            metrics, examples = evaluate(model, batches, device)
+        else:
+            loss = lambda m, b: _prompt_learning_loss(m, b, virtual)  # noqa: E731
+            metrics, examples = evaluate(model, batches, device, loss=loss)
+        return metrics, {}, examples
 
     def describe_eval(self, metrics: dict[str, float]) -> str:
         return (
@@ -102,13 +102,10 @@ def _prompt_learning_loss(model: Any, batch: Batch, virtual: int) -> LossSum:
     # are padded (never packed) and the virtual tokens' logits are dropped.
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits[:, virtual:].float()
-    targets = batch.targets
-    loss = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    with torch.no_grad():
-        correct = int(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum())
-    return LossSum(loss, batch.n_loss_tokens, correct)
+    loss, correct, token_losses = token_cross_entropy(logits, batch.targets, per_token=True)
+    assert token_losses is not None
+    examples = example_losses(batch, batch.example_of_position(), token_losses)
+    return LossSum(loss, batch.n_loss_tokens, correct, examples)
 
 
 CAUSAL_LM = CausalLMTask()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from peft_engine.data.formats import Example
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.metrics import classification_metrics
-from peft_engine.tasks.base import Dataset, LossSum, TaskData
+from peft_engine.tasks.base import Dataset, ExampleLosses, ExampleResult, LossSum, TaskData
 from peft_engine.tasks.labels import class_weight_options, label_ids
 
 
@@ -142,39 +142,57 @@ class OneLabelTask(ClassificationTask):
         logits = model(**batch.model_inputs()).logits.float()
         weights = job.task_options.get("class_weights")
         weight = torch.tensor(weights, device=logits.device) if weights else None
-        loss = F.cross_entropy(logits, batch.labels, weight=weight, reduction="sum")
+        per_example = F.cross_entropy(logits, batch.labels, weight=weight, reduction="none")
         with torch.no_grad():
             correct = int((logits.argmax(-1) == batch.labels).sum())
-        return LossSum(loss, batch.n_loss_tokens, correct)
+        examples = ExampleLosses(
+            tuple(e.line for e in batch.examples),
+            per_example.detach(),
+            (1,) * len(batch.examples),
+        )
+        return LossSum(per_example.sum(), batch.n_loss_tokens, correct, examples)
 
     @torch.no_grad()
     def evaluate(
         self, model: Any, batches: Iterable[Any], device: torch.device, job: Any
-    ) -> tuple[dict[str, float], dict[str, Any]]:
+    ) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
         was_training = model.training
         model.eval()
-        total, count, truth, predicted = 0.0, 0, [], []
+        labels = list(job.labels)
+        truth: list[int] = []
+        predicted: list[int] = []
+        examples: list[ExampleResult] = []
         for batch in batches:
             batch = batch.to(device)
             logits = model(**batch.model_inputs()).logits.float()
-            total += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-            count += len(batch.labels)
-            truth.extend(batch.labels.tolist())
-            predicted.extend(logits.argmax(-1).tolist())
+            losses = F.cross_entropy(logits, batch.labels, reduction="none").tolist()
+            gold, best = batch.labels.tolist(), logits.argmax(-1).tolist()
+            truth += gold
+            predicted += best
+            examples += [
+                label_result(e.line, loss, labels[g], labels[b])
+                for e, loss, g, b in zip(batch.examples, losses, gold, best, strict=True)
+            ]
         model.train(was_training)
-        report = classification_metrics(truth, predicted, list(job.labels))
+        report = classification_metrics(truth, predicted, labels)
         metrics = {
-            "eval_loss": total / max(count, 1),
+            "eval_loss": sum(e.loss for e in examples) / max(len(examples), 1),
             "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
         }
-        return metrics, {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
+        report = {k: report[k] for k in ("labels", "per_class", "confusion_matrix")}
+        return metrics, report, examples
 
     def describe_eval(self, metrics: dict[str, float]) -> str:
         return (
             f"loss {metrics['eval_loss']:.4f}, accuracy {metrics['accuracy']:.4f}, "
             f"macro-F1 {metrics['macro_f1']:.4f}"
         )
+
+
+def label_result(line: int, loss: float, gold: str, predicted: str) -> ExampleResult:
+    mistakes = ((gold, predicted),) if gold != predicted else ()
+    return ExampleResult(line, loss, 1, gold=gold, predicted=predicted, mistakes=mistakes)
 
 
 class SequenceClassificationTask(OneLabelTask):

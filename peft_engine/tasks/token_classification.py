@@ -21,7 +21,7 @@ from peft_engine.data.formats import Example
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.errors import DataError
 from peft_engine.metrics import entity_metrics
-from peft_engine.tasks.base import Dataset, LossSum, TaskData
+from peft_engine.tasks.base import Dataset, ExampleLosses, ExampleResult, LossSum, TaskData
 from peft_engine.tasks.classification import ClassificationTask, LabelledBatch, LabelledExample
 from peft_engine.tasks.labels import tag_ids
 
@@ -63,52 +63,54 @@ class TokenClassificationTask(ClassificationTask):
 
     def loss(self, model: Any, batch: LabelledBatch, job: Any) -> LossSum:
         logits = _token_logits(model, batch)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
+        per_token = _token_losses(logits, batch)
         with torch.no_grad():
             keep = batch.labels != IGNORE
             correct = int(((logits.argmax(-1) == batch.labels) & keep).sum())
-        return LossSum(loss, batch.n_loss_tokens, correct)
+        examples = ExampleLosses(
+            tuple(e.line for e in batch.examples),
+            per_token.detach().sum(dim=1),
+            tuple(e.n_loss_tokens for e in batch.examples),
+        )
+        return LossSum(per_token.sum(), batch.n_loss_tokens, correct, examples)
 
     @torch.no_grad()
     def evaluate(
         self, model: Any, batches: Iterable[LabelledBatch], device: torch.device, job: Any
-    ) -> tuple[dict[str, float], dict[str, Any]]:
+    ) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
         was_training = model.training
         model.eval()
         tags = list(job.labels)
-        total, count = 0.0, 0
         truth: list[list[str]] = []
         predicted: list[list[str]] = []
+        examples: list[ExampleResult] = []
         for batch in batches:
             batch = batch.to(device)
             logits = _token_logits(model, batch)
-            total += float(
-                F.cross_entropy(
-                    logits.flatten(0, 1),
-                    batch.labels.flatten(),
-                    ignore_index=IGNORE,
-                    reduction="sum",
-                )
-            )
-            count += batch.n_loss_tokens
+            losses = _token_losses(logits, batch).sum(dim=1).tolist()
             best = logits.argmax(-1).tolist()
             for row, example in enumerate(batch.examples):
-                truth.append([tags[t] for t in example.word_tags])
-                predicted.append(
-                    [tags[best[row][s]] if s >= 0 else "O" for s in example.word_starts]
+                gold = [tags[t] for t in example.word_tags]
+                guess = [tags[best[row][s]] if s >= 0 else "O" for s in example.word_starts]
+                truth.append(gold)
+                predicted.append(guess)
+                mistakes = tuple((g, p) for g, p in zip(gold, guess, strict=True) if g != p)
+                examples.append(
+                    ExampleResult(
+                        example.line, losses[row], example.n_loss_tokens, mistakes=mistakes
+                    )
                 )
         model.train(was_training)
         report = entity_metrics(truth, predicted)
+        words = sum(e.n_items for e in examples)
         metrics = {
-            "eval_loss": total / max(count, 1),
+            "eval_loss": sum(e.loss for e in examples) / max(words, 1),
             "entity_f1": report["entity_f1"],
             "entity_precision": report["entity_precision"],
             "entity_recall": report["entity_recall"],
             "token_accuracy": report["token_accuracy"],
         }
-        return metrics, {"per_type": report["per_type"]}
+        return metrics, {"per_type": report["per_type"]}, examples
 
     def describe_eval(self, metrics: dict[str, float]) -> str:
         return (
@@ -116,6 +118,14 @@ class TokenClassificationTask(ClassificationTask):
             f"(precision {metrics['entity_precision']:.4f}, "
             f"recall {metrics['entity_recall']:.4f})"
         )
+
+
+def _token_losses(logits: torch.Tensor, batch: LabelledBatch) -> torch.Tensor:
+    """(rows, length) cross-entropy at each labelled sub-token, 0 elsewhere."""
+    flat = F.cross_entropy(
+        logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return flat.view(batch.labels.shape)
 
 
 def _token_logits(model: Any, batch: LabelledBatch) -> torch.Tensor:

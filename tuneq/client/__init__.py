@@ -10,6 +10,7 @@ from tuneq.client.transport import RetryPolicy
 from tuneq.client.types import (
     Artifact,
     Checkpoint,
+    Diagnostics,
     Estimate,
     Event,
     File,
@@ -24,6 +25,7 @@ __all__ = [
     "Artifact",
     "Checkpoint",
     "Client",
+    "Diagnostics",
     "Estimate",
     "Event",
     "File",

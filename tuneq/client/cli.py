@@ -80,6 +80,7 @@ def register_user_commands(commands: Any) -> None:
         ("follow", _jobs_follow, "follow a job live until it ends (exit code: how it ended)"),
         ("metrics", _jobs_metrics, "a job's per-step and evaluation metrics"),
         ("checkpoints", _jobs_checkpoints, "a job's kept checkpoints"),
+        ("diagnostics", _jobs_diagnostics, "a finished job's hardest examples and confusions"),
     ):
         parser = action(jobs, name, handler, text)
         parser.add_argument("job_id")
@@ -242,6 +243,10 @@ def _jobs_metrics(client: Client, args: argparse.Namespace, output: Output) -> N
 
 def _jobs_checkpoints(client: Client, args: argparse.Namespace, output: Output) -> None:
     output.checkpoints(client.jobs.checkpoints(args.job_id))
+
+
+def _jobs_diagnostics(client: Client, args: argparse.Namespace, output: Output) -> None:
+    output.diagnostics(client.jobs.diagnostics(args.job_id))
 
 
 def _jobs_follow(client: Client, args: argparse.Namespace, output: Output) -> int:

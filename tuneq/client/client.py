@@ -22,6 +22,7 @@ from tuneq.client.transport import RetryPolicy, Transport
 from tuneq.client.types import (
     Artifact,
     Checkpoint,
+    Diagnostics,
     Estimate,
     Event,
     File,
@@ -177,6 +178,11 @@ class Jobs:
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         return Page.of(Artifact, self.transport.json("GET", f"/jobs/{job_id}/artifacts")).data
+
+    def diagnostics(self, job_id: str) -> Diagnostics:
+        """A finished job's worst validation examples, hardest training examples and most
+        confused labels (a 409 job_not_finished TuneqAPIError before it has a result)."""
+        return Diagnostics.of(self.transport.json("GET", f"/jobs/{job_id}/diagnostics"))
 
     def follow(self, job_id: str, *, after: int | None = None) -> JobFollow:
         """The job's events live (after the event `after`), then `.job` as it ended."""

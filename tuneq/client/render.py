@@ -16,6 +16,7 @@ from tuneq.client.errors import TuneqAPIError
 from tuneq.client.progress import draw_event
 from tuneq.client.types import (
     Checkpoint,
+    Diagnostics,
     Estimate,
     Event,
     File,
@@ -136,6 +137,22 @@ class Output:
         raw = {"object": "list", "data": [c.raw for c in checkpoints], "has_more": False}
         self._table(raw, ["STEP", "ARTIFACT", "METRICS"], rows, False)
 
+    def diagnostics(self, diagnostics: Diagnostics) -> None:
+        if self.as_json:
+            self.document(diagnostics.raw, "")
+            return
+        example = ["LINE", "LOSS", "EXAMPLE"]
+        sections = (
+            ("worst validation examples", diagnostics.worst_validation, example, _example_row),
+            ("hardest training examples", diagnostics.hardest_training, example, _example_row),
+            ("most confused labels", diagnostics.confused_labels,
+             ["COUNT", "GOLD -> PREDICTED", "LINES"], _confusion_row),
+        )  # fmt: skip
+        for title, rows, header, row in sections:
+            if rows:
+                print(f"{title} ({rows[0]['file']})")
+                _print_table(header, [row(r) for r in rows])
+
     @contextmanager
     def following(self) -> Iterator[Callable[[Event], None]]:
         """A function that shows each event: a progress bar on a terminal, lines otherwise,
@@ -174,6 +191,16 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def _example_row(row: dict[str, Any]) -> list[str]:
+    labels = f"[{row['gold']} -> {row['predicted']}] " if "gold" in row else ""
+    return [str(row["line"]), _number(row["loss"]), labels + (row.get("preview") or "")]
+
+
+def _confusion_row(row: dict[str, Any]) -> list[str]:
+    lines = ", ".join(map(str, row["lines"]))
+    return [str(row["count"]), f"{row['gold']} -> {row['predicted']}", lines]
 
 
 def _plan(method: dict[str, Any], model: str, estimate: dict[str, Any]) -> str:

@@ -128,6 +128,31 @@ class Artifact(Document):
     created_at: int = 0
 
 
+@dataclass(frozen=True)
+class Diagnostics(Document):
+    """A finished job's per-example diagnostics: rows of diagnostics.jsonl, each with a
+    `kind` (worst_validation, hardest_training, confused_labels), and the result's summary."""
+
+    job_id: str = ""
+    summary: dict[str, Any] | None = None
+    data: list[dict[str, Any]] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [row for row in self.data if row.get("kind") == kind]
+
+    @property
+    def worst_validation(self) -> list[dict[str, Any]]:
+        return self.of_kind("worst_validation")
+
+    @property
+    def hardest_training(self) -> list[dict[str, Any]]:
+        return self.of_kind("hardest_training")
+
+    @property
+    def confused_labels(self) -> list[dict[str, Any]]:
+        return self.of_kind("confused_labels")
+
+
 T = TypeVar("T", bound=Document)
 
 

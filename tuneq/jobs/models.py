@@ -117,12 +117,13 @@ class JobCheckpoint(BelongsToJob, Base):
 
 
 class JobArtifact(BelongsToJob, Base):
-    """A downloadable file: the final adapter, or one checkpoint's adapter, as .tar.gz."""
+    """A downloadable file: the final adapter, or one checkpoint's adapter, as .tar.gz; or the
+    per-example diagnostics, as JSONL."""
 
     __tablename__ = "job_artifacts"
 
     name: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(16))  # adapter | checkpoint
+    kind: Mapped[str] = mapped_column(String(16))  # adapter | checkpoint | diagnostics
     step: Mapped[int | None] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(512))
     bytes: Mapped[int] = mapped_column(BigInteger)

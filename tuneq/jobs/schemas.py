@@ -21,6 +21,7 @@ from tuneq.documents import (
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent
 
 ADAPTER_ARTIFACT = "adapter.tar.gz"
+DIAGNOSTICS_ARTIFACT = "diagnostics.jsonl"  # per-example diagnostics (peft_engine.diagnostics)
 
 
 def checkpoint_artifact_name(step: int) -> str:

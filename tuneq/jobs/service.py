@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
 from tuneq.db import db_now, transaction
-from tuneq.errors import Conflict, NotFound
+from tuneq.errors import Conflict, JobNotFinished, NotFound
 from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.ids import new_id
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.jobs.planning import Plan, estimate_of, plan_job, resolved_view
-from tuneq.jobs.schemas import JobPublic
+from tuneq.jobs.schemas import DIAGNOSTICS_ARTIFACT, JobPublic
 from tuneq.jobs.states import JobState, move_to
 from tuneq.queue import relay_now
 from tuneq.settings import Settings
@@ -304,3 +304,19 @@ def get_artifact(*, db: Session, job: Job, name: str) -> JobArtifact:
     if artifact is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", param="name")
     return artifact
+
+
+def read_diagnostics(*, db: Session, store: ObjectStore, job: Job) -> dict[str, Any]:
+    """The job's per-example diagnostics (diagnostics.jsonl, a few dozen rows), parsed."""
+    if job.result is None:
+        raise JobNotFinished(
+            f"job {job.id} is {job.state}; its diagnostics come with its result", param="job_id"
+        )
+    artifact = get_artifact(db=db, job=job, name=DIAGNOSTICS_ARTIFACT)
+    text = b"".join(store.open_stream(artifact.storage_key)).decode()
+    return {
+        "object": "job.diagnostics",
+        "job_id": job.id,
+        "summary": job.result.get("diagnostics"),
+        "data": [json.loads(line) for line in text.splitlines() if line],
+    }
