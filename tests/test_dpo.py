@@ -343,6 +343,7 @@ def test_dpo_trains_from_log_2_and_raises_the_held_out_margin_against_a_fixed_ba
     assert final["eval_reward_margin"] > 0 and final["eval_reward_accuracy"] > 0.5
     assert final["eval_logps_margin"] > initial["eval_logps_margin"]
     assert final["eval_loss"] < initial["eval_loss"]
+    assert "| eval_reward_margin | 0.0000 |" in (result.output_dir / "README.md").read_text()
     # and the reference is still the base model: the adapter disabled, not the trained model
     model, base = result.model, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     batch = _batch(tiny_tokenizer, PAIRS[:4])
