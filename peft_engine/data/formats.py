@@ -185,10 +185,10 @@ def _example(record: dict[str, Any], number: int) -> Example:
 
 
 def detect_format(record: dict[str, Any]) -> DataFormat:
+    if "messages" in record:  # first: the upload's compiled chat check decides so too
+        return DataFormat.CHAT
     if "input" in record or any(key in record for key in PREFERENCE_OUTPUTS):
         return DataFormat.PREFERENCE
-    if "messages" in record:
-        return DataFormat.CHAT
     if "prompt" in record or "completion" in record:
         return DataFormat.PROMPT_COMPLETION
     if "tokens" in record or "tags" in record:
