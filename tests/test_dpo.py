@@ -19,7 +19,7 @@ from peft_engine.data.formats import DataFormat, Example, read_examples
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.errors import DataError, SpecError
 from peft_engine.estimate import _token_counter
-from peft_engine.methods import method_for
+from peft_engine.methods import METHODS, method_for
 from peft_engine.methods.common import DpoObjective
 from peft_engine.methods.lora import LoraMethod
 from peft_engine.prepare import check_format
@@ -31,6 +31,12 @@ from tests.engine_helpers import randomise_lora_b
 from tests.preference_helpers import PAIRS, preference
 
 DPO = {"type": "dpo", "beta": 0.1}
+# Small settings for the tiny Llama (hidden size 32).
+METHOD_OPTIONS = {
+    "adalora": {"init_r": 6, "target_r": 2},
+    "oft": {"block_size": 8},
+    "vera": {"r": 16},
+}
 
 # ---------------------------------------------------------------------------------------
 # The format
@@ -368,3 +374,31 @@ def test_dpo_resumes_exactly(tmp_path, tiny_registry, cache_dir):
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         assert torch.equal(adapters[0][name], adapters[1][name]), name
+
+
+ADAPTERS = sorted(m.type for m in METHODS.values() if m.disables_adapter)
+
+
+@pytest.mark.parametrize("method_type", ADAPTERS)
+def test_every_method_said_to_disable_its_adapter_runs_as_the_base_when_disabled(
+    method_type, tiny_model_dir, tiny_tokenizer
+):
+    batch = _batch(tiny_tokenizer, PAIRS[:2])
+    method = METHODS[method_type]
+    options = METHOD_OPTIONS.get(method_type, {})
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = method.build(base, method.spec(**options), "causal_lm")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # trained away from any identity initialisation
+                param.add_(torch.randn_like(param) * 0.1)
+    untouched = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    with torch.no_grad():
+        with model.disable_adapter():
+            disabled = sequence_log_probs(model, batch)
+        adapted = sequence_log_probs(model, batch)
+        expected = sequence_log_probs(untouched, batch)
+
+    assert torch.allclose(disabled, expected, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
