@@ -55,7 +55,9 @@ def main() -> None:
 
     started = time.monotonic()
     rows = _dolly_rows(Path(args.data), args.pairs + args.held_out, args.max_answer_chars)
-    pairs = build_pairs(rows, base_dir, max_new_tokens=args.max_new_tokens)
+    pairs = build_pairs(
+        rows, base_dir, max_new_tokens=args.max_new_tokens, batch_size=args.generate_batch
+    )
     random.Random(args.seed).shuffle(pairs)
     train_file, heldout_file = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
     _write_jsonl(train_file, pairs[: args.pairs])
@@ -96,7 +98,7 @@ def main() -> None:
 
 
 def build_pairs(
-    rows: list[dict[str, Any]], base_dir: Path, *, max_new_tokens: int, batch_size: int = 8
+    rows: list[dict[str, Any]], base_dir: Path, *, max_new_tokens: int, batch_size: int
 ) -> list[dict[str, Any]]:
     """Preference pairs in OpenAI's format: each row's prompt, its human answer preferred
     over the model's own greedy answer (pairs where the two are the same are left out)."""
@@ -195,6 +197,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=32, help="held-out pairs")
     parser.add_argument("--max-answer-chars", type=int, default=300)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--generate-batch", type=int, default=32, help="prompts at once")
     parser.add_argument("--max-seq-length", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)

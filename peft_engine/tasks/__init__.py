@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peft_engine.data.formats import PREFERENCE_OBJECTIVES
+
 if TYPE_CHECKING:
     from peft_engine.spec import JobSpec
     from peft_engine.tasks.base import Task
@@ -12,7 +14,7 @@ if TYPE_CHECKING:
 
 def task_of(spec: JobSpec) -> Task:
     """The task a job trains: its task's, or preference tuning for a preference objective."""
-    if spec.method.objective.type == "dpo":
+    if spec.method.objective.type in PREFERENCE_OBJECTIVES:
         from peft_engine.tasks.preference import PREFERENCE
 
         return PREFERENCE
