@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dpo.py                          # 64 training pairs, 16 steps
     .venv/bin/python bench/dpo.py --build-only OUT_DIR     # only write the preference files
+    .venv/bin/python bench/dpo.py --pairs-from OUT_DIR     # train on files written before
 
 Builds a preference file from `../shared/data/dolly/train.jsonl` (or --data): for each of
 the first Dolly instructions whose human answer is short (at most --max-answer-chars), the
@@ -50,22 +51,24 @@ def main() -> None:
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     base_dir = model_dir(load_registry().get(MODEL), cache_dir or default_cache_dir())
-    out_dir = Path(args.build_only or tempfile.mkdtemp(prefix="tuneq-dpo-"))
+    out_dir = Path(args.build_only or args.pairs_from or tempfile.mkdtemp(prefix="tuneq-dpo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    started = time.monotonic()
-    rows = _dolly_rows(Path(args.data), args.pairs + args.held_out, args.max_answer_chars)
-    pairs = build_pairs(
-        rows, base_dir, max_new_tokens=args.max_new_tokens, batch_size=args.generate_batch
-    )
-    random.Random(args.seed).shuffle(pairs)
     train_file, heldout_file = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
-    _write_jsonl(train_file, pairs[: args.pairs])
-    _write_jsonl(heldout_file, pairs[args.pairs :])
+    started = time.monotonic()
+    if not args.pairs_from:
+        rows = _dolly_rows(Path(args.data), args.pairs + args.held_out, args.max_answer_chars)
+        pairs = build_pairs(
+            rows, base_dir, max_new_tokens=args.max_new_tokens, batch_size=args.generate_batch
+        )
+        random.Random(args.seed).shuffle(pairs)
+        _write_jsonl(train_file, pairs[: args.pairs])
+        _write_jsonl(heldout_file, pairs[args.pairs :])
     build_seconds = time.monotonic() - started
+    n_train, n_held_out = (_count_lines(f) for f in (train_file, heldout_file))
     print(
-        f"# {len(pairs)} pairs from {Path(args.data).name} in {build_seconds:.0f} s: "
-        f"{args.pairs} to train on ({train_file}), {len(pairs) - args.pairs} held out",
+        f"# {n_train} pairs to train on ({train_file}), {n_held_out} held out "
+        f"({heldout_file}); built in {build_seconds:.0f} s",
         file=sys.stderr,
     )
     if args.build_only:
@@ -75,7 +78,7 @@ def main() -> None:
     result = _train(args, train_file, heldout_file, out_dir / "run", cache_dir)
     train_seconds = time.monotonic() - started
     before, after = result["metrics"]["initial"], result["metrics"]["final"]
-    print(f"\nheld-out pairs: {len(pairs) - args.pairs}; {result['steps']} steps")
+    print(f"\nheld-out pairs: {n_held_out}; {result['steps']} steps")
     print(f"{'figure':<22}{'base model':>12}{'after DPO':>12}")
     for name in FIGURES:
         print(f"{name.removeprefix('eval_'):<22}{before[name]:>12.4f}{after[name]:>12.4f}")
@@ -83,8 +86,8 @@ def main() -> None:
         json.dumps(
             {
                 "model": MODEL,
-                "train_pairs": args.pairs,
-                "held_out_pairs": len(pairs) - args.pairs,
+                "train_pairs": n_train,
+                "held_out_pairs": n_held_out,
                 "steps": result["steps"],
                 "beta": args.beta,
                 "learning_rate": result["spec"]["hyperparameters"]["learning_rate"],
@@ -186,6 +189,10 @@ def _train(
     return result.result
 
 
+def _count_lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -206,6 +213,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--cache-dir", help="where the dequantised model is cached")
     parser.add_argument("--build-only", metavar="OUT_DIR", help="write the files and stop")
+    parser.add_argument(
+        "--pairs-from", metavar="DIR", help="train on the files a --build-only run wrote"
+    )
     args = parser.parse_args()
     if not Path(args.data).is_file():
         parser.error(f"no Dolly file at {args.data} (the shared data beside the repository)")
