@@ -294,11 +294,11 @@ def test_the_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_di
     assert not torch.allclose(adapted, expected, atol=1e-3)
 
 
-def _train(tmp_path, tiny_registry, cache_dir, workdir, hooks=None, **kw):
+def _train(tmp_path, tiny_registry, cache_dir, workdir, hooks=None, hp=None, dropout=0.05, **kw):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     spec = {
         "model": "tiny-llama",
-        "method": {"type": "lora", "r": 4, "alpha": 8, "objective": DPO},
+        "method": {"type": "lora", "r": 4, "alpha": 8, "dropout": dropout, "objective": DPO},
         "validation_split": 0.25,
         "hyperparameters": {
             "n_epochs": 2,
@@ -307,7 +307,8 @@ def _train(tmp_path, tiny_registry, cache_dir, workdir, hooks=None, **kw):
             "max_seq_length": 64,
             "eval_every_steps": 3,
             "checkpoint_every_steps": 2,
-        },
+        }
+        | (hp or {}),
     }
     return train(
         spec,
@@ -374,6 +375,28 @@ def test_dpo_resumes_exactly(tmp_path, tiny_registry, cache_dir):
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         assert torch.equal(adapters[0][name], adapters[1][name]), name
+
+
+@pytest.mark.slow
+def test_a_step_cut_into_one_pair_a_forward_pass_is_the_same_step(
+    tmp_path, tiny_registry, cache_dir
+):
+    runs = {
+        budget: _train(
+            tmp_path, tiny_registry, cache_dir, str(budget), hp={"max_steps": 2},
+            dropout=0.0, tokens_per_forward=budget,  # dropout draws differ with the cut
+        )
+        for budget in (10_000, 60)  # a step in one forward pass / a pair (~80 tokens) in each
+    }  # fmt: skip
+
+    whole, cut = (_metrics(tmp_path / str(budget)) for budget in runs)
+    for a, b in zip(whole, cut, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert b[name] == pytest.approx(a[name], abs=1e-6), name
+    adapters = [load_file(run.output_dir / "adapter_model.safetensors") for run in runs.values()]
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, atol=1e-6, rtol=1e-5)
 
 
 ADAPTERS = sorted(m.type for m in METHODS.values() if m.disables_adapter)

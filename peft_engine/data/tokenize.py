@@ -33,6 +33,10 @@ class TokenizedExample:
     truncated: bool
 
     @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_loss_tokens(self) -> int:
         return sum(t != IGNORE for t in self.targets)
 
