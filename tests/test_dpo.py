@@ -294,6 +294,35 @@ def test_the_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_di
     assert not torch.allclose(adapted, expected, atol=1e-3)
 
 
+def test_evaluations_compute_the_reference_once_a_batch(tiny_model_dir, tiny_tokenizer):
+    examples = [Example(i + 1, DataFormat.PREFERENCE, r) for i, r in enumerate(PAIRS[:6])]
+    pairs = tokenize_pairs(examples, tiny_tokenizer, max_seq_length=128, param="f").examples
+    job = SimpleNamespace(spec=SimpleNamespace(method=SimpleNamespace(objective=DpoObjective())),
+                          pad_token_id=0)  # fmt: skip
+    model = _lora_model(tiny_model_dir)
+    randomise_lora_b(model)
+    disabled, enter = [], model.disable_adapter
+    model.disable_adapter = lambda: disabled.append(1) or enter()
+
+    def evaluate():
+        batches = [PREFERENCE.collate(pairs[i : i + 4], job) for i in (0, 4)]
+        return PREFERENCE.evaluate(model, batches, torch.device("cpu"), job)[0]
+
+    first = evaluate()
+    assert len(disabled) == 2  # once for each batch
+    assert evaluate() == first and len(disabled) == 2
+    with torch.no_grad():  # the trained model moves on: the reference does not
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(2.0)
+    moved = evaluate()
+    assert len(disabled) == 2 and moved != first
+    fresh = _lora_model(tiny_model_dir)  # computed afresh, the reference is the same
+    fresh.load_state_dict(model.state_dict())
+    batches = [PREFERENCE.collate(pairs[i : i + 4], job) for i in (0, 4)]
+    assert PREFERENCE.evaluate(fresh, batches, torch.device("cpu"), job)[0] == pytest.approx(moved)
+
+
 def _train(tmp_path, tiny_registry, cache_dir, workdir, hooks=None, hp=None, dropout=0.05, **kw):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     spec = {

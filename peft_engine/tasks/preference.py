@@ -14,9 +14,10 @@ where the log-probabilities are summed over the answer's tokens and ε is the la
 (conservative DPO; 0 is the paper's loss). With `sft_weight` w > 0 the preferred answer's
 mean next-token loss, times w, is added. The reference model is the base model itself: the
 same weights run with the adapter disabled (peft's `disable_adapter`) and without gradients,
-so there is no second copy of the model. The implicit rewards are β times each answer's
-log-ratio; the metrics are their means, their margin, how often the preferred answer's is
-the higher (reward accuracy), and the answers' log-probabilities.
+so there is no second copy of the model; an evaluation reuses the reference's figures of
+the batches an earlier one computed (they cannot change). The implicit rewards are β times
+each answer's log-ratio; the metrics are their means, their margin, how often the preferred
+answer's is the higher (reward accuracy), and the answers' log-probabilities.
 
 `n_loss_tokens` of a batch is its number of pairs, so the loop's normalisation makes a
 step's loss the mean over its pairs.
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,7 @@ class PreferenceBatch:
 
     sequences: Batch
     n_pairs: int
+    lines: tuple[int, ...] = ()  # the pairs' line numbers, in order
 
     @property
     def n_tokens(self) -> int:
@@ -84,7 +87,7 @@ class PreferenceBatch:
         return self.n_pairs
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(self.sequences.to(device), self.n_pairs)
+        return PreferenceBatch(self.sequences.to(device), self.n_pairs, self.lines)
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,22 @@ def sequence_log_probs(model: Any, batch: Batch) -> torch.Tensor:
     return -token_losses.view(targets.shape).sum(dim=1)
 
 
-def pair_terms(model: Any, batch: PreferenceBatch, objective: Any) -> PairTerms:
-    """DPO's loss and rewards for each pair; the reference is `model` with its adapter off."""
+def reference_log_probs(model: Any, batch: PreferenceBatch) -> torch.Tensor:
+    """The reference model's log-probabilities of the batch's answers: the base model, which
+    is `model` with its adapter disabled, without gradients."""
+    with torch.no_grad(), model.disable_adapter():
+        return sequence_log_probs(model, batch.sequences)
+
+
+def pair_terms(
+    model: Any, batch: PreferenceBatch, objective: Any, reference: torch.Tensor | None = None
+) -> PairTerms:
+    """DPO's loss and rewards for each pair; `reference` (computed when not given) holds the
+    reference model's log-probabilities of the answers."""
     n = batch.n_pairs
     policy = sequence_log_probs(model, batch.sequences)
-    with torch.no_grad(), model.disable_adapter():
-        reference = sequence_log_probs(model, batch.sequences)
+    if reference is None:
+        reference = reference_log_probs(model, batch)
     chosen_ratio = policy[:n] - reference[:n]
     rejected_ratio = policy[n:] - reference[n:]
     h = objective.beta * (chosen_ratio - rejected_ratio)
@@ -181,6 +194,10 @@ def pair_terms(model: Any, batch: PreferenceBatch, objective: Any) -> PairTerms:
     )
 
 
+# The reference's log-probabilities of each evaluated batch (by its pairs' lines), per
+# model: only the adapter trains, so the base model's never change during a run, and each
+# evaluation after the first runs the model once a batch instead of twice.
+_EVAL_REFERENCE: WeakKeyDictionary[Any, dict[tuple[int, ...], torch.Tensor]] = WeakKeyDictionary()
 _TERMS = ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
 
 
@@ -218,7 +235,8 @@ class PreferenceTask:
 
     def collate(self, examples: Sequence[PreferencePair], job: Any) -> PreferenceBatch:
         rows = [p.chosen for p in examples] + [p.rejected for p in examples]
-        return PreferenceBatch(pad(rows, job.pad_token_id), len(examples))
+        lines = tuple(p.line for p in examples)
+        return PreferenceBatch(pad(rows, job.pad_token_id), len(examples), lines)
 
     def loss(self, model: Any, batch: PreferenceBatch, job: Any) -> LossSum:
         terms = pair_terms(model, batch, job.spec.method.objective)
@@ -232,7 +250,13 @@ class PreferenceTask:
         was_training = model.training
         model.eval()
         objective = job.spec.method.objective
-        parts = [pair_terms(model, batch.to(device), objective) for batch in batches]
+        known = _EVAL_REFERENCE.setdefault(model, {})
+        parts = []
+        for batch in batches:
+            batch = batch.to(device)
+            if batch.lines not in known:
+                known[batch.lines] = reference_log_probs(model, batch)
+            parts.append(pair_terms(model, batch, objective, known[batch.lines]))
         model.train(was_training)
         every = {name: torch.cat([getattr(p, name) for p in parts]).float() for name in _TERMS}
         chosen, rejected = every["chosen_rewards"].mean(), every["rejected_rewards"].mean()
