@@ -25,6 +25,7 @@ step's loss the mean over its pairs.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,6 @@ class PreferenceBatch:
 
     sequences: Batch
     n_pairs: int
-    lines: tuple[int, ...] = ()  # the pairs' line numbers, in order
 
     @property
     def n_tokens(self) -> int:
@@ -87,7 +87,7 @@ class PreferenceBatch:
         return self.n_pairs
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(self.sequences.to(device), self.n_pairs, self.lines)
+        return PreferenceBatch(self.sequences.to(device), self.n_pairs)
 
 
 @dataclass(frozen=True)
@@ -194,10 +194,21 @@ def pair_terms(
     )
 
 
-# The reference's log-probabilities of each evaluated batch (by its pairs' lines), per
-# model: only the adapter trains, so the base model's never change during a run, and each
+# The reference's log-probabilities of each evaluated batch (by its content), per model:
+# only the adapter trains, so the base model's never change during a run, and each
 # evaluation after the first runs the model once a batch instead of twice.
-_EVAL_REFERENCE: WeakKeyDictionary[Any, dict[tuple[int, ...], torch.Tensor]] = WeakKeyDictionary()
+_EVAL_REFERENCE: WeakKeyDictionary[Any, dict[str, torch.Tensor]] = WeakKeyDictionary()
+
+
+def _batch_key(batch: PreferenceBatch) -> str:
+    """What identifies a batch's reference figures: its tokens and targets, exactly."""
+    digest = hashlib.sha256()
+    for tensor in (batch.sequences.input_ids, batch.sequences.targets):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 _TERMS = ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
 
 
@@ -235,8 +246,7 @@ class PreferenceTask:
 
     def collate(self, examples: Sequence[PreferencePair], job: Any) -> PreferenceBatch:
         rows = [p.chosen for p in examples] + [p.rejected for p in examples]
-        lines = tuple(p.line for p in examples)
-        return PreferenceBatch(pad(rows, job.pad_token_id), len(examples), lines)
+        return PreferenceBatch(pad(rows, job.pad_token_id), len(examples))
 
     def loss(self, model: Any, batch: PreferenceBatch, job: Any) -> LossSum:
         terms = pair_terms(model, batch, job.spec.method.objective)
@@ -253,10 +263,11 @@ class PreferenceTask:
         known = _EVAL_REFERENCE.setdefault(model, {})
         parts = []
         for batch in batches:
+            key = _batch_key(batch)
             batch = batch.to(device)
-            if batch.lines not in known:
-                known[batch.lines] = reference_log_probs(model, batch)
-            parts.append(pair_terms(model, batch, objective, known[batch.lines]))
+            if key not in known:
+                known[key] = reference_log_probs(model, batch)
+            parts.append(pair_terms(model, batch, objective, known[key]))
         model.train(was_training)
         every = {name: torch.cat([getattr(p, name) for p in parts]).float() for name in _TERMS}
         chosen, rejected = every["chosen_rewards"].mean(), every["rejected_rewards"].mean()
