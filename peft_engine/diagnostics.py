@@ -223,6 +223,11 @@ def preview(example: Example) -> str:
         text = " | ".join(f"{m['role']}: {m['content']}" for m in record["messages"])
     elif example.format is DataFormat.PROMPT_COMPLETION:
         text = f"{record['prompt']} → {record['completion']}"
+    elif example.format is DataFormat.PREFERENCE:
+        prompt = " | ".join(f"{m['role']}: {m['content']}" for m in record["input"]["messages"])
+        chosen = record["preferred_output"][0]["content"]
+        rejected = record["non_preferred_output"][0]["content"]
+        text = f"{prompt} → preferred: {chosen} | not: {rejected}"
     elif example.format is DataFormat.TOKEN_CLASSIFICATION:
         text = " ".join(record["tokens"])
     elif example.format is DataFormat.IMAGE_CLASSIFICATION:

@@ -17,7 +17,8 @@ The duration is the sum of four phases, each from the token counts and a `Throug
     checkpoint  the checkpoints the cadence writes, plus the output, x seconds per checkpoint
 
 Classification text is counted as the model's encoder sees it (special tokens, and a
-text_a/text_b pair as one pair); token classification as its words joined by spaces.
+text_a/text_b pair as one pair); token classification as its words joined by spaces; a
+preference pair as its two conversations (the prompt with each answer: both are trained).
 Image classification has no tokens: each image counts as one, so its "tokens" are
 examples (see `_token_counter`).
 """
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft_engine.data.formats import DataFormat, Example
+from peft_engine.data.formats import DataFormat, Example, preference_conversations
 from peft_engine.errors import SpecError
 from peft_engine.jsonfile import read_json_object
 from peft_engine.models.loading import model_dir, read_model_info
@@ -251,6 +252,12 @@ def _token_counter(path: Path | None) -> TokenCounter:
         if example.format is DataFormat.CHAT and template is not None:
             text = template.render(messages=record["messages"], add_generation_prompt=False)
             return len(tokenizer.encode(text, add_special_tokens=False).ids)
+        if example.format is DataFormat.PREFERENCE and template is not None:  # both answers
+            texts = [
+                template.render(messages=messages, add_generation_prompt=False)
+                for messages in preference_conversations(record)
+            ]
+            return sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts)
         if example.format is DataFormat.PROMPT_COMPLETION:
             prompt = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
             completion = tokenizer.encode(record["completion"], add_special_tokens=False).ids
@@ -302,6 +309,9 @@ def _example_text(example: Example) -> str:
     record = example.record
     if example.format is DataFormat.CHAT:
         return "\n".join(str(m.get("content") or "") for m in record["messages"])
+    if example.format is DataFormat.PREFERENCE:  # the prompt once with each answer
+        conversations = preference_conversations(record)
+        return "\n".join(str(m.get("content") or "") for c in conversations for m in c)
     if example.format is DataFormat.PROMPT_COMPLETION:
         return record["prompt"] + record["completion"]
     if example.format is DataFormat.TOKEN_CLASSIFICATION:

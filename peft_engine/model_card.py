@@ -16,6 +16,8 @@ _METRICS = {
     "seq_classification": ("eval_loss", "accuracy", "macro_f1"),
     "token_classification": ("eval_loss", "entity_f1", "entity_precision", "entity_recall"),
     "image_classification": ("eval_loss", "accuracy", "macro_f1"),
+    # a causal LM tuned on preference pairs (method.objective dpo)
+    "preference": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logps_margin"),
 }
 
 
@@ -50,7 +52,7 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 ## Evaluation
 
-{_metrics_table(result["metrics"], spec.task)}
+{_metrics_table(result["metrics"], _metrics_kind(spec))}
 {_labels(result)}
 ## Loading
 
@@ -58,6 +60,11 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 `result.json` holds every figure above; `metrics.jsonl` the per-step series.
 """
+
+
+def _metrics_kind(spec: Any) -> str:
+    """Which headline metrics the card shows: the task's, or preference tuning's."""
+    return "preference" if spec.method.objective.type == "dpo" else spec.task
 
 
 def _examples(result: dict[str, Any], max_seq_length: int) -> str:

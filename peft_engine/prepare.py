@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_engine.data.formats import TASK_FORMATS, Example, read_examples
+from peft_engine.data.formats import (
+    PREFERENCE_OBJECTIVES,
+    DataFormat,
+    Example,
+    job_formats,
+    read_examples,
+)
 from peft_engine.errors import DataError, SpecError
 from peft_engine.hooks import Event
 from peft_engine.methods import MethodDef, method_for
@@ -72,7 +78,7 @@ class PreparedJob:
 def prepare_job(
     spec: JobSpec, data: DataPaths, *, registry: ModelRegistry, cache_dir: Path
 ) -> PreparedJob:
-    from peft_engine.tasks import task_for
+    from peft_engine.tasks import task_of
 
     entry = registry.get(spec.model)
     check_support(spec, entry)
@@ -83,7 +89,7 @@ def prepare_job(
 
     train_examples, validation_examples = read_job_examples(spec, data)
     cap = resolve_max_seq_length(spec.hyperparameters, limits)
-    prepared = task_for(spec.task).prepare(
+    prepared = task_of(spec).prepare(
         spec,
         train_examples,
         validation_examples,
@@ -116,10 +122,10 @@ def prepare_job(
 def read_job_examples(spec: JobSpec, data: DataPaths) -> tuple[list[Example], list[Example]]:
     """The training and evaluation examples: the validation file's, or a held-out split."""
     train_examples = read_examples(data.train, param="training_file")
-    check_format(spec.task, train_examples, "training_file")
+    check_format(spec, train_examples, "training_file")
     if data.validation is not None:
         validation = read_examples(data.validation, param="validation_file")
-        check_format(spec.task, validation, "validation_file")
+        check_format(spec, validation, "validation_file")
         return train_examples, validation
     return split_validation(train_examples, spec.validation_split, seed=spec.hyperparameters.seed)
 
@@ -140,15 +146,29 @@ def split_validation(
     )
 
 
-def check_format(task: str, examples: list[Example], param: str) -> None:
-    """The file's format must be one the task trains on (a file holds one format)."""
-    found = examples[0].format
-    if found not in TASK_FORMATS[task]:
-        wanted = " or ".join(str(f) for f in TASK_FORMATS[task])
-        raise DataError(
-            f"the file is in {found} format, but task {task} trains on {wanted} data",
-            param=param,
+def check_format(spec: JobSpec, examples: list[Example], param: str) -> None:
+    """The file's format must be one the task trains on with the method's objective (a file
+    holds one format): preference pairs for DPO, and for nothing else."""
+    found, objective = examples[0].format, spec.method.objective.type
+    wanted = job_formats(spec.task, objective)
+    if found in wanted:
+        return
+    if found is DataFormat.PREFERENCE:
+        message = (
+            "the file holds preference pairs, which train with a preference objective: "
+            'set method.objective to {"type": "dpo"}'
         )
+    elif objective in PREFERENCE_OBJECTIVES:
+        message = (
+            f"the file is in {found} format, but method.objective {objective} trains on "
+            "preference data (input, preferred_output, non_preferred_output)"
+        )
+    else:
+        message = (
+            f"the file is in {found} format, but task {spec.task} trains on "
+            f"{' or '.join(wanted)} data"
+        )
+    raise DataError(message, param=param)
 
 
 def check_support(spec: JobSpec, entry: ModelEntry) -> None:
@@ -181,12 +201,12 @@ def check_family(method: MethodDef, family: str) -> None:
 
 def prepared_events(job: PreparedJob) -> list[Event]:
     """What was prepared: examples, tokens, the resolved schedule, and what was cut."""
-    from peft_engine.tasks import task_for
+    from peft_engine.tasks import task_of
 
     hp = job.spec.hyperparameters
     train = job.train
-    unit = task_for(job.spec.task).unit
-    with_loss = "with loss" if unit == "tokens" else f"{unit} with labels"
+    unit = task_of(job.spec).unit
+    with_loss = {"tokens": "with loss", "pairs": "pairs"}.get(unit, f"{unit} with labels")
     labels = f"; {len(job.labels)} labels" if job.labels else ""
     events = [
         Event(

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from peft_engine.data.formats import PREFERENCE_OBJECTIVES
 from peft_engine.errors import SpecError
 from peft_engine.methods import METHODS
 from peft_engine.methods.lora import LoraMethod
@@ -148,6 +149,40 @@ def check_spec(spec: JobSpec) -> None:
             "examples cannot be packed; set packing to false",
             param="hyperparameters.packing",
         )
+    if spec.method.objective.type in PREFERENCE_OBJECTIVES:
+        check_preference_spec(spec)
+
+
+def check_preference_spec(spec: JobSpec) -> None:
+    """A preference objective (DPO) compares the model with the base model, which it gets
+    by disabling the adapter: a causal LM, an adapter that can be disabled, a base model
+    left as it was, and pairs padded side by side (never packed)."""
+    objective = spec.method.objective.type
+    if spec.task != "causal_lm":
+        raise SpecError(
+            f"{objective} trains causal_lm only, not {spec.task}", param="method.objective"
+        )
+    if not METHODS[spec.method.type].disables_adapter:
+        able = ", ".join(m.type for m in METHODS.values() if m.disables_adapter)
+        raise SpecError(
+            f"{objective} compares the model with the base model, which it gets by disabling "
+            f"the adapter, and method {spec.method.type!r} has no adapter to disable; "
+            f"use one of {able}",
+            param="method.type",
+        )
+    if getattr(spec.method, "init", None) in ("pissa", "olora"):
+        raise SpecError(
+            f"init {spec.method.init!r} changes the base weights, so disabling the adapter "
+            f"would not give the base model that {objective} compares with",
+            param="method.init",
+        )
+    hp = spec.hyperparameters
+    if hp.packing and "packing" in hp.model_fields_set:
+        raise SpecError(
+            f"{objective} runs each pair's two answers side by side, padded, so examples "
+            "cannot be packed; set packing to false",
+            param="hyperparameters.packing",
+        )
 
 
 def spec_error_from(exc: ValidationError) -> SpecError:
@@ -157,6 +192,8 @@ def spec_error_from(exc: ValidationError) -> SpecError:
         loc = err["loc"]
         if loc[:1] == ("method",) and len(loc) > 1:
             loc = ("method", *loc[2:])  # drop the union tag pydantic inserts ("lora")
+        if loc[:2] == ("method", "objective") and len(loc) > 2:
+            loc = ("method", "objective", *loc[3:])  # and the objective's ("dpo")
         field = ".".join(str(p) for p in loc if not _is_union_branch(p))
         message = _friendly_message(err)
         if field not in by_field or by_field[field].startswith("Input should be 'auto'"):
@@ -170,10 +207,20 @@ def spec_error_from(exc: ValidationError) -> SpecError:
 def _friendly_message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field"
+    if err["loc"][-1:] == ("objective",):
+        return _objective_message(err)
     if err["type"] == "union_tag_invalid":
         return f"unknown method {err['input'].get('type')!r}; supported: {', '.join(METHOD_TYPES)}"
     if err["type"] == "union_tag_not_found":
         return 'must be an object such as {"type": "lora", "r": 16}'
+    return err["msg"]
+
+
+def _objective_message(err: Any) -> str:
+    if err["type"] == "union_tag_invalid":
+        return f"unknown objective {err['input'].get('type')!r}; supported: sft, dpo"
+    if err["type"] == "union_tag_not_found":
+        return 'must be an object such as {"type": "dpo", "beta": 0.1}'
     return err["msg"]
 
 
@@ -267,9 +314,13 @@ def resolve_spec(
             )
         batch_size = stats.n_train
     learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
-    # Only causal LM packs examples, and never with virtual tokens in front of each.
+    # Only causal LM packs examples, never with virtual tokens in front of each, and never
+    # preference pairs (padded side by side).
     packing = (
-        hp.packing and spec.task == "causal_lm" and not METHODS[spec.method.type].needs_padding
+        hp.packing
+        and spec.task == "causal_lm"
+        and not METHODS[spec.method.type].needs_padding
+        and spec.method.objective.type not in PREFERENCE_OBJECTIVES
     )
     plateau = hp.reduce_on_plateau
     if hp.lr_scheduler == "reduce_on_plateau":

@@ -45,7 +45,7 @@ from peft_engine.schedule import (
     scheduler_state,
 )
 from peft_engine.spec import JobSpec, parse_spec
-from peft_engine.tasks import task_for
+from peft_engine.tasks import task_of
 from peft_engine.tasks.base import Task
 
 
@@ -126,7 +126,7 @@ def train(
         hooks.on_event(event)
 
     # 2. Model: the base weights and the task's head, then the method (seeded init).
-    task = task_for(job.spec.task)
+    task = task_of(job.spec)
     device, dtype = select_device()
     model, weights, method_trainer = _build_model(job, task, device, dtype)
 

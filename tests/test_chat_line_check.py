@@ -39,6 +39,7 @@ TYPICAL = [
     _chat({"role": "tool", "content": "{}"}, REPLY),
     _chat(USER, {**REPLY, "content": "équipe, 東京 ✓"}),
     _chat(USER, REPLY, prompt="ignored: 'messages' makes it chat"),
+    _chat(USER, REPLY, input={"messages": []}, preferred_output="ignored, as for prompt"),
     b"  " + _chat(USER, REPLY) + b" \r",
 ]
 

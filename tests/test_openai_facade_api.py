@@ -23,6 +23,7 @@ from openai.types.fine_tuning import FineTuningJob as ClientJob
 from api.openai.objects import STATUS, FineTuningJob, learning_rate_multiplier
 from api.openai.requests import JobCreate, translate
 from tests.api_helpers import TRAIN_ROWS, assert_problem, deployed_api, jsonl
+from tests.preference_helpers import PAIRS
 from tests.service_fixtures import auth
 from tests.test_api_access import app_endpoints
 from tuneq.errors import InvalidRequest
@@ -159,10 +160,38 @@ def test_a_native_method_and_native_fields_pass_through_the_extension():
     assert translation.param("hyperparameters.packing") == "tuneq.hyperparameters.packing"
 
 
+def test_openais_dpo_is_the_dpo_objective_on_the_native_method():
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2,
+                                                     "learning_rate_multiplier": 0.5}}}  # fmt: skip
+    for extension, method in (
+        ({}, {}),
+        ({"tuneq": {"method": {"type": "loha", "r": 8}}}, {"type": "loha", "r": 8}),
+    ):
+        translation = translate(JobCreate(model="m", training_file="f", method=dpo, **extension))
+
+        objective = {"type": "dpo", "beta": 0.2}
+        assert translation.body["method"] == method | {"objective": objective}
+        assert translation.body["hyperparameters"]["n_epochs"] == 2
+        assert translation.param("method.objective.beta") == "method.dpo.hyperparameters.beta"
+    assert translation.body["hyperparameters"]["learning_rate"] == pytest.approx(0.5 * 2e-4)
+
+
+def test_a_dpo_job_shows_openais_dpo_method_with_its_beta():
+    method = {"type": "lora", "r": 4, "objective": {"type": "dpo", "beta": 0.2}}
+
+    shown = FineTuningJob.of(_native_job("queued", method=method), organization_id="team-1")
+    job = ClientJob.model_validate(shown.model_dump(mode="json"))
+
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.method.dpo.hyperparameters.learning_rate_multiplier == 0.5
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.type"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+        ({"method": {"type": "dpo"}, "tuneq": {"method": {"objective": {"type": "dpo"}}}},
+         "tuneq.method.objective"),
         ({"method": {"type": "reinforcement"}}, "method.type"),
         ({"method": {"type": "lora"}}, "method.type"),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
@@ -278,6 +307,20 @@ def test_create_retrieve_pause_resume_and_cancel_a_job(world):
     assert world.a.fine_tuning.jobs.checkpoints.list(job.id).data == []
 
 
+def test_a_dpo_job_trains_on_a_preference_file(world):
+    pairs = world.a.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="fine-tune")
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 1}}}
+
+    job = world.a.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=pairs.id, method=dpo, extra_body={"tuneq": NATIVE}
+    )
+
+    assert pairs.tuneq["format"] == "preference" and job.status == "queued"
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
+    assert job.tuneq["method"]["objective"]["type"] == "dpo"
+    assert job.tuneq["hyperparameters"]["packing"] is False
+
+
 def test_the_jobs_list_pages_newest_first(world):
     file_id = _train_file(world.b)
     ids = [_create(world.b, file_id).id for _ in range(3)]
@@ -296,7 +339,16 @@ def test_an_invalid_spec_is_a_bad_request_naming_the_field_as_sent(world):
     cases = [
         ({"method": supervised}, "method.supervised.hyperparameters.n_epochs"),
         ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "dpo"}}, "training_file"),  # chat data, not preference pairs
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "method.dpo.hyperparameters.beta",
+        ),
+        (
+            {"method": {"type": "dpo"}, "extra_body": {"tuneq": {"method": {"type": "full"}}}},
+            "tuneq.method.type",
+        ),
         ({"extra_body": {"tuneq": {"method": {"type": "lora", "r": 0}}}}, "tuneq.method.r"),
         ({"extra_body": {"tuneq": {"colour": "blue"}}}, "tuneq.colour"),
         ({"model": "no-such-model"}, "model"),

@@ -118,10 +118,7 @@ class FineTuningJob(BaseModel):
             training_file=native["training_file"],
             validation_file=native["validation_file"],
             hyperparameters=hyperparameters,
-            method={
-                "type": "supervised",
-                "supervised": {"hyperparameters": hyperparameters.model_dump()},
-            },
+            method=openai_method(native["method"], hyperparameters),
             result_files=[],  # the adapter is an artifact, not a file: see ADAPTER_PATH
             trained_tokens=native["trained_tokens"],
             estimated_finish=_estimated_finish(native),
@@ -130,6 +127,16 @@ class FineTuningJob(BaseModel):
             integrations=[],
             tuneq=native,
         )
+
+
+def openai_method(method: dict[str, Any], hyperparameters: Hyperparameters) -> dict[str, Any]:
+    """The job's method as OpenAI names it: "dpo" for the DPO objective (with its beta),
+    "supervised" for everything else."""
+    shown = hyperparameters.model_dump()
+    objective = method.get("objective") or {}
+    if objective.get("type") == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {**shown, "beta": objective["beta"]}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": shown}}
 
 
 def learning_rate_multiplier(method: dict[str, Any], learning_rate: float) -> float:

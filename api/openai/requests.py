@@ -10,7 +10,9 @@ A value set in both places is refused, never silently chosen.
   `n_epochs` and `batch_size` as they are; `learning_rate_multiplier` m sets the learning
   rate to m times the method's default (what "auto" resolves to for that method).
 - `method.type` "supervised" is tuneq's training (LoRA unless `tuneq.method` says
-  otherwise); "dpo" and "reinforcement" are refused, naming `method.type`.
+  otherwise); "dpo" is the same with `method.objective` {"type": "dpo"} (preference pairs
+  in the training file), its hyperparameters from `method.dpo.hyperparameters` (`beta` is
+  the objective's); "reinforcement" is refused, naming `method.type`.
 - `seed` is `hyperparameters.seed`; `suffix`, `metadata`, `validation_file` as they are;
   `integrations` must be empty (tuneq reports to no third party).
 
@@ -21,6 +23,7 @@ Errors name the field as the request named it: `Translation.param` maps a native
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from peft_engine.methods import METHODS
 from tuneq.errors import ErrorItem, InvalidRequest, TuneqError, field_error
 
 EXTENSION = "tuneq"
-_SUPERVISED_HYPERPARAMETERS = "method.supervised.hyperparameters"
+_METHOD_TYPES = ("supervised", "dpo")
 
 
 class _Strict(BaseModel):
@@ -50,11 +53,19 @@ class SupervisedMethod(_Strict):
     hyperparameters: SupervisedHyperparameters | None = None
 
 
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: Any = None  # taken as sent, like the others: the native spec checks it
+
+
+class DpoMethod(_Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(_Strict):
     type: str
     supervised: SupervisedMethod | None = None
-    # Accepted as sent, so that the refusal names `method.type` rather than their fields.
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
+    # Accepted as sent, so that the refusal names `method.type` rather than its fields.
     reinforcement: dict[str, Any] | None = None
 
 
@@ -131,8 +142,10 @@ def translate(request: JobCreate) -> Translation:
             out.set(f"hyperparameters.{name}", value, f"{origin}.{name}")
     if request.seed is not None:
         out.set("hyperparameters.seed", request.seed, "seed")
-    extension = request.tuneq or {}
+    extension = copy.deepcopy(request.tuneq or {})
     _merge(out, extension, prefix="")
+    if request.method is not None and request.method.type == "dpo":
+        _dpo_objective(out, origin, hyperparameters)
     multiplier = hyperparameters.learning_rate_multiplier
     if multiplier not in (None, "auto"):
         origin_of_rate = f"{origin}.learning_rate_multiplier"
@@ -149,26 +162,43 @@ def translate(request: JobCreate) -> Translation:
 
 
 def _hyperparameters(request: JobCreate) -> tuple[str, SupervisedHyperparameters]:
-    """OpenAI's hyperparameters, from `method.supervised` or the deprecated top level."""
+    """OpenAI's hyperparameters, from `method.supervised` (or `method.dpo`) or the
+    deprecated top level."""
     method = request.method
-    if method is not None and method.type != "supervised":
-        if method.type in ("dpo", "reinforcement"):
-            message = f"tuneq trains supervised only, not {method.type}"
+    if method is not None and method.type not in _METHOD_TYPES:
+        if method.type == "reinforcement":
+            message = "tuneq trains supervised or dpo only, not reinforcement"
         else:
             message = (
-                f"unknown method type {method.type!r}; send 'supervised', and choose "
+                f"unknown method type {method.type!r}; send 'supervised' or 'dpo', and choose "
                 f'a native method with {{"{EXTENSION}": {{"method": {{"type": ...}}}}}}'
             )
         raise field_error("method.type", message)
-    nested = method.supervised.hyperparameters if method and method.supervised else None
+    nested, where = None, None
+    if method is not None:
+        for other in set(_METHOD_TYPES) - {method.type}:
+            if getattr(method, other) is not None:
+                raise field_error(f"method.{other}", f"method.type is {method.type!r}")
+        section = getattr(method, method.type)
+        nested = section.hyperparameters if section else None
+        where = f"method.{method.type}.hyperparameters"
     if nested is not None and request.hyperparameters is not None:
-        raise field_error(
-            "hyperparameters",
-            f"set either hyperparameters or {_SUPERVISED_HYPERPARAMETERS}, not both",
-        )
-    if nested is not None:
-        return _SUPERVISED_HYPERPARAMETERS, nested
+        raise field_error("hyperparameters", f"set either hyperparameters or {where}, not both")
+    if nested is not None and where is not None:
+        return where, nested
     return "hyperparameters", request.hyperparameters or SupervisedHyperparameters()
+
+
+def _dpo_objective(out: Translation, origin: str, hyperparameters: Any) -> None:
+    """OpenAI's DPO as the native objective, on the method (LoRA unless the extension gives
+    one); the extension may not give the method an objective of its own."""
+    method = out.body.get("method")
+    if isinstance(method, dict) and "objective" in method:
+        raise _twice("method.objective", "method.type")
+    out.set("method.objective", {"type": "dpo"}, origin)
+    beta = getattr(hyperparameters, "beta", None)
+    if beta not in (None, "auto"):
+        out.set("method.objective.beta", beta, f"{origin}.beta")
 
 
 def _merge(out: Translation, extension: dict[str, Any], *, prefix: str) -> None:

@@ -18,6 +18,7 @@ class DataFormat(StrEnum):
     CLASSIFICATION = "classification"
     TOKEN_CLASSIFICATION = "token_classification"
     IMAGE_CLASSIFICATION = "image_classification"
+    PREFERENCE = "preference"  # a prompt with a preferred and a non-preferred answer (DPO)
 
 
 @dataclass(frozen=True)

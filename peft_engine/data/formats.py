@@ -27,13 +27,25 @@ from peft_engine.errors import DataError, LineError
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_ERRORS = 20
 
-# The data formats each task trains on.
+# The data formats each task trains on (with the default objective, "sft").
 TASK_FORMATS: dict[str, tuple[DataFormat, ...]] = {
     "causal_lm": (DataFormat.CHAT, DataFormat.PROMPT_COMPLETION, DataFormat.TEXT),
     "seq_classification": (DataFormat.CLASSIFICATION,),
     "token_classification": (DataFormat.TOKEN_CLASSIFICATION,),
     "image_classification": (DataFormat.IMAGE_CLASSIFICATION,),
 }
+# The objectives that learn from preference pairs (method.objective.type), and their format.
+PREFERENCE_OBJECTIVES = ("dpo",)
+# The outputs of a preference example, each one assistant message.
+PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
+
+
+def job_formats(task: str, objective: str) -> tuple[DataFormat, ...]:
+    """The data formats a job of `task` trains on with the method's `objective`."""
+    if objective in PREFERENCE_OBJECTIVES:
+        return (DataFormat.PREFERENCE,)
+    return TASK_FORMATS[task]
+
 
 _TAG = re.compile(r"O|[BI]-\S+")
 
@@ -173,8 +185,10 @@ def _example(record: dict[str, Any], number: int) -> Example:
 
 
 def detect_format(record: dict[str, Any]) -> DataFormat:
-    if "messages" in record:
+    if "messages" in record:  # first: the upload's compiled chat check decides so too
         return DataFormat.CHAT
+    if "input" in record or any(key in record for key in PREFERENCE_OUTPUTS):
+        return DataFormat.PREFERENCE
     if "prompt" in record or "completion" in record:
         return DataFormat.PROMPT_COMPLETION
     if "tokens" in record or "tags" in record:
@@ -189,7 +203,8 @@ def detect_format(record: dict[str, Any]) -> DataFormat:
     raise _LineProblem(
         f"unknown format (keys: {keys}); expected 'messages' (chat), "
         "'prompt' and 'completion', 'text', 'text' and 'label' (classification), "
-        "'tokens' and 'tags' (token classification) or 'image' and 'label'"
+        "'tokens' and 'tags' (token classification), 'image' and 'label', or 'input', "
+        "'preferred_output' and 'non_preferred_output' (preference)"
     )
 
 
@@ -222,6 +237,58 @@ def _validate_message(message: Any, where: str) -> None:
     weight = message.get("weight")
     if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
         raise _LineProblem(f"must be 0 or 1, found {weight!r}", f"{where}.weight")
+
+
+def _validate_preference(record: dict[str, Any]) -> None:
+    """OpenAI's preference format: `input.messages` (the conversation so far; other members
+    of `input`, such as `tools`, are allowed), then `preferred_output` and
+    `non_preferred_output`, each a list of one assistant message."""
+    if "input" not in record:
+        raise _LineProblem("missing", "input")
+    prompt = record["input"]
+    if not isinstance(prompt, dict):
+        raise _LineProblem(f"expected an object, found {_json_type(prompt)}", "input")
+    if "messages" not in prompt:
+        raise _LineProblem("missing", "input.messages")
+    messages = prompt["messages"]
+    if not isinstance(messages, list):
+        raise _LineProblem(f"expected a list, found {_json_type(messages)}", "input.messages")
+    if not messages:
+        raise _LineProblem("the conversation is empty", "input.messages")
+    for index, message in enumerate(messages):
+        where = f"input.messages[{index}]"
+        _validate_message(message, where)
+        if "weight" in message:  # the loss is on the two outputs, by definition
+            raise _LineProblem("weights apply to chat data, not to preference pairs", where)
+    outputs = [_preference_output(record, key) for key in PREFERENCE_OUTPUTS]
+    if outputs[0] == outputs[1]:
+        raise _LineProblem(
+            "is the same as preferred_output: nothing to prefer", "non_preferred_output[0]"
+        )
+
+
+def preference_conversations(record: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """A valid preference record's two conversations: the input's messages followed by the
+    preferred output, and by the non-preferred one."""
+    return [[*record["input"]["messages"], *record[key]] for key in PREFERENCE_OUTPUTS]
+
+
+def _preference_output(record: dict[str, Any], key: str) -> str:
+    """The content of the output `key`: a list of one assistant message."""
+    if key not in record:
+        raise _LineProblem("missing", key)
+    output = record[key]
+    if not isinstance(output, list):
+        raise _LineProblem(f"expected a list, found {_json_type(output)}", key)
+    if len(output) != 1:
+        raise _LineProblem(f"expected one assistant message, found {len(output)}", key)
+    where = f"{key}[0]"
+    _validate_message(output[0], where)
+    if output[0]["role"] != "assistant":
+        raise _LineProblem(f"must be 'assistant', found {output[0]['role']!r}", f"{where}.role")
+    if "weight" in output[0]:
+        raise _LineProblem("weights apply to chat data, not to preference pairs", where)
+    return output[0]["content"]
 
 
 def _validate_prompt_completion(record: dict[str, Any]) -> None:
@@ -313,4 +380,5 @@ _VALIDATORS = {
     DataFormat.CLASSIFICATION: _validate_classification,
     DataFormat.TOKEN_CLASSIFICATION: _validate_token_classification,
     DataFormat.IMAGE_CLASSIFICATION: _validate_image_classification,
+    DataFormat.PREFERENCE: _validate_preference,
 }

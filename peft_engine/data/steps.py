@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from peft_engine.tasks.base import Task
 
 
+# Tasks whose loss is a sum over whole examples, with no batch statistics: a micro-batch
+# cut into pieces gives the same step (the loop divides by the step's loss items).
+CUT_BY_TOKENS = ("causal_lm", "preference")
+
+
 def step_micro_batches(
     job: PreparedJob,
     step: int,
@@ -25,8 +30,9 @@ def step_micro_batches(
     """The micro-batches of optimizer step `step` (1-based), fixed by seed and step alone.
 
     With `tokens_per_forward`, a causal-LM micro-batch is cut into consecutive runs of
-    whole examples of at most that many tokens (an example longer than it goes alone).
-    Other tasks are not cut: a batch-norm body sees the batch it was configured with.
+    whole examples of at most that many tokens (an example longer than it goes alone; a
+    preference pair counts both its answers). Other tasks are not cut: a batch-norm body
+    sees the batch it was configured with.
     """
     hp = job.spec.hyperparameters
     epoch, index_in_epoch = divmod(step - 1, hp.steps_per_epoch)
@@ -35,7 +41,7 @@ def step_micro_batches(
     groups = micro_batches(examples, order, hp.batch_size)
     first = index_in_epoch * hp.gradient_accumulation_steps
     groups = groups[first : first + hp.gradient_accumulation_steps]
-    if tokens_per_forward and task.name == "causal_lm":
+    if tokens_per_forward and task.name in CUT_BY_TOKENS:
         groups = [piece for group in groups for piece in split_by_tokens(group, tokens_per_forward)]
     return [task.collate(group, job) for group in groups]
 
@@ -46,7 +52,7 @@ def split_by_tokens(examples: list[Any], budget: int) -> list[list[Any]]:
     current: list[Any] = []
     tokens = 0
     for example in examples:
-        length = len(example.input_ids)
+        length = example.n_tokens
         if current and tokens + length > budget:
             pieces.append(current)
             current, tokens = [], 0

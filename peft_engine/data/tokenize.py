@@ -33,6 +33,10 @@ class TokenizedExample:
     truncated: bool
 
     @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_loss_tokens(self) -> int:
         return sum(t != IGNORE for t in self.targets)
 
@@ -68,7 +72,7 @@ def tokenize_dataset(
             example, tokenizer, train_on_inputs=train_on_inputs, param=param
         )
         longest = max(longest, len(ids))
-        tokenized = _truncate_and_shift(example.line, ids, mask, max_seq_length)
+        tokenized = truncate_and_shift(example.line, ids, mask, max_seq_length)
         truncated += tokenized.truncated
         if tokenized.n_loss_tokens == 0:
             dropped += 1
@@ -175,7 +179,7 @@ def _render(
         ) from None
 
 
-def _truncate_and_shift(
+def truncate_and_shift(
     line: int, ids: list[int], mask: list[bool], max_seq_length: int
 ) -> TokenizedExample:
     truncated = len(ids) > max_seq_length

@@ -162,6 +162,7 @@ register(
         spec=AdaLoraMethod,
         build=build_adalora,
         tasks=TEXT_TASKS,
+        disables_adapter=True,
         default_learning_rate=lambda spec: 5e-4,
         trainer=lambda model, spec, hp, task: AdaLoraTrainer(model, spec, hp, task),
         weights=ADALORA_ADAPTER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 # A method's target layers: "all-linear" (every linear layer but the output head) or names.
 TargetModules = Literal["all-linear"] | Annotated[list[str], Field(min_length=1)]
@@ -104,8 +104,48 @@ class MethodTrainer:
         return None
 
 
+class SftObjective(BaseModel):
+    """Supervised fine-tuning: the task's own loss (next-token loss for causal_lm)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["sft"] = "sft"
+
+
+class DpoObjective(BaseModel):
+    """Direct preference optimisation (Rafailov et al. 2023) on preference pairs.
+
+    The reference model is the base model with the adapter disabled, so only methods whose
+    adapter can be switched off (`MethodDef.disables_adapter`) train with it. `beta` is how
+    far from the reference the policy may move (the reward's scale); `label_smoothing` the
+    share of pairs taken to be mislabelled (conservative DPO, 0 = plain DPO); `sft_weight`
+    adds that times the preferred answer's next-token loss (per token) to each pair's loss.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0, le=10.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0.0, le=10.0)
+
+
+def _objective_type(value: Any) -> Any:
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+Objective = Annotated[
+    Annotated[SftObjective, Tag("sft")] | Annotated[DpoObjective, Tag("dpo")],
+    Discriminator(_objective_type),
+]
+OBJECTIVE_TYPES = ("sft", "dpo")
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # What the method's parameters are trained for: the task's loss, or a preference loss.
+    objective: Objective = SftObjective()
 
 
 class PeftMethodSpec(MethodSpec):

@@ -22,6 +22,7 @@ register(
         spec=Ia3Method,
         build=build_peft,
         tasks=TEXT_TASKS,
+        disables_adapter=True,
         default_learning_rate=lambda spec: 3e-3,  # scaling vectors need large steps
     )
 )

@@ -21,6 +21,7 @@ register(
         spec=LohaMethod,
         build=build_peft,
         tasks=TEXT_TASKS,
+        disables_adapter=True,
         default_learning_rate=lambda spec: 2e-4,
     )
 )

@@ -21,6 +21,7 @@ register(
         spec=LokrMethod,
         build=build_peft,
         tasks=TEXT_TASKS,
+        disables_adapter=True,
         default_learning_rate=lambda spec: 1e-3,
     )
 )

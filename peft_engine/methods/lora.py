@@ -76,6 +76,7 @@ register(
         spec=LoraMethod,
         build=build_lora,
         tasks=ALL_TASKS,
+        disables_adapter=True,
         # LoRA's usual rate; large ranks make bigger updates, so a smaller step.
         default_learning_rate=lambda spec: 2e-4 if spec.r <= 64 else 1e-4,
     )

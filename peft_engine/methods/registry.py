@@ -30,6 +30,9 @@ class MethodDef:
     families: tuple[str, ...] | None = None
     # Methods that put virtual tokens in front of the input cannot pack examples in one row.
     needs_padding: bool = False
+    # The model it builds runs as the base model exactly with its adapter disabled (peft's
+    # `disable_adapter`): preference objectives use that as their reference model.
+    disables_adapter: bool = False
     # trainer(model, spec, hyperparameters, task) -> a MethodTrainer, for methods that act during
     # training (a rank budget, an unfreezing schedule, per-group learning rates).
     trainer: Callable[[Any, Any, Any], Any] | None = None

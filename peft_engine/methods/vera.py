@@ -28,6 +28,7 @@ register(
         spec=VeraMethod,
         build=build_peft,
         tasks=TEXT_TASKS,
+        disables_adapter=True,
         default_learning_rate=lambda spec: 4e-3,  # only scaling vectors train
     )
 )

@@ -1,11 +1,24 @@
-"""The tasks the engine trains, chosen by name; what each supplies is `tasks.base.Task`."""
+"""The tasks the engine trains, chosen by name (and for a job, by its method's objective
+too); what each supplies is `tasks.base.Task`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peft_engine.data.formats import PREFERENCE_OBJECTIVES
+
 if TYPE_CHECKING:
+    from peft_engine.spec import JobSpec
     from peft_engine.tasks.base import Task
+
+
+def task_of(spec: JobSpec) -> Task:
+    """The task a job trains: its task's, or preference tuning for a preference objective."""
+    if spec.method.objective.type in PREFERENCE_OBJECTIVES:
+        from peft_engine.tasks.preference import PREFERENCE
+
+        return PREFERENCE
+    return task_for(spec.task)
 
 
 def task_for(name: str) -> Task:

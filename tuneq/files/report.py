@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft_engine.data.examples import DataFormat, Example
+from peft_engine.data.formats import PREFERENCE_OUTPUTS
 
 Syntax = Literal["jsonl", "csv"]
 
@@ -89,6 +90,9 @@ class FileStats:
         if data_format is DataFormat.IMAGE_CLASSIFICATION:
             self.label_counts[str(record["label"])] += 1
             return 0  # an image has no text; its report leaves max_example_chars out
+        if data_format is DataFormat.PREFERENCE:  # the prompt and both outputs
+            messages = [*record["input"]["messages"], *(record[k][0] for k in PREFERENCE_OUTPUTS)]
+            return sum(len(m["content"]) for m in messages)
         return len(record["text"])
 
     def as_report(self, data_format: DataFormat, syntax: Syntax) -> dict[str, Any]:
