@@ -33,6 +33,10 @@ class TokenizedExample:
     truncated: bool
 
     @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def n_loss_tokens(self) -> int:
         return sum(t != IGNORE for t in self.targets)
 
@@ -46,7 +50,7 @@ class TokenizedDataset:
 
     @property
     def n_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+        return sum(e.n_tokens for e in self.examples)
 
     @property
     def n_loss_tokens(self) -> int:
