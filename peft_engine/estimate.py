@@ -88,6 +88,7 @@ def estimate_job(
         n_validation=len(validation_examples),
         max_tokens=max(lengths),
         mean_tokens=sum(min(n, cap) for n in lengths) / len(lengths),
+        validation_mean_tokens=_mean_tokens(validation_examples, count, cap),
     )
     resolved = resolve_spec(spec, stats, limits)
     hp = resolved.hyperparameters
@@ -107,6 +108,11 @@ def estimate_job(
 
 
 TokenCounter = Callable[[Example], int]
+
+
+def _mean_tokens(examples: list[Example], count: TokenCounter, cap: int) -> float | None:
+    """The mean example's tokens after truncation (the periodic evaluations' plan uses it)."""
+    return sum(min(count(e), cap) for e in examples) / len(examples) if examples else None
 
 
 def _token_counter(path: Path | None) -> TokenCounter:
