@@ -185,6 +185,8 @@ def test_a_sampled_job_records_its_timings_and_the_kept_weights_whole_set_metric
     assert timings["eval_tokens"] == 3 * n_tokens + sum(e.n_tokens for e in examples)
     for name in ("load_seconds", "train_seconds", "eval_seconds", "wall_seconds"):
         assert timings[name] > 0, name
+    card = (result.output_dir / "README.md").read_text()
+    assert "kept, whole validation set" in card and "sample of 32 of the 50" in card
 
     # metrics.kept: the output's weights on the whole validation set; best: on the sample
     task = task_for("causal_lm")
