@@ -89,6 +89,9 @@ class _Run:
     best_weights: dict[str, torch.Tensor] | None = None  # of the best evaluation so far
     wall_before: float = 0.0  # wall seconds of earlier attempts, to the resumed checkpoint
     eval_examples: list[Any] = field(default_factory=list)  # of the periodic evaluations
+    # tokens of one periodic evaluation, and of the kept weights' whole-set one (0: none)
+    periodic_eval_tokens: int = 0
+    final_eval_tokens: int = 0
 
     @property
     def sampled(self) -> bool:
@@ -171,8 +174,11 @@ def train(
         hooks=hooks,
         workdir=workdir,
         started=started,
-        eval_examples=periodic_examples(job) if job.validation is not None else [],
     )
+    if job.validation is not None:
+        run.eval_examples = periodic_examples(job)
+        run.periodic_eval_tokens = sum(e.n_tokens for e in run.eval_examples)
+        run.final_eval_tokens = job.validation.n_tokens if run.sampled else 0
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
@@ -351,14 +357,13 @@ def _count_step(
 def _eta(run: _Run, state: ckpt.TrainerState) -> float:
     """Seconds left after `state.step`'s training: steps, evaluations, checkpoints, output."""
     hp = run.job.spec.hyperparameters
-    validation = run.job.validation
     work = remaining_work(
         step=state.step,
         total_steps=hp.total_steps,
-        eval_every=hp.eval_every_steps if validation is not None else None,
+        eval_every=hp.eval_every_steps if run.job.validation is not None else None,
         checkpoint_every=hp.checkpoint_every_steps,
-        eval_tokens_each=sum(e.n_tokens for e in run.eval_examples),
-        final_eval_tokens=validation.n_tokens if run.sampled else 0,
+        eval_tokens_each=run.periodic_eval_tokens,
+        final_eval_tokens=run.final_eval_tokens,
     )
     return eta_seconds(work, Rates.measured(state.timings, state.step))
 
