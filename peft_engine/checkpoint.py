@@ -49,6 +49,25 @@ class EarlyStoppingState:
 
 
 @dataclass
+class Timings:
+    """Where the job's time went, summed over every attempt (result.json's "timings").
+
+    `wall_seconds` is carried to each checkpoint, so a resumed run counts the time up to the
+    checkpoint it resumed from (not the lost steps after it). Saving the output is in wall
+    time but not in `checkpoint_seconds`."""
+
+    load_seconds: float = 0.0  # spec, data, weights, and any checkpoint resumed from
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    train_tokens: int = 0
+    eval_tokens: int = 0
+    evaluations: int = 0
+    checkpoints: int = 0
+
+
+@dataclass
 class TrainerState:
     """Everything the loop needs, besides tensors, to carry on from `step`."""
 
@@ -57,7 +76,7 @@ class TrainerState:
     total_steps: int
     trained_tokens: int = 0
     trained_loss_tokens: int = 0
-    train_seconds: float = 0.0
+    timings: Timings = field(default_factory=Timings)
     early_stopping: EarlyStoppingState = field(default_factory=EarlyStoppingState)
     initial_metrics: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -79,6 +98,8 @@ class TrainerState:
         data = dict(data)
         data["early_stopping"] = EarlyStoppingState(**data["early_stopping"])
         data["diagnostics"] = DiagnosticsState.from_json(data.get("diagnostics") or {})
+        legacy = {"train_seconds": data.pop("train_seconds")} if "train_seconds" in data else {}
+        data["timings"] = Timings(**data.get("timings", legacy))
         return cls(**data)
 
 

@@ -202,6 +202,12 @@ def _print_summary(output_dir: Path | None, result: dict[str, Any]) -> None:
         f"{result['tokens_per_second']:.0f} tokens/s, {result['wall_seconds']:.0f} s, "
         f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB"
     )
+    if timings := result.get("timings"):
+        lines.append(
+            f"time: load {timings['load_seconds']:.0f} s, train {timings['train_seconds']:.0f} s, "
+            f"eval {timings['eval_seconds']:.0f} s ({timings['evaluations']} evaluations), "
+            f"checkpoints {timings['checkpoint_seconds']:.0f} s ({timings['checkpoints']})"
+        )
     if result["truncated_examples"]:
         lines.append(f"{result['truncated_examples']} examples were truncated")
     print("\n".join(lines))

@@ -39,19 +39,18 @@ from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
 from peft_engine.prepare import DataPaths, check_support, read_job_examples
 from peft_engine.spec import (
+    EVAL_COST_PER_TOKEN,
     DatasetStats,
     JobSpec,
     ModelLimits,
     ResolvedHyperparameters,
     ResolvedSpec,
+    periodic_evaluations,
     resolve_max_seq_length,
     resolve_spec,
 )
 
 _CHARS_PER_TOKEN = 4.0  # English text with a BPE vocabulary of ~50k: a rough but usual rule
-# An evaluated token costs a forward pass, about a third of a trained token's forward and
-# backward (PARTS interface 1: spec.EVAL_COST_PER_TOKEN once the eval budget lands).
-EVAL_COST_PER_TOKEN = 1 / 3
 PHASES = ("load", "train", "eval", "checkpoint")
 
 
@@ -90,9 +89,9 @@ class Throughput:
 class EvaluationPlan:
     """The evaluations a job's cadence runs, and how many validation examples each reads."""
 
-    periodic: int  # every eval_every_steps steps before the last, on `sample_size` examples
-    sample_size: int
-    whole: int  # on the whole validation set: the base model at step 0, and the final one
+    periodic: int  # the base model's and every eval_every_steps (the last step's too)
+    sample_size: int  # validation examples each periodic evaluation reads
+    whole: int  # on the whole set after them: the kept weights', when the periodic are sampled
     n_validation: int
 
     @property
@@ -105,16 +104,15 @@ class EvaluationPlan:
 
 
 def evaluation_plan(hp: ResolvedHyperparameters, n_validation: int) -> EvaluationPlan:
-    """The evaluations of a job that runs to its last step (an early stop runs fewer).
-
-    The last step's evaluation is the final one, on the whole set; the periodic ones before
-    it read `eval_sample_size` examples (None: the whole set).
-    """
+    """The evaluations of a job that runs to its last step (an early stop runs fewer), as the
+    engine runs them: the base model's and one every `eval_every_steps` steps and at the last
+    step, on `eval_sample_size` examples (None: the whole set); then, when that was a sample,
+    the kept weights' on the whole set."""
     if n_validation == 0 or hp.eval_every_steps is None:
         return EvaluationPlan(0, 0, 0, 0)
-    sample = getattr(hp, "eval_sample_size", None)
-    periodic = (hp.total_steps - 1) // hp.eval_every_steps
-    return EvaluationPlan(periodic, min(sample or n_validation, n_validation), 2, n_validation)
+    size = min(hp.eval_sample_size or n_validation, n_validation)
+    periodic = periodic_evaluations(hp.total_steps, hp.eval_every_steps) + 1
+    return EvaluationPlan(periodic, size, 1 if size < n_validation else 0, n_validation)
 
 
 def checkpoint_writes(hp: ResolvedHyperparameters) -> int:
@@ -184,6 +182,7 @@ def estimate_job(
         n_validation=len(validation_examples),
         max_tokens=max(lengths),
         mean_tokens=sum(min(n, cap) for n in lengths) / len(lengths),
+        validation_mean_tokens=_mean_tokens(validation_examples, count, cap),
     )
     resolved = resolve_spec(spec, stats, limits)
     hp = resolved.hyperparameters
@@ -226,6 +225,11 @@ def _eval_tokens(
 
 
 TokenCounter = Callable[[Example], int]
+
+
+def _mean_tokens(examples: list[Example], count: TokenCounter, cap: int) -> float | None:
+    """The mean example's tokens after truncation (the periodic evaluations' plan uses it)."""
+    return sum(min(count(e), cap) for e in examples) / len(examples) if examples else None
 
 
 def _token_counter(path: Path | None) -> TokenCounter:

@@ -1,12 +1,19 @@
 """Evaluations during training: the task's metrics on the validation data, the best
 evaluation so far, early stopping's patience, and how an evaluation is reported.
 
+The periodic evaluations (the base model's, every `eval_every_steps`, the last step's) use
+the same fixed sample of the validation set when the plan has one (`eval_sample_size`), so
+that they compare with each other: the best weights, early stopping and reduce_on_plateau
+go by them. The weights kept are then evaluated once more on the whole set.
+
 Early stopping counts evaluations that fail to beat a reference loss by more than
 `min_delta`; the best weights are those of the lowest eval loss, however small the gain.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,14 +28,36 @@ if TYPE_CHECKING:
     from peft_engine.tasks.base import ExampleResult, Task
 
 
-def evaluate(
-    model: Any, job: PreparedJob, task: Task, device: torch.device
-) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
-    """The task's metrics on the validation data, its report (per class, per type), and
-    each example's result (peft_engine.diagnostics)."""
+def sample_indices(n_examples: int, size: int | None, seed: int) -> list[int]:
+    """Which validation examples a periodic evaluation uses, in file order: `size` of them
+    chosen by `seed` (a larger sample holds every smaller one), or all when `size` is None."""
+    if size is None or size >= n_examples:
+        return list(range(n_examples))
+    order = list(range(n_examples))
+    random.Random(f"eval-sample:{seed}").shuffle(order)  # its own generator: no global RNG
+    return sorted(order[:size])
+
+
+def periodic_examples(job: PreparedJob) -> list[Any]:
+    """The validation examples of the periodic evaluations (the plan's sample, or all)."""
     assert job.validation is not None
     hp = job.spec.hyperparameters
     examples = job.validation.examples
+    return [examples[i] for i in sample_indices(len(examples), hp.eval_sample_size, hp.seed)]
+
+
+def evaluate(
+    model: Any,
+    job: PreparedJob,
+    task: Task,
+    device: torch.device,
+    examples: Sequence[Any] | None = None,
+) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
+    """The task's metrics on `examples` (default: the whole validation set), its report
+    (per class, per type), and each example's result (peft_engine.diagnostics)."""
+    assert job.validation is not None
+    hp = job.spec.hyperparameters
+    examples = job.validation.examples if examples is None else examples
     batches = (
         task.collate(examples[i : i + hp.batch_size], job)
         for i in range(0, len(examples), hp.batch_size)

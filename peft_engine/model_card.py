@@ -52,7 +52,7 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 ## Evaluation
 
-{_metrics_table(result["metrics"], _metrics_kind(spec))}
+{_metrics_table(result, _metrics_kind(spec))}
 {_labels(result)}
 ## Loading
 
@@ -89,13 +89,30 @@ def _kept(result: dict[str, Any]) -> str:
     return f"step {best}, the lowest eval loss"
 
 
-def _metrics_table(metrics: dict[str, dict[str, float]], task: str) -> str:
+def _metrics_table(result: dict[str, Any], kind: str) -> str:
+    metrics = result["metrics"]
     if not metrics["initial"] and not metrics["best"]:
         return "No validation data: nothing was evaluated."
-    rows = ["| metric | base model | final step | kept (best) |", "|---|---|---|---|"]
-    for name in _METRICS[task]:
-        cells = [_fmt(metrics[k].get(name)) for k in ("initial", "final", "best")]
+    columns = ["base model", "final step", "kept (best)"]
+    keys = ["initial", "final", "best"]
+    evaluation = result.get("evaluation") or {}
+    sampled = evaluation.get("final") == "whole set on the kept weights"
+    if sampled:  # the periodic columns are on a sample; the kept weights also on the whole set
+        columns.append("kept, whole validation set")
+        keys.append("kept")
+    rows = [
+        "| metric | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name in _METRICS[kind]:
+        cells = [_fmt(metrics.get(k, {}).get(name)) for k in keys]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if sampled:
+        rows.append(
+            f"\nThe base model, final step and best columns are on a fixed sample of "
+            f"{evaluation['periodic_sample_size']} of the {evaluation['validation_examples']} "
+            "validation examples, the same at each evaluation."
+        )
     return "\n".join(rows)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import peft
 import torch
@@ -51,9 +52,27 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
+@dataclass(frozen=True)
+class KeptEvaluation:
+    """The whole validation set's metrics and report for the weights in the output: from
+    the periodic evaluations when they used the whole set, else from a final evaluation."""
+
+    metrics: dict[str, float]
+    report: dict[str, Any]
+    source: Literal["periodic", "final"]
+
+
 def build_result(
-    job: PreparedJob, state: TrainerState, *, wall_seconds: float, early_stopped: bool
+    job: PreparedJob,
+    state: TrainerState,
+    *,
+    wall_seconds: float,
+    early_stopped: bool,
+    kept: KeptEvaluation | None = None,
 ) -> dict[str, Any]:
+    """result.json. metrics.initial, .final and .best are periodic evaluations (on the plan's
+    sample when it has one: `evaluation.periodic_sample_size`); metrics.kept is the whole
+    validation set's, for the weights in the output."""
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
         "spec": job.spec.model_dump(mode="json"),
@@ -62,24 +81,27 @@ def build_result(
             "initial": state.initial_metrics,
             "final": state.last_eval if state.step else {},
             "best": state.best_metrics,
+            "kept": kept.metrics if kept else {},
         },
         "best_step": state.early_stopping.best_step,
-        # the task's report for the weights in the output (the best evaluation's, or the last)
-        "report": state.best_report or state.last_report,
+        "evaluation": _evaluation(job, state, kept),
+        # the task's report for the weights in the output (whole set), else the last's
+        "report": kept.report if kept else state.best_report or state.last_report,
         "labels": list(job.labels) if job.labels else None,
         "steps": state.step,
         "total_steps": state.total_steps,
         "early_stopped": early_stopped,
         "trained_tokens": state.trained_tokens,
         "trained_loss_tokens": state.trained_loss_tokens,
-        "tokens_per_second": state.trained_tokens / state.train_seconds
-        if state.train_seconds
+        "tokens_per_second": state.trained_tokens / state.timings.train_seconds
+        if state.timings.train_seconds
         else 0.0,
         "train_examples": len(job.train.examples),
         "validation_examples": len(job.validation.examples) if job.validation else 0,
         "truncated_examples": job.train.truncated,
         "dropped_examples": job.train.dropped,
         "wall_seconds": wall_seconds,
+        "timings": asdict(state.timings),
         "peak_memory_bytes": peak_memory_bytes(),
         "device": device_name,
         "versions": {
@@ -88,6 +110,27 @@ def build_result(
             "transformers": transformers.__version__,
             "peft": peft.__version__,
         },
+    }
+
+
+def _evaluation(
+    job: PreparedJob, state: TrainerState, kept: KeptEvaluation | None
+) -> dict[str, Any]:
+    """Which numbers came from which evaluation."""
+    hp = job.spec.hyperparameters
+    n_validation = len(job.validation.examples) if job.validation else 0
+    final = {
+        None: None,
+        "periodic": "the periodic evaluations used the whole set",
+        "final": "whole set on the kept weights",
+    }[kept.source if kept else None]
+    return {
+        "validation_examples": n_validation,
+        "periodic_sample_size": min(hp.eval_sample_size or n_validation, n_validation),
+        "eval_every_steps": hp.eval_every_steps,
+        # the base model's and those during training, on the same examples
+        "evaluations": state.timings.evaluations - (kept is not None and kept.source == "final"),
+        "final": final,
     }
 
 

@@ -103,6 +103,9 @@ def prepare_job(
         n_validation=len(validation.examples) if validation else 0,
         max_tokens=train.longest,
         mean_tokens=train.n_tokens / len(train.examples),
+        validation_mean_tokens=validation.n_tokens / len(validation.examples)
+        if validation and validation.examples
+        else None,
     )
     return PreparedJob(
         spec=resolve_spec(spec, stats, limits, pooling=prepared.options.get("pooling")),

@@ -74,6 +74,9 @@ class Hyperparameters(_Strict):
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     early_stopping: EarlyStopping | None = EarlyStopping()
     eval_every_steps: int | None = Field(None, ge=1, le=10_000_000)
+    # The share of the job's compute the periodic evaluations may take when eval_every_steps
+    # is null: fewer evaluations, then a fixed sample of the validation set (plan_evaluation).
+    eval_budget: float = Field(0.15, gt=0.0, le=1.0)
     checkpoint_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     # seq_classification: how the head pools the body ("auto": as the model was trained),
@@ -245,6 +248,8 @@ class DatasetStats:
     n_validation: int
     max_tokens: int  # longest training example, before truncation
     mean_tokens: float
+    # mean validation example, after truncation; None: as the training examples
+    validation_mean_tokens: float | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,8 @@ class ResolvedHyperparameters(Hyperparameters):
     total_steps: int = Field(ge=1)
     steps_per_epoch: int = Field(ge=1)
     warmup_steps: int = Field(ge=0)
+    # how many validation examples a periodic evaluation uses; None: the whole set
+    eval_sample_size: int | None = Field(None, ge=1)
 
     # the pooling a seq_classification head uses; None for other tasks
     pooling: Literal["mean", "cls", "pooler", "last"] | None = None
@@ -338,8 +345,16 @@ def resolve_spec(
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
     warmup_steps = math.floor(hp.warmup_ratio * total_steps)
-    has_eval = stats.n_validation > 0
-    eval_every = hp.eval_every_steps or (max(1, total_steps // 10) if has_eval else None)
+    trained_examples = stats.n_train * total_steps / steps_per_epoch  # max_steps may cut
+    plan = plan_evaluation(
+        total_steps=total_steps,
+        train_tokens=trained_examples * stats.mean_tokens,
+        n_validation=stats.n_validation,
+        validation_mean_tokens=stats.validation_mean_tokens or stats.mean_tokens,
+        eval_budget=hp.eval_budget,
+        explicit_every=hp.eval_every_steps,
+    )
+    eval_every = plan.every_steps
     checkpoint_every = hp.checkpoint_every_steps or eval_every or max(1, total_steps // 10)
 
     resolved = {
@@ -351,6 +366,7 @@ def resolve_spec(
         "reduce_on_plateau": plateau,
         "pooling": pooling,
         "eval_every_steps": eval_every,
+        "eval_sample_size": plan.sample_size,
         "checkpoint_every_steps": checkpoint_every,
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -358,6 +374,68 @@ def resolve_spec(
     }
     resolved_hp = ResolvedHyperparameters(**hp.model_dump(exclude=set(resolved)), **resolved)
     return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
+
+
+# An evaluation token costs about a third of a trained one: a forward pass, no backward.
+EVAL_COST_PER_TOKEN = 1 / 3
+# Periodic evaluations the plan aims for over a job (fewer when the budget is tight, never
+# fewer than the minimum), and the smallest sample it evaluates on.
+_MOST_EVALS, _WHOLE_SET_FEWEST_EVALS, _SAMPLED_EVALS, _FEWEST_EVALS = 10, 4, 5, 2
+_SMALLEST_SAMPLE = 32
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    every_steps: int | None  # None: no validation data, no evaluation
+    sample_size: int | None  # None: the whole validation set
+
+
+def plan_evaluation(
+    *,
+    total_steps: int,
+    train_tokens: float,
+    n_validation: int,
+    validation_mean_tokens: float,
+    eval_budget: float,
+    explicit_every: int | None,
+) -> EvaluationPlan:
+    """How often to evaluate and on how many validation examples, so that the periodic
+    evaluations (the base model's and one per `every_steps`, the last step's too) cost at most
+    `eval_budget` of the job's training compute.
+
+    An explicit cadence is obeyed, on the whole set. Otherwise: the most evaluations, from 10
+    down to 4, that fit with the whole set; else 5 (down to 2) on the largest fixed sample that
+    fits; the sample is never under 32 examples (or the whole set when it is smaller), even
+    when that goes over the budget. A sampled plan's final evaluation on the whole set (of
+    the kept weights) is outside the budget: it is one pass over the set whatever the cadence.
+    """
+    if n_validation == 0:
+        return EvaluationPlan(None, None)
+    if explicit_every is not None:
+        return EvaluationPlan(explicit_every, None)
+    cost_per_example = max(1.0, validation_mean_tokens) * EVAL_COST_PER_TOKEN
+    affordable = eval_budget * train_tokens / cost_per_example  # examples evaluated in all
+
+    def every(evals: int) -> int:
+        return math.ceil(total_steps / max(1, min(evals, total_steps)))
+
+    def n_evals(evals: int) -> int:  # with the base model's
+        return periodic_evaluations(total_steps, every(evals)) + 1
+
+    for evals in range(_MOST_EVALS, _WHOLE_SET_FEWEST_EVALS - 1, -1):
+        if n_evals(evals) * n_validation <= affordable:
+            return EvaluationPlan(every(evals), None)
+    smallest = min(n_validation, _SMALLEST_SAMPLE)
+    for evals in range(_SAMPLED_EVALS, _FEWEST_EVALS - 1, -1):
+        size = min(n_validation, math.floor(affordable / n_evals(evals)))
+        if size >= smallest:
+            return EvaluationPlan(every(evals), size if size < n_validation else None)
+    return EvaluationPlan(every(_FEWEST_EVALS), smallest if smallest < n_validation else None)
+
+
+def periodic_evaluations(total_steps: int, every_steps: int) -> int:
+    """Evaluations at every `every_steps` steps and at the last step."""
+    return math.ceil(total_steps / every_steps)
 
 
 def _auto_epochs(n_train: int) -> int:

@@ -2,7 +2,11 @@
 
     prepare (spec, model files, data) → build model + method → optimizer, schedule →
     resume or evaluate the base model → steps (forward, loss, backward, clip, step,
-    schedule, log, evaluate, checkpoint) → final evaluation → keep the best → write output
+    schedule, log, evaluate, checkpoint) → keep the best → evaluate it on the whole
+    validation set (when the periodic evaluations use a sample) → write output
+
+Each phase's seconds go into the state's `timings` (result.json's "timings"), and each
+step's ETA prices what is left with them (peft_engine/eta.py).
 
 Gradient accumulation divides every micro-batch's summed loss by the number of loss tokens
 in the whole optimizer step, so a step's gradient is the mean over its tokens however the
@@ -30,7 +34,15 @@ from peft_engine import checkpoint as ckpt
 from peft_engine import outputs
 from peft_engine.data.steps import step_micro_batches
 from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
-from peft_engine.evaluation import early_stop_message, evaluate, log_eval, record_eval, snapshot
+from peft_engine.eta import Rates, eta_seconds, remaining_work
+from peft_engine.evaluation import (
+    early_stop_message,
+    evaluate,
+    log_eval,
+    periodic_examples,
+    record_eval,
+    snapshot,
+)
 from peft_engine.hooks import Event, Hooks
 from peft_engine.methods import method_for
 from peft_engine.methods.common import MethodTrainer
@@ -46,7 +58,7 @@ from peft_engine.schedule import (
 )
 from peft_engine.spec import JobSpec, parse_spec
 from peft_engine.tasks import task_of
-from peft_engine.tasks.base import Task
+from peft_engine.tasks.base import ExampleResult, Task
 
 
 @dataclass
@@ -74,7 +86,22 @@ class _Run:
     metrics_log: outputs.MetricsLog
     hooks: Hooks
     workdir: Path
+    started: float  # time.monotonic() when this process began the job
     best_weights: dict[str, torch.Tensor] | None = None  # of the best evaluation so far
+    wall_before: float = 0.0  # wall seconds of earlier attempts, to the resumed checkpoint
+    eval_examples: list[Any] = field(default_factory=list)  # of the periodic evaluations
+    # tokens of one periodic evaluation, and of the kept weights' whole-set one (0: none)
+    periodic_eval_tokens: int = 0
+    final_eval_tokens: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the periodic evaluations use a sample (then the kept weights get a
+        whole-set evaluation at the end)."""
+        return self.job.spec.hyperparameters.eval_sample_size is not None
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.monotonic() - self.started
 
 
 @dataclass(frozen=True)
@@ -147,7 +174,12 @@ def train(
         metrics_log=outputs.MetricsLog(workdir / "metrics.jsonl"),
         hooks=hooks,
         workdir=workdir,
+        started=started,
     )
+    if job.validation is not None:
+        run.eval_examples = periodic_examples(job)
+        run.periodic_eval_tokens = sum(e.n_tokens for e in run.eval_examples)
+        run.final_eval_tokens = job.validation.n_tokens if run.sampled else 0
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
@@ -160,11 +192,13 @@ def train(
         if state.step > 0 and state.step % hp.checkpoint_every_steps != 0:
             _save_checkpoint(run, state)
         hooks.on_event(Event("warning", f"stopped at step {state.step} on request"))
-        return TrainResult("stopped", None, _result(job, state, started, early_stopped), model)
+        return TrainResult("stopped", None, _result(run, state, early_stopped), model)
 
-    # 6. Keep the best evaluation's weights, and write the output.
+    # 6. Keep the best evaluation's weights, evaluate them on the whole validation set (a
+    # sampled plan's periodic numbers chose them), and write the output.
     _keep_best_weights(run, state)
-    result = _result(job, state, started, early_stopped)
+    kept = _evaluate_kept(run, state)
+    result = _result(run, state, early_stopped, kept)
     diagnostics = build_diagnostics(state.diagnostics, job)  # per-example, of the kept weights
     result["diagnostics"] = diagnostics.summary
     return _write_output(run, result, diagnostics.rows)
@@ -208,8 +242,9 @@ def _start(run: _Run) -> ckpt.TrainerState:
         spec_fingerprint=ckpt.spec_fingerprint(job),
     )
     run.metrics_log.reset()
+    state.timings.load_seconds = time.monotonic() - run.started
     if job.validation is not None:
-        state.initial_metrics, state.last_report, _ = evaluate(run.model, job, run.task, run.device)
+        state.initial_metrics, state.last_report, _ = _timed_evaluate(run, state, run.eval_examples)
         state.last_eval = dict(state.initial_metrics)
         log_eval(0, state.initial_metrics, run.task, run.metrics_log, run.hooks, "base model")
     return state
@@ -227,13 +262,15 @@ def _resume(run: _Run, path: Path) -> ckpt.TrainerState:
     run.best_weights = loaded.best_weights
     run.metrics_log.truncate_after(loaded.state.step)
     run.hooks.on_event(Event("info", f"resumed from {path} at step {loaded.state.step}"))
+    timings = loaded.state.timings
+    run.wall_before = timings.wall_seconds
+    timings.load_seconds += time.monotonic() - run.started  # this attempt's loading too
     return loaded.state
 
 
 def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
     """Step until the last step or a stop; say (stopped on request, stopped early)."""
     hp = run.job.spec.hyperparameters
-    loop_started, steps_this_run = time.monotonic(), 0
     while state.step < hp.total_steps:
         if run.hooks.should_stop():
             return True, False
@@ -244,9 +281,8 @@ def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
         sums = _optimizer_step(run, step, state.diagnostics.train)
 
         # log
-        steps_this_run += 1
-        seconds_per_step = (time.monotonic() - loop_started) / steps_this_run
-        train_metrics = _count_step(state, step, sums, step_started, seconds_per_step, hp)
+        train_metrics = _count_step(state, step, sums, step_started, hp)
+        train_metrics["eta_seconds"] = _eta(run, state)
         run.metrics_log.write(step, train_metrics)
         run.hooks.on_metrics(step, train_metrics)
 
@@ -302,15 +338,16 @@ def _count_step(
     step: int,
     sums: _StepSums,
     step_started: float,
-    seconds_per_step: float,
     hp: Any,
 ) -> dict[str, float]:
-    """Move the state's counters past `step`; the step's training metrics."""
+    """Move the state's counters past `step`; the step's training metrics (its ETA is
+    `_eta`'s)."""
     step_seconds = time.monotonic() - step_started
     state.step, state.epoch = step, step // hp.steps_per_epoch
     state.trained_tokens += sums.tokens
     state.trained_loss_tokens += sums.loss_tokens
-    state.train_seconds += step_seconds
+    state.timings.train_seconds += step_seconds
+    state.timings.train_tokens += sums.tokens
     return {
         "train_loss": sums.loss_sum / sums.loss_tokens,
         "learning_rate": sums.learning_rate,
@@ -318,18 +355,42 @@ def _count_step(
         "tokens_per_second": sums.tokens / step_seconds,
         "epoch": step / hp.steps_per_epoch,
         "total_steps": hp.total_steps,
-        "eta_seconds": seconds_per_step * (hp.total_steps - step),
         "trained_tokens": state.trained_tokens,
     }
+
+
+def _eta(run: _Run, state: ckpt.TrainerState) -> float:
+    """Seconds left after `state.step`'s training: steps, evaluations, checkpoints, output."""
+    hp = run.job.spec.hyperparameters
+    work = remaining_work(
+        step=state.step,
+        total_steps=hp.total_steps,
+        eval_every=hp.eval_every_steps if run.job.validation is not None else None,
+        checkpoint_every=hp.checkpoint_every_steps,
+        eval_tokens_each=run.periodic_eval_tokens,
+        final_eval_tokens=run.final_eval_tokens,
+    )
+    return eta_seconds(work, Rates.measured(state.timings, state.step))
+
+
+def _timed_evaluate(
+    run: _Run, state: ckpt.TrainerState, examples: list[Any] | None = None
+) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
+    """`evaluate` on `examples` (default: the whole validation set), counted in the timings."""
+    started = time.monotonic()
+    metrics, report, results = evaluate(run.model, run.job, run.task, run.device, examples)
+    examples = run.job.validation.examples if examples is None else examples
+    state.timings.eval_seconds += time.monotonic() - started
+    state.timings.eval_tokens += sum(e.n_tokens for e in examples)
+    state.timings.evaluations += 1
+    return metrics, report, results
 
 
 def _evaluate_step(run: _Run, state: ckpt.TrainerState, step: int) -> bool:
     """Evaluate after `step`, keep the weights when they are the best so far, lower the
     learning rate on a plateau; True when early stopping says to stop."""
     hp = run.job.spec.hyperparameters
-    state.last_eval, state.last_report, examples = evaluate(
-        run.model, run.job, run.task, run.device
-    )
+    state.last_eval, state.last_report, examples = _timed_evaluate(run, state, run.eval_examples)
     state.diagnostics.record_eval(step, examples)
     log_eval(step, state.last_eval, run.task, run.metrics_log, run.hooks)
     is_best, early_stopped = record_eval(state, step, hp.early_stopping)
@@ -349,8 +410,34 @@ def _evaluate_step(run: _Run, state: ckpt.TrainerState, step: int) -> bool:
     return early_stopped
 
 
+def _evaluate_kept(run: _Run, state: ckpt.TrainerState) -> outputs.KeptEvaluation | None:
+    """The kept weights' metrics and report on the whole validation set; None without one."""
+    if run.job.validation is None or state.step == 0:
+        return None
+    if not run.sampled:  # the periodic evaluations were on the whole set already
+        return outputs.KeptEvaluation(
+            state.best_metrics, state.best_report or state.last_report, "periodic"
+        )
+    metrics, report, examples = _timed_evaluate(run, state)
+    # the diagnostics of the kept weights come from this whole-set evaluation, not the sample
+    state.diagnostics.record_eval(state.early_stopping.best_step or state.step, examples)
+    state.diagnostics.keep_best()
+    label = f"kept weights of step {state.early_stopping.best_step}, whole validation set"
+    run.hooks.on_event(
+        Event(
+            "info",
+            f"eval ({label}): {run.task.describe_eval(metrics)}",
+            {"step": state.step, "kept": metrics},
+        )
+    )
+    return outputs.KeptEvaluation(metrics, report, "final")
+
+
 def _save_checkpoint(run: _Run, state: ckpt.TrainerState) -> None:
+    started = time.monotonic()
     state.scheduler = scheduler_state(run.scheduler)
+    state.timings.checkpoints += 1
+    state.timings.wall_seconds = run.wall_seconds()
     path = ckpt.save_checkpoint(
         run.workdir / "checkpoints" / f"checkpoint-{state.step}",
         model=run.model,
@@ -361,6 +448,7 @@ def _save_checkpoint(run: _Run, state: ckpt.TrainerState) -> None:
         method_state=run.method_trainer.state(),
         model_info=_model_info(run.job, run.task),
     )
+    state.timings.checkpoint_seconds += time.monotonic() - started
     run.hooks.on_checkpoint(path, state.step, dict(state.last_eval))
 
 
@@ -432,11 +520,16 @@ def _seed_everything(seed: int) -> None:
 
 
 def _result(
-    job: PreparedJob, state: ckpt.TrainerState, started: float, early_stopped: bool
+    run: _Run,
+    state: ckpt.TrainerState,
+    early_stopped: bool,
+    kept: outputs.KeptEvaluation | None = None,
 ) -> dict[str, Any]:
+    state.timings.wall_seconds = run.wall_seconds()
     return outputs.build_result(
-        job,
+        run.job,
         state,
-        wall_seconds=time.monotonic() - started,
+        wall_seconds=time.monotonic() - run.started,
         early_stopped=early_stopped,
+        kept=kept,
     )

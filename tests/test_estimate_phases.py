@@ -104,23 +104,23 @@ def _hp(total_steps: int, eval_every_steps: int | None, eval_sample_size: int | 
 
 
 @pytest.mark.parametrize(
-    ("total_steps", "every", "sample", "periodic", "examples"),
+    ("total_steps", "every", "sample", "periodic", "whole", "examples"),
     [
-        (24, 2, None, 11, 11 * 191 + 2 * 191),  # the Dolly job, whole set each time
-        (24, 2, 32, 11, 11 * 32 + 2 * 191),  # a sample for the periodic ones
-        (25, 5, 32, 4, 4 * 32 + 2 * 191),  # at 5..20; step 25 is the final one
-        (26, 5, 32, 5, 5 * 32 + 2 * 191),  # at 5..25, and the final at 26
-        (3, 10, 32, 0, 2 * 191),  # the base model and the final evaluation only
-        (24, 2, 500, 11, 13 * 191),  # a sample larger than the set is the set
+        (24, 2, None, 13, 0, 13 * 191),  # the Dolly job, whole set each time
+        (24, 2, 32, 13, 1, 13 * 32 + 191),  # a sample, then the kept weights on the whole set
+        (25, 5, 32, 6, 1, 6 * 32 + 191),  # step 0, 5..25
+        (26, 5, 32, 7, 1, 7 * 32 + 191),  # step 0, 5..25, and the last at 26
+        (3, 10, 32, 2, 1, 2 * 32 + 191),  # the base model and the last step only
+        (24, 2, 500, 13, 0, 13 * 191),  # a sample larger than the set is the set
     ],
 )
 def test_evaluations_follow_the_cadence_and_the_sample_size(
-    total_steps, every, sample, periodic, examples
+    total_steps, every, sample, periodic, whole, examples
 ):
     plan = evaluation_plan(_hp(total_steps, every, sample), n_validation=191)
 
-    assert plan.periodic == periodic and plan.whole == 2
-    assert plan.evaluations == periodic + 2
+    assert plan.periodic == periodic and plan.whole == whole
+    assert plan.evaluations == periodic + whole
     assert plan.examples == examples
 
 

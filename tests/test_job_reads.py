@@ -101,6 +101,11 @@ CASES: dict[str, dict[str, Any]] = {
         "trained_tokens": 4_200,
         "result": {"adapter": {"key": "a/b", "bytes": 1 << 40}, "best_step": 20, "loss": 0.1},
     },
+    "succeeded, with timings": {
+        "state": JobState.SUCCEEDED,
+        "finished_at": T0 + timedelta(hours=2),
+        "result": {"best_step": 2, "timings": {"train_seconds": 12.5, "evaluations": 3}},
+    },
     "failed": {
         "state": JobState.FAILED,
         "finished_at": T0 + timedelta(minutes=3),
@@ -132,6 +137,8 @@ def test_the_document_is_the_orm_document(env: Env, case: str) -> None:
     expected = _expected(env, job_id)
     assert document == expected
     assert list(document) == list(expected) == list(JobPublic.model_fields)
+    # the result's timings are the job's own field: null until a result holds them
+    assert document["timings"] == (CASES[case].get("result") or {}).get("timings")
 
 
 def test_sql_null_json_columns_read_as_the_orm_reads_them(env: Env) -> None:

@@ -94,7 +94,8 @@ def _native_job(state: str, **changes: Any) -> dict[str, Any]:
         "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 1e-4, "seed": 7},
         "training_file": "file-1", "validation_file": None, "suffix": "bot", "metadata": {},
         "estimate": {"estimated_seconds": 60.0}, "progress": None, "attempt": 1,
-        "trained_tokens": None, "error": None, "result": None, "cancel_requested": False,
+        "trained_tokens": None, "error": None, "result": None, "timings": None,
+        "cancel_requested": False,
         "created_at": 1_700_000_000, "started_at": 1_700_000_010, "finished_at": None,
     }  # fmt: skip
     return job | changes

@@ -32,7 +32,7 @@ def test_auto_values_are_resolved_from_the_data():
     assert hp.steps_per_epoch == 183  # ceil(729 / 4)
     assert hp.total_steps == 549
     assert hp.warmup_steps == 16  # 3% of 549
-    assert hp.eval_every_steps == 54 and hp.checkpoint_every_steps == 54
+    assert hp.eval_every_steps == 55 and hp.checkpoint_every_steps == 55  # 10 evaluations
 
 
 @pytest.mark.parametrize(("n_train", "epochs"), [(10, 10), (30, 4), (100, 3), (20_000, 1)])

@@ -53,7 +53,7 @@ def test_output_is_complete_and_reports_the_run(tmp_path, data, tiny_registry, c
     report = json.loads((out / "result.json").read_text())
     assert report["spec"]["hyperparameters"]["n_epochs"] == 2
     assert report["spec"]["hyperparameters"]["total_steps"] == 18  # 36 examples / 4, twice
-    assert set(report["metrics"]) == {"initial", "final", "best"}
+    assert set(report["metrics"]) == {"initial", "final", "best", "kept"}
     assert report["metrics"]["best"]["eval_loss"] < report["metrics"]["initial"]["eval_loss"]
     assert report["best_step"] is not None
     assert report["trained_tokens"] > 0 and report["wall_seconds"] > 0

@@ -50,7 +50,7 @@ class TokenizedDataset:
 
     @property
     def n_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+        return sum(e.n_tokens for e in self.examples)
 
     @property
     def n_loss_tokens(self) -> int:

@@ -46,6 +46,8 @@ JOB_DOCUMENT = (
     Field("trained_tokens", int | None, Job.trained_tokens),
     Field("error", dict[str, Any] | None, Job.error, shown=JSON_OR_NULL),
     Field("result", dict[str, Any] | None, Job.result, shown=JSON_OR_NULL),
+    # where the job's seconds went (result.json's "timings"); null until it has succeeded
+    Field("timings", dict[str, Any] | None, Job.result, member="timings", shown=JSON_OR_NULL),
     Field("cancel_requested", bool, Job.cancel_requested, shown=FLAG),
     Field("created_at", int, Job.created_at, shown=SECONDS_OR_ZERO),
     Field("started_at", int | None, Job.started_at, shown=SECONDS),
