@@ -91,7 +91,7 @@ class EvaluationPlan:
 
     periodic: int  # the base model's and every eval_every_steps (the last step's too)
     sample_size: int  # validation examples each periodic evaluation reads
-    whole: int  # on the whole set after them: the kept weights', when the periodic are sampled
+    whole: int  # the kept weights' pass over the whole set, after sampled periodic ones
     n_validation: int
 
     @property
@@ -112,7 +112,8 @@ def evaluation_plan(hp: ResolvedHyperparameters, n_validation: int) -> Evaluatio
         return EvaluationPlan(0, 0, 0, 0)
     size = min(hp.eval_sample_size or n_validation, n_validation)
     periodic = periodic_evaluations(hp.total_steps, hp.eval_every_steps) + 1
-    return EvaluationPlan(periodic, size, 1 if size < n_validation else 0, n_validation)
+    final = size < n_validation and hp.final_eval_whole_set
+    return EvaluationPlan(periodic, size, 1 if final else 0, n_validation)
 
 
 def checkpoint_writes(hp: ResolvedHyperparameters) -> int:

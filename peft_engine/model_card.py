@@ -96,9 +96,10 @@ def _metrics_table(result: dict[str, Any], kind: str) -> str:
     columns = ["base model", "final step", "kept (best)"]
     keys = ["initial", "final", "best"]
     evaluation = result.get("evaluation") or {}
-    sampled = evaluation.get("final") == "whole set on the kept weights"
-    if sampled:  # the periodic columns are on a sample; the kept weights also on the whole set
-        columns.append("kept, whole validation set")
+    n_validation = evaluation.get("validation_examples")
+    sampled = evaluation.get("periodic_sample_size", n_validation) != n_validation
+    if evaluation.get("final") == "whole set on the kept weights":
+        columns.append("kept, whole validation set")  # the periodic columns are on a sample
         keys.append("kept")
     rows = [
         "| metric | " + " | ".join(columns) + " |",

@@ -121,7 +121,9 @@ def _evaluation(
     n_validation = len(job.validation.examples) if job.validation else 0
     final = {
         None: None,
-        "periodic": "the periodic evaluations used the whole set",
+        "periodic": "the periodic evaluations used the whole set"
+        if hp.eval_sample_size is None
+        else "the periodic sample (a whole-set pass would go over eval_budget)",
         "final": "whole set on the kept weights",
     }[kept.source if kept else None]
     return {

@@ -269,6 +269,9 @@ class ResolvedHyperparameters(Hyperparameters):
     warmup_steps: int = Field(ge=0)
     # how many validation examples a periodic evaluation uses; None: the whole set
     eval_sample_size: int | None = Field(None, ge=1)
+    # with a sample: whether the kept weights are evaluated on the whole set at the end (False
+    # when that pass alone would go over eval_budget: the kept weights' numbers are the sample's)
+    final_eval_whole_set: bool = True
 
     # the pooling a seq_classification head uses; None for other tasks
     pooling: Literal["mean", "cls", "pooler", "last"] | None = None
@@ -367,6 +370,7 @@ def resolve_spec(
         "pooling": pooling,
         "eval_every_steps": eval_every,
         "eval_sample_size": plan.sample_size,
+        "final_eval_whole_set": plan.final_whole_set,
         "checkpoint_every_steps": checkpoint_every,
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -388,6 +392,8 @@ _SMALLEST_SAMPLE = 32
 class EvaluationPlan:
     every_steps: int | None  # None: no validation data, no evaluation
     sample_size: int | None  # None: the whole validation set
+    # with a sample: the kept weights evaluated on the whole set at the end
+    final_whole_set: bool = True
 
 
 def plan_evaluation(
@@ -399,15 +405,18 @@ def plan_evaluation(
     eval_budget: float,
     explicit_every: int | None,
 ) -> EvaluationPlan:
-    """How often to evaluate and on how many validation examples, so that the periodic
-    evaluations (the base model's and one per `every_steps`, the last step's too) cost at most
-    `eval_budget` of the job's training compute.
+    """How often to evaluate and on how many validation examples, so that evaluation (the
+    base model's, one per `every_steps` and the last step's, and with a sample the kept
+    weights' pass over the whole set at the end) costs at most `eval_budget` of the job's
+    training compute.
 
     An explicit cadence is obeyed, on the whole set. Otherwise: the most evaluations, from 10
     down to 4, that fit with the whole set; else 5 (down to 2) on the largest fixed sample that
-    fits; the sample is never under 32 examples (or the whole set when it is smaller), even
-    when that goes over the budget. A sampled plan's final evaluation on the whole set (of
-    the kept weights) is outside the budget: it is one pass over the set whatever the cadence.
+    fits beside a final pass over the whole set; else, when that pass alone would go over the
+    budget, 5 (down to 2) on the largest sample that fits, with no final pass (the kept
+    weights' numbers are the sample's: raise eval_budget for whole-set numbers). The sample
+    is never under 32 examples (or the whole set when it is smaller), even when that goes over
+    the budget.
     """
     if n_validation == 0:
         return EvaluationPlan(None, None)
@@ -426,11 +435,14 @@ def plan_evaluation(
         if n_evals(evals) * n_validation <= affordable:
             return EvaluationPlan(every(evals), None)
     smallest = min(n_validation, _SMALLEST_SAMPLE)
-    for evals in range(_SAMPLED_EVALS, _FEWEST_EVALS - 1, -1):
-        size = min(n_validation, math.floor(affordable / n_evals(evals)))
-        if size >= smallest:
-            return EvaluationPlan(every(evals), size if size < n_validation else None)
-    return EvaluationPlan(every(_FEWEST_EVALS), smallest if smallest < n_validation else None)
+    for final, left in ((True, affordable - n_validation), (False, affordable)):
+        for evals in range(_SAMPLED_EVALS, _FEWEST_EVALS - 1, -1):
+            size = min(n_validation, math.floor(left / n_evals(evals)))
+            if size >= smallest:
+                sample = size if size < n_validation else None
+                return EvaluationPlan(every(evals), sample, final or sample is None)
+    sample = smallest if smallest < n_validation else None
+    return EvaluationPlan(every(_FEWEST_EVALS), sample, sample is None)
 
 
 def periodic_evaluations(total_steps: int, every_steps: int) -> int:

@@ -96,9 +96,14 @@ class _Run:
 
     @property
     def sampled(self) -> bool:
-        """Whether the periodic evaluations use a sample (then the kept weights get a
-        whole-set evaluation at the end)."""
+        """Whether the periodic evaluations use a sample."""
         return self.job.spec.hyperparameters.eval_sample_size is not None
+
+    @property
+    def final_whole_set(self) -> bool:
+        """Whether the kept weights get a whole-set evaluation at the end (a sampled plan's,
+        when the budget affords it)."""
+        return self.sampled and self.job.spec.hyperparameters.final_eval_whole_set
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.monotonic() - self.started
@@ -179,7 +184,7 @@ def train(
     if job.validation is not None:
         run.eval_examples = periodic_examples(job)
         run.periodic_eval_tokens = sum(e.n_tokens for e in run.eval_examples)
-        run.final_eval_tokens = job.validation.n_tokens if run.sampled else 0
+        run.final_eval_tokens = job.validation.n_tokens if run.final_whole_set else 0
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
@@ -414,7 +419,7 @@ def _evaluate_kept(run: _Run, state: ckpt.TrainerState) -> outputs.KeptEvaluatio
     """The kept weights' metrics and report on the whole validation set; None without one."""
     if run.job.validation is None or state.step == 0:
         return None
-    if not run.sampled:  # the periodic evaluations were on the whole set already
+    if not run.final_whole_set:  # the whole set already, or a sample the budget keeps to
         return outputs.KeptEvaluation(
             state.best_metrics, state.best_report or state.last_report, "periodic"
         )

@@ -95,11 +95,17 @@ def test_without_validation_data_nothing_is_evaluated(tmp_path, tiny_registry, c
     assert estimate.seconds_by_phase["train"] > 0 and estimate.seconds_by_phase["load"] == 7.0
 
 
-def _hp(total_steps: int, eval_every_steps: int | None, eval_sample_size: int | None = None):
+def _hp(
+    total_steps: int,
+    eval_every_steps: int | None,
+    eval_sample_size: int | None = None,
+    final_eval_whole_set: bool = True,
+):
     return SimpleNamespace(
         total_steps=total_steps,
         eval_every_steps=eval_every_steps,
         eval_sample_size=eval_sample_size,
+        final_eval_whole_set=final_eval_whole_set,
     )
 
 
@@ -122,6 +128,12 @@ def test_evaluations_follow_the_cadence_and_the_sample_size(
     assert plan.periodic == periodic and plan.whole == whole
     assert plan.evaluations == periodic + whole
     assert plan.examples == examples
+
+
+def test_a_sample_without_room_for_a_whole_set_pass_has_no_final_evaluation():
+    plan = evaluation_plan(_hp(24, 12, 32, final_eval_whole_set=False), n_validation=191)
+
+    assert (plan.periodic, plan.whole, plan.examples) == (3, 0, 3 * 32)
 
 
 def test_no_cadence_or_no_validation_set_means_no_evaluation():

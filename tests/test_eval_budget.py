@@ -50,8 +50,10 @@ def test_the_plan_keeps_periodic_evaluation_within_the_budget(train_tokens_per_s
         assert 1 <= plan.every_steps <= steps, shape
         assert min(2, steps) <= evaluations <= 10, shape
         assert plan.sample_size is None or plan.sample_size < n_validation, shape
-        cost = (evaluations + 1) * size * mean_tokens * EVAL_COST_PER_TOKEN  # + the base model
-        at_the_floor = size == min(n_validation, 32) and evaluations <= 2
+        # the base model's, the periodic ones, and a sample's final pass over the whole set
+        final = n_validation if plan.sample_size and plan.final_whole_set else 0
+        cost = ((evaluations + 1) * size + final) * mean_tokens * EVAL_COST_PER_TOKEN
+        at_the_floor = size == min(n_validation, 32) and evaluations <= 2 and not final
         within = cost <= budget * steps * train_tokens_per_step * (1 + 1e-9)  # float rounding
         assert within or at_the_floor, shape
 
@@ -79,6 +81,21 @@ def test_the_issues_dolly_job_evaluates_a_sample_a_few_times():
         explicit_every=None,
     )
     assert plan.sample_size == 32 and periodic_evaluations(24, plan.every_steps) == 2
+    # a pass over the 191 alone would cost more than the budget: the sample's numbers stand
+    assert not plan.final_whole_set
+
+
+def test_a_sample_leaves_room_for_the_kept_weights_pass_over_the_whole_set():
+    # 600 examples' evaluation affordable: the 191 once at the end, 6 x 68 before
+    plan = plan_evaluation(
+        total_steps=100,
+        train_tokens=100 * 4000,
+        n_validation=191,
+        validation_mean_tokens=300,
+        eval_budget=0.15,
+        explicit_every=None,
+    )
+    assert plan.every_steps == 20 and plan.sample_size == 68 and plan.final_whole_set
 
 
 def test_explicit_eval_every_steps_is_obeyed_on_the_whole_set():
@@ -146,21 +163,32 @@ def _rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_sampled_job_records_its_timings_and_the_kept_weights_whole_set_metrics(
-    tmp_path, data, tiny_registry, cache_dir
+@pytest.mark.parametrize(
+    ("budget", "max_steps", "final"),
+    [
+        (0.01, 12, False),  # a pass over the 50 alone goes over the budget: the sample's numbers
+        (0.4, 36, True),  # room for the kept weights' pass over the whole set at the end
+    ],
+)
+def test_a_sampled_job_records_its_timings_and_which_numbers_are_the_whole_sets(
+    tmp_path, data, tiny_registry, cache_dir, budget, max_steps, final
 ):
-    result = _run(_spec(), tmp_path / "run", data, tiny_registry, cache_dir)
+    spec = _spec(eval_budget=budget, max_steps=max_steps)
+    result = _run(spec, tmp_path / "run", data, tiny_registry, cache_dir)
     report = result.result
     hp = report["spec"]["hyperparameters"]
-    assert hp["eval_sample_size"] == 32 and hp["eval_every_steps"] == 6
-    periodic = [r for r in _rows(tmp_path / "run") if "eval_loss" in r]
-    assert [r["step"] for r in periodic] == [0, 6, 12]
+    size, every = hp["eval_sample_size"], hp["eval_every_steps"]
+    assert size is not None and size >= 32 and hp["final_eval_whole_set"] is final
+    periodic = [r["step"] for r in _rows(tmp_path / "run") if "eval_loss" in r]
+    assert periodic == [*range(0, max_steps, every), max_steps]
     assert report["evaluation"] == {
         "validation_examples": 50,
-        "periodic_sample_size": 32,
-        "eval_every_steps": 6,
-        "evaluations": 3,
-        "final": "whole set on the kept weights",
+        "periodic_sample_size": size,
+        "eval_every_steps": every,
+        "evaluations": len(periodic),
+        "final": "whole set on the kept weights"
+        if final
+        else "the periodic sample (a whole-set pass would go over eval_budget)",
     }
 
     timings = report["timings"]
@@ -175,24 +203,27 @@ def test_a_sampled_job_records_its_timings_and_the_kept_weights_whole_set_metric
         "evaluations",
         "checkpoints",
     }
-    assert timings["evaluations"] == 4  # three on the sample, one on the whole set
-    assert timings["checkpoints"] == 1  # step 6; after step 12 the output is written
+    assert timings["evaluations"] == len(periodic) + final  # + the kept weights' whole pass
+    assert timings["checkpoints"] == (max_steps - 1) // every  # after the last, the output
     assert timings["train_tokens"] == report["trained_tokens"]
-    job = prepare_job(parse_spec(_spec()), data, registry=tiny_registry, cache_dir=cache_dir)
+    job = prepare_job(parse_spec(spec), data, registry=tiny_registry, cache_dir=cache_dir)
     examples = job.validation.examples
-    sample = [examples[i] for i in sample_indices(50, 32, seed=42)]
-    n_tokens = sum(e.n_tokens for e in sample)
-    assert timings["eval_tokens"] == 3 * n_tokens + sum(e.n_tokens for e in examples)
+    sample = [examples[i] for i in sample_indices(50, size, seed=42)]
+    whole_tokens = sum(e.n_tokens for e in examples) if final else 0
+    assert timings["eval_tokens"] == len(periodic) * sum(e.n_tokens for e in sample) + whole_tokens
     for name in ("load_seconds", "train_seconds", "eval_seconds", "wall_seconds"):
         assert timings[name] > 0, name
     card = (result.output_dir / "README.md").read_text()
-    assert "kept, whole validation set" in card and "sample of 32 of the 50" in card
+    assert f"sample of {size} of the 50" in card
+    assert ("kept, whole validation set" in card) is final
 
-    # metrics.kept: the output's weights on the whole validation set; best: on the sample
+    # metrics.kept: the output's weights on the whole set (or the sample's numbers of the
+    # kept step, when the budget has no room for it); best: on the sample
     task = task_for("causal_lm")
     whole, _, _ = evaluate(result.model, job, task, torch.device("cpu"))
     on_sample, _, _ = evaluate(result.model, job, task, torch.device("cpu"), sample)
-    assert report["metrics"]["kept"]["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-5)
+    kept = whole if final else on_sample
+    assert report["metrics"]["kept"]["eval_loss"] == pytest.approx(kept["eval_loss"], abs=1e-5)
     assert report["metrics"]["best"]["eval_loss"] == pytest.approx(on_sample["eval_loss"], abs=1e-5)
 
 
