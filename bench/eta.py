@@ -2,7 +2,7 @@
 the job really took.
 
     .venv/bin/python bench/eta.py                        # the tiny shapes, about a minute
-    .venv/bin/python bench/eta.py --shapes dolly96       # issue 15's job (15+ minutes on CPU)
+    .venv/bin/python bench/eta.py --shapes dolly96-191   # issue 15's job (15+ minutes on CPU)
 
 Each shape is one job run by `peft_engine.train` in a fresh process, so its model's load is
 in it, as in a worker's first job. At every optimizer step the script keeps the engine's
@@ -26,7 +26,9 @@ Shapes (--shapes, comma-separated):
   tiny-dense  the same, evaluated every 2 steps and checkpointed every 4
   smol-dolly  LoRA on SmolLM2-135M-Instruct, 32 Dolly chats, 16 validation chats, defaults
   dolly96     LoRA on SmolLM2-135M-Instruct: the first 96 chats of Dolly's train file, the
-              whole validation file, every setting its default (issue 15's check)
+              whole validation file (100 chats), every setting its default
+  dolly96-191 the same with 191 validation chats, issue 15's check: the validation file
+              and the last 91 chats of the train file (none of them trained on)
 
 The eval share is the job's evaluation seconds over its wall time, from result.json's
 timings when the engine records them. Data: ../shared/data/dolly beside the repository (or
@@ -82,6 +84,7 @@ SHAPES = {
     ),
     "smol-dolly": Shape(SMOL, 32, 16),
     "dolly96": Shape(SMOL, 96, 0),
+    "dolly96-191": Shape(SMOL, 96, 191),
 }
 DEFAULT_SHAPES = "tiny,tiny-eval,tiny-dense"
 
@@ -185,6 +188,15 @@ class _Bench:
         if shape.n_validation == 0:
             return train, dolly / "validation.jsonl"
         validation = folder / "validation.jsonl"
+        if shape.n_validation > _lines(dolly / "validation.jsonl"):
+            # the validation file, then the last lines of the train file (after the chats
+            # trained on) up to the number wanted: issue 15's 191-example validation file
+            held = (dolly / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+            tail = (dolly / "train.jsonl").read_text(encoding="utf-8").splitlines()
+            more = tail[len(tail) - (shape.n_validation - len(held)) :]
+            assert len(tail) - len(more) >= shape.n_train, "validation would overlap training"
+            validation.write_text("\n".join(held + more) + "\n", encoding="utf-8")
+            return train, validation
         return train, _first_lines(dolly / "validation.jsonl", validation, shape.n_validation)
 
     def _measured(
