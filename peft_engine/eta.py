@@ -1,6 +1,7 @@
 """The live ETA: what is left of the job, priced with this job's own measurements.
 
-What is left after a step is logged: the remaining optimizer steps, the periodic evaluations
+What is left after a step is logged: the remaining optimizer steps (their tokens, known
+from the data, when the loop gives them), the periodic evaluations
 still due (this step's included: it is evaluated after its metrics are logged), the final
 evaluation of the kept weights on the whole validation set (when the periodic ones use a
 sample), the checkpoints still due, and writing the output. Each is priced by what the run
@@ -23,6 +24,9 @@ class RemainingWork:
     eval_tokens_each: int  # tokens one periodic evaluation goes through
     final_eval_tokens: int  # the kept weights' whole-set evaluation; 0 when there is none
     checkpoints: int
+    # tokens the remaining steps train on (known from the data: the epochs' tokens less those
+    # trained); None: priced by the step instead
+    train_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ def remaining_work(
     checkpoint_every: int,
     eval_tokens_each: int,
     final_eval_tokens: int,
+    train_tokens: int | None = None,
 ) -> RemainingWork:
     """What is left once step `step`'s training is done (its evaluation and checkpoint not)."""
     evaluations = 0
@@ -68,6 +73,7 @@ def remaining_work(
     checkpoints = (total_steps - 1) // checkpoint_every - (step - 1) // checkpoint_every
     return RemainingWork(
         steps=total_steps - step,
+        train_tokens=None if train_tokens is None else max(0, train_tokens),
         evaluations=evaluations,
         eval_tokens_each=eval_tokens_each if eval_every is not None else 0,
         final_eval_tokens=final_eval_tokens if eval_every is not None else 0,
@@ -84,8 +90,15 @@ def eta_seconds(work: RemainingWork, rates: Rates) -> float:
     if per_checkpoint is None:
         per_checkpoint = rates.seconds_per_step
     eval_tokens = work.evaluations * work.eval_tokens_each + work.final_eval_tokens
-    return (
+    # Steps differ in tokens (examples differ in length): pricing the tokens left, rather
+    # than the steps, keeps a first step of short examples from foretelling a short job.
+    train = (
         work.steps * rates.seconds_per_step
+        if work.train_tokens is None
+        else work.train_tokens * rates.seconds_per_train_token
+    )
+    return (
+        train
         + eval_tokens * per_eval_token
         + work.checkpoints * per_checkpoint
         + per_checkpoint  # writing the output: about one checkpoint's saving

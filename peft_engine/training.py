@@ -374,6 +374,10 @@ def _eta(run: _Run, state: ckpt.TrainerState) -> float:
         checkpoint_every=hp.checkpoint_every_steps,
         eval_tokens_each=run.periodic_eval_tokens,
         final_eval_tokens=run.final_eval_tokens,
+        # every epoch trains on all the examples' tokens (max_steps may cut the last one)
+        train_tokens=round(
+            run.job.train.n_tokens * hp.total_steps / hp.steps_per_epoch - state.trained_tokens
+        ),
     )
     return eta_seconds(work, Rates.measured(state.timings, state.step))
 

@@ -58,6 +58,36 @@ def test_the_eta_is_larger_by_the_measured_cost_of_the_evaluations_left():
     assert eta_seconds(work(3, final=5000), RATES) - without == pytest.approx(8000 * 0.002)
 
 
+def test_the_steps_left_are_priced_by_their_tokens_when_the_loop_knows_them():
+    # a first step of short examples (0.01 s a token, 2 s a step) must not foretell short
+    # steps: 10 steps of 500 tokens each are 50 s, not 10 x 2 s
+    by_steps = RemainingWork(
+        steps=10, evaluations=0, eval_tokens_each=0, final_eval_tokens=0, checkpoints=0
+    )
+    by_tokens = RemainingWork(
+        steps=10,
+        evaluations=0,
+        eval_tokens_each=0,
+        final_eval_tokens=0,
+        checkpoints=0,
+        train_tokens=5000,
+    )
+    assert eta_seconds(by_steps, RATES) == pytest.approx(10 * 2.0 + 3.0)
+    assert eta_seconds(by_tokens, RATES) == pytest.approx(5000 * 0.01 + 3.0)
+    assert (
+        remaining_work(
+            step=1,
+            total_steps=4,
+            eval_every=None,
+            checkpoint_every=4,
+            eval_tokens_each=0,
+            final_eval_tokens=0,
+            train_tokens=-3,  # rounding past the end: nothing left
+        ).train_tokens
+        == 0
+    )
+
+
 def test_unmeasured_evaluation_and_checkpoints_are_predicted_from_training():
     rates = Rates(seconds_per_step=2.0, seconds_per_train_token=0.01)
     work = RemainingWork(
