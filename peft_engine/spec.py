@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from peft_engine.data.formats import PREFERENCE_OBJECTIVES
 from peft_engine.errors import SpecError
 from peft_engine.methods import METHODS
+from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
 
 Auto = Literal["auto"]
@@ -60,6 +61,10 @@ class Hyperparameters(_Strict):
     n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = "auto"
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto = "auto"
+    # The new task head's peak rate (classification tasks): "auto" gives it a higher rate
+    # than the body's, as a head starts from nothing while the body only adjusts. head_only
+    # trains nothing but the head, at learning_rate.
+    head_learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto = "auto"
     lr_scheduler: Literal["linear", "cosine", "constant", "reduce_on_plateau"] = "cosine"
     # The plateau rule when lr_scheduler is "reduce_on_plateau" (defaults when null).
     reduce_on_plateau: ReduceOnPlateau | None = None
@@ -128,6 +133,7 @@ def check_spec(spec: JobSpec) -> None:
     for name, tasks in (
         ("pooling", ("seq_classification",)),
         ("class_weights", ("seq_classification", "image_classification")),
+        ("head_learning_rate", HEAD_TASKS),
     ):
         chosen = name in hp.model_fields_set and getattr(hp, name) not in (None, "auto")
         if chosen and spec.task not in tasks:
@@ -139,6 +145,11 @@ def check_spec(spec: JobSpec) -> None:
         raise SpecError(
             'is used only with lr_scheduler "reduce_on_plateau"',
             param="hyperparameters.reduce_on_plateau",
+        )
+    if spec.method.type == "head_only" and hp.head_learning_rate != "auto":
+        raise SpecError(
+            "head_only trains the head alone, at learning_rate; set that instead",
+            param="hyperparameters.head_learning_rate",
         )
     if getattr(spec.method, "init", None) in ("pissa", "olora") and spec.task != "causal_lm":
         # peft's conversion back to a plain adapter does not handle a trained task head
@@ -263,6 +274,8 @@ class ResolvedHyperparameters(Hyperparameters):
     n_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=1024)
     learning_rate: float = Field(gt=0.0, le=1.0)
+    # None: no new task head, or head_only (whose head trains at learning_rate)
+    head_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
     max_seq_length: int = Field(ge=16, le=131072)
     total_steps: int = Field(ge=1)
     steps_per_epoch: int = Field(ge=1)
@@ -364,6 +377,7 @@ def resolve_spec(
         "n_epochs": n_epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "head_learning_rate": _head_learning_rate(spec, learning_rate),
         "max_seq_length": max_seq_length,
         "packing": packing,
         "reduce_on_plateau": plateau,
@@ -470,4 +484,19 @@ def _auto_batch_size(
 
 
 def _auto_lr(spec: JobSpec) -> float:
-    return METHODS[spec.method.type].default_learning_rate(spec.method)
+    method = METHODS[spec.method.type]
+    if spec.task in HEAD_TASKS and method.head_task_learning_rate is not None:
+        return method.head_task_learning_rate(spec.method)
+    return method.default_learning_rate(spec.method)
+
+
+def _head_learning_rate(spec: JobSpec, learning_rate: float) -> float | None:
+    """The new task head's rate: as asked, or no lower than a fresh head learns well at (the
+    head_only method's own rate, a linear layer on features that are already good)."""
+    hp = spec.hyperparameters
+    if spec.task not in HEAD_TASKS or spec.method.type == "head_only":
+        return None
+    if hp.head_learning_rate != "auto":
+        return hp.head_learning_rate
+    fresh_head = METHODS["head_only"].default_learning_rate(spec.method)
+    return max(learning_rate, fresh_head)

@@ -45,7 +45,7 @@ from peft_engine.evaluation import (
 )
 from peft_engine.hooks import Event, Hooks
 from peft_engine.methods import method_for
-from peft_engine.methods.common import MethodTrainer
+from peft_engine.methods.common import TASK_HEAD, MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.attention import use_packed_attention
@@ -232,6 +232,8 @@ def _build_model(
 
 def _optimizer(model: Any, method_trainer: MethodTrainer, hp: Any) -> torch.optim.AdamW:
     groups = method_trainer.param_groups(hp.weight_decay) or _param_groups(model, hp.weight_decay)
+    if hp.head_learning_rate is not None:
+        groups = _head_apart(model, groups, hp.head_learning_rate / hp.learning_rate)
     for group in groups:  # a group's lr_scale (discriminative learning rates) scales the peak
         group["lr"] = hp.learning_rate * group.get("lr_scale", 1.0)
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999))
@@ -520,6 +522,27 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _head_apart(model: Any, groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    """`groups` with the task head's parameters in groups of their own, at `scale` times the
+    peak rate (in place of any scale their group had)."""
+    head = {
+        id(param)
+        for name, param in model.named_parameters()
+        if param.requires_grad and TASK_HEAD in name.split(".")
+    }
+    body_groups, head_groups = [], []
+    for group in groups:
+        params = list(group["params"])
+        options = {k: v for k, v in group.items() if k != "params"}
+        body = [p for p in params if id(p) not in head]
+        if body:
+            body_groups.append({**options, "params": body})
+        if len(body) < len(params):
+            head_params = [p for p in params if id(p) in head]
+            head_groups.append({**options, "params": head_params, "lr_scale": scale})
+    return body_groups + head_groups
 
 
 def _seed_everything(seed: int) -> None:

@@ -27,6 +27,8 @@ register(
         build=build_full,
         tasks=ALL_TASKS,
         default_learning_rate=lambda spec: 2e-5,
+        # a small encoder under a new head: the BERT recipe's upper rate
+        head_task_learning_rate=lambda spec: 5e-5,
         weights=TRAINED_WEIGHTS,
     )
 )

@@ -79,5 +79,7 @@ register(
         disables_adapter=True,
         # LoRA's usual rate; large ranks make bigger updates, so a smaller step.
         default_learning_rate=lambda spec: 2e-4 if spec.r <= 64 else 1e-4,
+        # a small encoder under a new head, often one epoch: bigger steps (bench/quality.py)
+        head_task_learning_rate=lambda spec: 1e-3 if spec.r <= 64 else 5e-4,
     )
 )

@@ -24,6 +24,9 @@ class MethodDef:
     tasks: tuple[str, ...]
     # The learning rate "auto" resolves to: methods with few parameters want larger steps.
     default_learning_rate: Callable[[Any], float]
+    # Its rate on a classification task (a new head on an encoder body), where that differs:
+    # bench/quality.py measured these on all-MiniLM-L6-v2. None: default_learning_rate.
+    head_task_learning_rate: Callable[[Any], float] | None = None
     # How its trained weights are saved and restored: a PEFT adapter unless said otherwise.
     weights: WeightsFormat = PEFT_ADAPTER
     # Model families (config.json's model_type) it works on; None: every family.
