@@ -490,13 +490,16 @@ def _auto_lr(spec: JobSpec) -> float:
     return method.default_learning_rate(spec.method)
 
 
+# The lowest rate "auto" gives a new task head next to a body that trains: a fresh linear
+# layer needs large steps, while the features under it move (bench/quality.py).
+_FRESH_HEAD_LR = 2e-3
+
+
 def _head_learning_rate(spec: JobSpec, learning_rate: float) -> float | None:
-    """The new task head's rate: as asked, or no lower than a fresh head learns well at (the
-    head_only method's own rate, a linear layer on features that are already good)."""
+    """The new task head's rate: as asked, or no lower than `_FRESH_HEAD_LR`."""
     hp = spec.hyperparameters
     if spec.task not in HEAD_TASKS or spec.method.type == "head_only":
         return None
     if hp.head_learning_rate != "auto":
         return hp.head_learning_rate
-    fresh_head = METHODS["head_only"].default_learning_rate(spec.method)
-    return max(learning_rate, fresh_head)
+    return max(learning_rate, _FRESH_HEAD_LR)
