@@ -34,18 +34,17 @@ from typing import Any
 
 from peft_engine.data.formats import DataFormat, Example, preference_conversations
 from peft_engine.errors import SpecError
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN, periodic_evaluations
 from peft_engine.jsonfile import read_json_object
 from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
 from peft_engine.prepare import DataPaths, check_support, read_job_examples
 from peft_engine.spec import (
-    EVAL_COST_PER_TOKEN,
     DatasetStats,
     JobSpec,
     ModelLimits,
     ResolvedHyperparameters,
     ResolvedSpec,
-    periodic_evaluations,
     resolve_max_seq_length,
     resolve_spec,
 )
