@@ -8,7 +8,7 @@ refused and every number has a range, so a spec that validates is one the engine
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
@@ -247,8 +247,10 @@ class DatasetStats:
 
     n_train: int
     n_validation: int
-    max_tokens: int  # longest training example, before truncation
-    mean_tokens: float
+    # longest training sequence, before truncation (a preference pair is two: its answers
+    # after the prompt, each truncated on its own)
+    max_tokens: int
+    mean_tokens: float  # tokens of an example after truncation (a pair's: both sequences)
     # mean validation example, after truncation; None: as the training examples
     validation_mean_tokens: float | None = None
 
@@ -312,10 +314,19 @@ def resolve_spec(
         max_seq_length = min(max_seq_length, max(64, math.ceil(stats.max_tokens / 64) * 64))
 
     n_epochs = hp.n_epochs if hp.n_epochs != "auto" else _auto_epochs(stats.n_train)
+    pairs = spec.method.objective.type in PREFERENCE_OBJECTIVES
+    # Only causal LM packs examples, never with virtual tokens in front of each, and never
+    # preference pairs (padded side by side).
+    packing = (
+        hp.packing
+        and spec.task == "causal_lm"
+        and not METHODS[spec.method.type].needs_padding
+        and not pairs
+    )
     batch_size = (
         hp.batch_size
         if hp.batch_size != "auto"
-        else _auto_batch_size(stats, max_seq_length, hp.packing, limits)
+        else _auto_batch_size(stats, max_seq_length, packing, _per_sequence(limits, pairs))
     )
     if batch_size > stats.n_train:
         if hp.batch_size != "auto":
@@ -325,14 +336,6 @@ def resolve_spec(
             )
         batch_size = stats.n_train
     learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
-    # Only causal LM packs examples, never with virtual tokens in front of each, and never
-    # preference pairs (padded side by side).
-    packing = (
-        hp.packing
-        and spec.task == "causal_lm"
-        and not METHODS[spec.method.type].needs_padding
-        and spec.method.objective.type not in PREFERENCE_OBJECTIVES
-    )
     plateau = hp.reduce_on_plateau
     if hp.lr_scheduler == "reduce_on_plateau":
         if stats.n_validation == 0:
@@ -379,6 +382,14 @@ def resolve_spec(
     }
     resolved_hp = ResolvedHyperparameters(**hp.model_dump(exclude=set(resolved)), **resolved)
     return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
+
+
+def _per_sequence(limits: ModelLimits, pairs: bool) -> ModelLimits:
+    """The limits of one of an example's sequences: a preference pair's two answers are padded
+    side by side in a micro-batch, so each has half its token budget."""
+    if not pairs:
+        return limits
+    return replace(limits, max_tokens_per_batch=limits.max_tokens_per_batch // 2)
 
 
 def _auto_epochs(n_train: int) -> int:

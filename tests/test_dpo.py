@@ -191,6 +191,19 @@ def test_a_dpo_spec_that_cannot_run_is_refused_naming_its_field(spec, param, mes
     assert message in str(refused.value)
 
 
+def test_an_auto_batch_size_fits_both_answers_of_each_pair_in_the_token_budget():
+    stats = DatasetStats(n_train=20_000, n_validation=0, max_tokens=1024, mean_tokens=300.0)
+    limits = ModelLimits(max_position_embeddings=2048, max_tokens_per_batch=16_384)
+
+    sft = resolve_spec(
+        parse_spec({"model": "m", "hyperparameters": {"packing": False}}), stats, limits
+    )
+    dpo = resolve_spec(parse_spec(_spec()), stats, limits)
+
+    assert sft.hyperparameters.batch_size == 16  # rows of up to 1024 tokens
+    assert dpo.hyperparameters.batch_size == 8  # a pair is two rows of up to 1024, unpacked
+
+
 def test_dpo_defaults_and_packing_resolved_off():
     spec = parse_spec(_spec({"type": "ia3", "objective": {"type": "dpo"}}))
     stats = DatasetStats(n_train=64, n_validation=8, max_tokens=100, mean_tokens=80.0)
