@@ -11,14 +11,17 @@ The duration is the sum of four phases, each from the token counts and a `Throug
 `basis` says which):
 
     load        the base model's loading, as measured (seconds a job)
-    train       trained tokens / train tokens per second
+    train       trained tokens x their cost / train tokens per second (a preference
+                objective's step also runs the reference model forward over both answers:
+                a forward pass's share, EVAL_COST_PER_TOKEN, more a token)
     eval        the evaluations the cadence runs (`evaluation_plan`) x the tokens each reads,
                 / eval tokens per second (a forward pass only: by default 3x the train speed)
     checkpoint  the checkpoints the cadence writes, plus the output, x seconds per checkpoint
 
 Classification text is counted as the model's encoder sees it (special tokens, and a
 text_a/text_b pair as one pair); token classification as its words joined by spaces; a
-preference pair as its two conversations (the prompt with each answer: both are trained).
+preference pair as its two sequences, the prompt with each answer, each truncated on its own
+as the engine does (`_sequences`: both are trained, side by side).
 Image classification has no tokens: each image counts as one, so its "tokens" are
 examples (see `_token_counter`).
 """
@@ -32,20 +35,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft_engine.data.formats import DataFormat, Example, preference_conversations
+from peft_engine.data.formats import (
+    PREFERENCE_OBJECTIVES,
+    DataFormat,
+    Example,
+    preference_conversations,
+)
 from peft_engine.errors import SpecError
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN, periodic_evaluations
 from peft_engine.jsonfile import read_json_object
 from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
 from peft_engine.prepare import DataPaths, check_support, read_job_examples
 from peft_engine.spec import (
-    EVAL_COST_PER_TOKEN,
     DatasetStats,
     JobSpec,
     ModelLimits,
     ResolvedHyperparameters,
     ResolvedSpec,
-    periodic_evaluations,
     resolve_max_seq_length,
     resolve_spec,
 )
@@ -176,18 +183,18 @@ def estimate_job(
     count = _token_counter(path)
     # Images count one "token" each, so for image_classification the token fields below
     # are examples: trained_tokens is examples x epochs, the duration examples / throughput.
-    lengths = [count(example) for example in train_examples]
+    lengths = [_sequence_lengths(example, count) for example in train_examples]
     cap = resolve_max_seq_length(spec.hyperparameters, limits)
     stats = DatasetStats(
         n_train=len(train_examples),
         n_validation=len(validation_examples),
-        max_tokens=max(lengths),
-        mean_tokens=sum(min(n, cap) for n in lengths) / len(lengths),
+        max_tokens=max(max(sequences) for sequences in lengths),
+        mean_tokens=sum(_truncated(sequences, cap) for sequences in lengths) / len(lengths),
         validation_mean_tokens=_mean_tokens(validation_examples, count, cap),
     )
     resolved = resolve_spec(spec, stats, limits)
     hp = resolved.hyperparameters
-    per_epoch = sum(min(n, hp.max_seq_length) for n in lengths)
+    per_epoch = sum(_truncated(sequences, hp.max_seq_length) for sequences in lengths)
     epochs_run = hp.total_steps / hp.steps_per_epoch  # max_steps may end the job early
     trained = math.ceil(per_epoch * epochs_run)
     evals = evaluation_plan(hp, len(validation_examples))
@@ -195,7 +202,7 @@ def estimate_job(
     checkpoints = checkpoint_writes(hp)
     seconds = {
         "load": throughput.load_seconds,
-        "train": trained / throughput.train_tokens_per_second,
+        "train": trained * _train_token_cost(spec) / throughput.train_tokens_per_second,
         "eval": eval_tokens / throughput.eval_tokens_per_second,
         "checkpoint": checkpoints * throughput.seconds_per_checkpoint,
     }
@@ -205,7 +212,7 @@ def estimate_job(
         n_validation=stats.n_validation,
         train_tokens_per_epoch=per_epoch,
         trained_tokens=trained,
-        truncated=sum(1 for n in lengths if n > hp.max_seq_length),
+        truncated=sum(1 for sequences in lengths if max(sequences) > hp.max_seq_length),
         exact=path is not None,
         evaluations=evals.evaluations,
         eval_tokens=eval_tokens,
@@ -221,20 +228,50 @@ def _eval_tokens(
     """The tokens the plan's evaluations read: examples read x the mean validation length."""
     if not plan.examples:
         return 0
-    mean = sum(min(count(e), max_seq_length) for e in examples) / len(examples)
+    mean = _mean_tokens(examples, count, max_seq_length) or 0.0
     return math.ceil(plan.examples * mean)
 
 
-TokenCounter = Callable[[Example], int]
+def _train_token_cost(spec: JobSpec) -> float:
+    """A trained token's cost, in trained tokens: a preference objective's step also runs the
+    reference model (the adapter disabled, no backward) forward over both answers."""
+    if spec.method.objective.type in PREFERENCE_OBJECTIVES:
+        return 1 + EVAL_COST_PER_TOKEN
+    return 1.0
+
+
+TokenCounter = Callable[[Example], int]  # the tokens of one sequence
+
+
+def _sequences(example: Example) -> list[Example]:
+    """The sequences the model runs for an example: a preference pair's two conversations (the
+    prompt with each answer, each a chat), any other example as it is."""
+    if example.format is not DataFormat.PREFERENCE:
+        return [example]
+    return [
+        Example(example.line, DataFormat.CHAT, {"messages": messages})
+        for messages in preference_conversations(example.record)
+    ]
+
+
+def _sequence_lengths(example: Example, count: TokenCounter) -> list[int]:
+    return [count(sequence) for sequence in _sequences(example)]
+
+
+def _truncated(lengths: list[int], cap: int) -> int:
+    """An example's tokens once each of its sequences is cut to `cap`."""
+    return sum(min(n, cap) for n in lengths)
 
 
 def _mean_tokens(examples: list[Example], count: TokenCounter, cap: int) -> float | None:
     """The mean example's tokens after truncation (the periodic evaluations' plan uses it)."""
-    return sum(min(count(e), cap) for e in examples) / len(examples) if examples else None
+    if not examples:
+        return None
+    return sum(_truncated(_sequence_lengths(e, count), cap) for e in examples) / len(examples)
 
 
 def _token_counter(path: Path | None) -> TokenCounter:
-    """How many tokens an example is, with the model's tokenizer when it has one.
+    """How many tokens a sequence (`_sequences`) is, with the model's tokenizer when it has one.
 
     An image is one "token": the estimate's token fields then count examples, and trained
     tokens are examples x epochs (and the duration is examples over the throughput figure).
@@ -257,12 +294,6 @@ def _token_counter(path: Path | None) -> TokenCounter:
         if example.format is DataFormat.CHAT and template is not None:
             text = template.render(messages=record["messages"], add_generation_prompt=False)
             return len(tokenizer.encode(text, add_special_tokens=False).ids)
-        if example.format is DataFormat.PREFERENCE and template is not None:  # both answers
-            texts = [
-                template.render(messages=messages, add_generation_prompt=False)
-                for messages in preference_conversations(record)
-            ]
-            return sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts)
         if example.format is DataFormat.PROMPT_COMPLETION:
             prompt = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
             completion = tokenizer.encode(record["completion"], add_special_tokens=False).ids
@@ -314,9 +345,6 @@ def _example_text(example: Example) -> str:
     record = example.record
     if example.format is DataFormat.CHAT:
         return "\n".join(str(m.get("content") or "") for m in record["messages"])
-    if example.format is DataFormat.PREFERENCE:  # the prompt once with each answer
-        conversations = preference_conversations(record)
-        return "\n".join(str(m.get("content") or "") for c in conversations for m in c)
     if example.format is DataFormat.PROMPT_COMPLETION:
         return record["prompt"] + record["completion"]
     if example.format is DataFormat.TOKEN_CLASSIFICATION:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peft_engine.checkpoint import Timings
-from peft_engine.spec import EVAL_COST_PER_TOKEN
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ refused and every number has a range, so a spec that validates is one the engine
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from peft_engine.data.formats import PREFERENCE_OBJECTIVES
 from peft_engine.errors import SpecError
+from peft_engine.eval_plan import plan_evaluation
 from peft_engine.methods import METHODS
 from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
@@ -257,8 +258,10 @@ class DatasetStats:
 
     n_train: int
     n_validation: int
-    max_tokens: int  # longest training example, before truncation
-    mean_tokens: float
+    # longest training sequence, before truncation (a preference pair is two: its answers
+    # after the prompt, each truncated on its own)
+    max_tokens: int
+    mean_tokens: float  # tokens of an example after truncation (a pair's: both sequences)
     # mean validation example, after truncation; None: as the training examples
     validation_mean_tokens: float | None = None
 
@@ -324,10 +327,19 @@ def resolve_spec(
         max_seq_length = min(max_seq_length, max(64, math.ceil(stats.max_tokens / 64) * 64))
 
     n_epochs = hp.n_epochs if hp.n_epochs != "auto" else _auto_epochs(stats.n_train)
+    pairs = spec.method.objective.type in PREFERENCE_OBJECTIVES
+    # Only causal LM packs examples, never with virtual tokens in front of each, and never
+    # preference pairs (padded side by side).
+    packing = (
+        hp.packing
+        and spec.task == "causal_lm"
+        and not METHODS[spec.method.type].needs_padding
+        and not pairs
+    )
     batch_size = (
         hp.batch_size
         if hp.batch_size != "auto"
-        else _auto_batch_size(stats, max_seq_length, hp.packing, limits)
+        else _auto_batch_size(stats, max_seq_length, packing, _per_sequence(limits, pairs))
     )
     if batch_size > stats.n_train:
         if hp.batch_size != "auto":
@@ -337,14 +349,6 @@ def resolve_spec(
             )
         batch_size = stats.n_train
     learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
-    # Only causal LM packs examples, never with virtual tokens in front of each, and never
-    # preference pairs (padded side by side).
-    packing = (
-        hp.packing
-        and spec.task == "causal_lm"
-        and not METHODS[spec.method.type].needs_padding
-        and spec.method.objective.type not in PREFERENCE_OBJECTIVES
-    )
     plateau = hp.reduce_on_plateau
     if hp.lr_scheduler == "reduce_on_plateau":
         if stats.n_validation == 0:
@@ -394,74 +398,12 @@ def resolve_spec(
     return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
 
 
-# An evaluation token costs about a third of a trained one: a forward pass, no backward.
-EVAL_COST_PER_TOKEN = 1 / 3
-# Periodic evaluations the plan aims for over a job (fewer when the budget is tight, never
-# fewer than the minimum), and the smallest sample it evaluates on.
-_MOST_EVALS, _WHOLE_SET_FEWEST_EVALS, _SAMPLED_EVALS, _FEWEST_EVALS = 10, 4, 5, 2
-_SMALLEST_SAMPLE = 32
-
-
-@dataclass(frozen=True)
-class EvaluationPlan:
-    every_steps: int | None  # None: no validation data, no evaluation
-    sample_size: int | None  # None: the whole validation set
-    # with a sample: the kept weights evaluated on the whole set at the end
-    final_whole_set: bool = True
-
-
-def plan_evaluation(
-    *,
-    total_steps: int,
-    train_tokens: float,
-    n_validation: int,
-    validation_mean_tokens: float,
-    eval_budget: float,
-    explicit_every: int | None,
-) -> EvaluationPlan:
-    """How often to evaluate and on how many validation examples, so that evaluation (the
-    base model's, one per `every_steps` and the last step's, and with a sample the kept
-    weights' pass over the whole set at the end) costs at most `eval_budget` of the job's
-    training compute.
-
-    An explicit cadence is obeyed, on the whole set. Otherwise: the most evaluations, from 10
-    down to 4, that fit with the whole set; else 5 (down to 2) on the largest fixed sample that
-    fits beside a final pass over the whole set; else, when that pass alone would go over the
-    budget, 5 (down to 2) on the largest sample that fits, with no final pass (the kept
-    weights' numbers are the sample's: raise eval_budget for whole-set numbers). The sample
-    is never under 32 examples (or the whole set when it is smaller), even when that goes over
-    the budget.
-    """
-    if n_validation == 0:
-        return EvaluationPlan(None, None)
-    if explicit_every is not None:
-        return EvaluationPlan(explicit_every, None)
-    cost_per_example = max(1.0, validation_mean_tokens) * EVAL_COST_PER_TOKEN
-    affordable = eval_budget * train_tokens / cost_per_example  # examples evaluated in all
-
-    def every(evals: int) -> int:
-        return math.ceil(total_steps / max(1, min(evals, total_steps)))
-
-    def n_evals(evals: int) -> int:  # with the base model's
-        return periodic_evaluations(total_steps, every(evals)) + 1
-
-    for evals in range(_MOST_EVALS, _WHOLE_SET_FEWEST_EVALS - 1, -1):
-        if n_evals(evals) * n_validation <= affordable:
-            return EvaluationPlan(every(evals), None)
-    smallest = min(n_validation, _SMALLEST_SAMPLE)
-    for final, left in ((True, affordable - n_validation), (False, affordable)):
-        for evals in range(_SAMPLED_EVALS, _FEWEST_EVALS - 1, -1):
-            size = min(n_validation, math.floor(left / n_evals(evals)))
-            if size >= smallest:
-                sample = size if size < n_validation else None
-                return EvaluationPlan(every(evals), sample, final or sample is None)
-    sample = smallest if smallest < n_validation else None
-    return EvaluationPlan(every(_FEWEST_EVALS), sample, sample is None)
-
-
-def periodic_evaluations(total_steps: int, every_steps: int) -> int:
-    """Evaluations at every `every_steps` steps and at the last step."""
-    return math.ceil(total_steps / every_steps)
+def _per_sequence(limits: ModelLimits, pairs: bool) -> ModelLimits:
+    """The limits of one of an example's sequences: a preference pair's two answers are padded
+    side by side in a micro-batch, so each has half its token budget."""
+    if not pairs:
+        return limits
+    return replace(limits, max_tokens_per_batch=limits.max_tokens_per_batch // 2)
 
 
 def _auto_epochs(n_train: int) -> int:

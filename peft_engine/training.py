@@ -6,7 +6,9 @@
     validation set (when the periodic evaluations use a sample) → write output
 
 Each phase's seconds go into the state's `timings` (result.json's "timings"), and each
-step's ETA prices what is left with them (peft_engine/eta.py).
+step's ETA prices what is left with them (peft_engine/eta.py). What a run holds between
+phases is run_state.py's `Run`; the evaluations in the loop are loop_eval.py's, and the
+checkpoints, result.json and output that a run writes are run_output.py's.
 
 Gradient accumulation divides every micro-batch's summed loss by the number of loss tokens
 in the whole optimizer step, so a step's gradient is the mean over its tokens however the
@@ -31,34 +33,27 @@ import numpy as np
 import torch
 
 from peft_engine import checkpoint as ckpt
-from peft_engine import outputs
+from peft_engine import outputs, run_output
 from peft_engine.data.steps import step_micro_batches
 from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
-from peft_engine.eta import Rates, eta_seconds, remaining_work
-from peft_engine.evaluation import (
-    early_stop_message,
-    evaluate,
-    log_eval,
-    periodic_examples,
-    record_eval,
-    snapshot,
-)
+from peft_engine.evaluation import early_stop_message, log_eval, periodic_examples
 from peft_engine.hooks import Event, Hooks
+from peft_engine.loop_eval import evaluate_kept, evaluate_step, seconds_left, timed_evaluate
 from peft_engine.methods import method_for
 from peft_engine.methods.common import TASK_HEAD, MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.attention import use_packed_attention
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job, prepared_events
+from peft_engine.run_state import Run, StepSums
 from peft_engine.schedule import (
     PlateauScale,
     load_scheduler_state,
     lr_scheduler,
-    scheduler_state,
 )
 from peft_engine.spec import JobSpec, parse_spec
 from peft_engine.tasks import task_of
-from peft_engine.tasks.base import ExampleResult, Task
+from peft_engine.tasks.base import Task
 
 
 @dataclass
@@ -67,57 +62,6 @@ class TrainResult:
     output_dir: Path | None  # None when stopped before the end
     result: dict[str, Any]  # what result.json holds
     model: Any = field(default=None, repr=False)  # the trained model, in memory
-
-
-@dataclass
-class _Run:
-    """What the phases after the model's construction work with."""
-
-    job: PreparedJob
-    task: Task
-    device: torch.device
-    tokens_per_forward: int
-    model: Any
-    weights: WeightsFormat  # how this method's trained weights are saved and restored
-    method_trainer: MethodTrainer
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    plateau: PlateauScale
-    metrics_log: outputs.MetricsLog
-    hooks: Hooks
-    workdir: Path
-    started: float  # time.monotonic() when this process began the job
-    best_weights: dict[str, torch.Tensor] | None = None  # of the best evaluation so far
-    wall_before: float = 0.0  # wall seconds of earlier attempts, to the resumed checkpoint
-    eval_examples: list[Any] = field(default_factory=list)  # of the periodic evaluations
-    # tokens of one periodic evaluation, and of the kept weights' whole-set one (0: none)
-    periodic_eval_tokens: int = 0
-    final_eval_tokens: int = 0
-
-    @property
-    def sampled(self) -> bool:
-        """Whether the periodic evaluations use a sample."""
-        return self.job.spec.hyperparameters.eval_sample_size is not None
-
-    @property
-    def final_whole_set(self) -> bool:
-        """Whether the kept weights get a whole-set evaluation at the end (a sampled plan's,
-        when the budget affords it)."""
-        return self.sampled and self.job.spec.hyperparameters.final_eval_whole_set
-
-    def wall_seconds(self) -> float:
-        return self.wall_before + time.monotonic() - self.started
-
-
-@dataclass(frozen=True)
-class _StepSums:
-    """What one optimizer step went through, for its metrics and the run's counters."""
-
-    loss_sum: float
-    loss_tokens: int
-    tokens: int
-    grad_norm: torch.Tensor
-    learning_rate: float
 
 
 def default_cache_dir() -> Path:
@@ -157,6 +101,47 @@ def train(
     for event in prepared_events(job):
         hooks.on_event(event)
 
+    # 2-3. Model (the base weights, the task's head, the method), optimizer and schedule.
+    run = _new_run(job, hooks, workdir, started=started, tokens_per_forward=tokens_per_forward)
+
+    # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
+    state = _resume(run, resume_from) if resume_from is not None else _start(run)
+
+    # 5. Optimizer steps, to the last one, an early stop or a stop on request.
+    stopped, early_stopped = _train_steps(run, state)
+    if stopped:
+        # A stop on request (pause, Ctrl-C, cancel) keeps the steps done since the last
+        # checkpoint, so the run can resume from here.
+        if state.step > 0 and state.step % hp.checkpoint_every_steps != 0:
+            run_output.save_checkpoint(run, state)
+        hooks.on_event(Event("warning", f"stopped at step {state.step} on request"))
+        return TrainResult(
+            "stopped", None, run_output.build_result(run, state, early_stopped), run.model
+        )
+
+    # 6. Keep the best evaluation's weights, evaluate them on the whole validation set (a
+    # sampled plan's periodic numbers chose them), and write the output.
+    _keep_best_weights(run, state)
+    kept = evaluate_kept(run, state)
+    result = run_output.build_result(run, state, early_stopped, kept)
+    diagnostics = build_diagnostics(state.diagnostics, job)  # per-example, of the kept weights
+    result["diagnostics"] = diagnostics.summary
+    output_dir = run_output.write_output(run, result, diagnostics.rows)
+    return TrainResult("succeeded", output_dir, result, run.model)
+
+
+def _new_run(
+    job: PreparedJob,
+    hooks: Hooks,
+    workdir: Path,
+    *,
+    started: float,
+    tokens_per_forward: int | None,
+) -> Run:
+    """The model built and everything the steps work with: optimizer, schedule, the metrics
+    log, and the periodic evaluations' examples."""
+    hp = job.spec.hyperparameters
+
     # 2. Model: the base weights and the task's head, then the method (seeded init).
     task = task_of(job.spec)
     device, dtype = select_device()
@@ -165,7 +150,7 @@ def train(
     # 3. Optimizer and learning-rate schedule (reduce_on_plateau scales it after evaluations).
     optimizer = _optimizer(model, method_trainer, hp)
     plateau = PlateauScale()
-    run = _Run(
+    run = Run(
         job=job,
         task=task,
         device=device,
@@ -179,34 +164,14 @@ def train(
         metrics_log=outputs.MetricsLog(workdir / "metrics.jsonl"),
         hooks=hooks,
         workdir=workdir,
+        model_info=_model_info(job, task),
         started=started,
     )
     if job.validation is not None:
         run.eval_examples = periodic_examples(job)
         run.periodic_eval_tokens = sum(e.n_tokens for e in run.eval_examples)
         run.final_eval_tokens = job.validation.n_tokens if run.final_whole_set else 0
-
-    # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
-    state = _resume(run, resume_from) if resume_from is not None else _start(run)
-
-    # 5. Optimizer steps, to the last one, an early stop or a stop on request.
-    stopped, early_stopped = _train_steps(run, state)
-    if stopped:
-        # A stop on request (pause, Ctrl-C, cancel) keeps the steps done since the last
-        # checkpoint, so the run can resume from here.
-        if state.step > 0 and state.step % hp.checkpoint_every_steps != 0:
-            _save_checkpoint(run, state)
-        hooks.on_event(Event("warning", f"stopped at step {state.step} on request"))
-        return TrainResult("stopped", None, _result(run, state, early_stopped), model)
-
-    # 6. Keep the best evaluation's weights, evaluate them on the whole validation set (a
-    # sampled plan's periodic numbers chose them), and write the output.
-    _keep_best_weights(run, state)
-    kept = _evaluate_kept(run, state)
-    result = _result(run, state, early_stopped, kept)
-    diagnostics = build_diagnostics(state.diagnostics, job)  # per-example, of the kept weights
-    result["diagnostics"] = diagnostics.summary
-    return _write_output(run, result, diagnostics.rows)
+    return run
 
 
 def _build_model(
@@ -239,7 +204,7 @@ def _optimizer(model: Any, method_trainer: MethodTrainer, hp: Any) -> torch.opti
     return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999))
 
 
-def _start(run: _Run) -> ckpt.TrainerState:
+def _start(run: Run) -> ckpt.TrainerState:
     """A new run's state, after evaluating the base model when there is validation data."""
     job = run.job
     state = ckpt.TrainerState(
@@ -251,13 +216,13 @@ def _start(run: _Run) -> ckpt.TrainerState:
     run.metrics_log.reset()
     state.timings.load_seconds = time.monotonic() - run.started
     if job.validation is not None:
-        state.initial_metrics, state.last_report, _ = _timed_evaluate(run, state, run.eval_examples)
+        state.initial_metrics, state.last_report, _ = timed_evaluate(run, state, run.eval_examples)
         state.last_eval = dict(state.initial_metrics)
         log_eval(0, state.initial_metrics, run.task, run.metrics_log, run.hooks, "base model")
     return state
 
 
-def _resume(run: _Run, path: Path) -> ckpt.TrainerState:
+def _resume(run: Run, path: Path) -> ckpt.TrainerState:
     """Put back all that the checkpoint at `path` holds; its state goes on from its step."""
     loaded = ckpt.load_checkpoint(path, optimizer=run.optimizer, weights=run.weights)
     ckpt.check_same_job(loaded.state, run.job)
@@ -275,7 +240,7 @@ def _resume(run: _Run, path: Path) -> ckpt.TrainerState:
     return loaded.state
 
 
-def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
+def _train_steps(run: Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
     """Step until the last step or a stop; say (stopped on request, stopped early)."""
     hp = run.job.spec.hyperparameters
     while state.step < hp.total_steps:
@@ -289,7 +254,7 @@ def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
 
         # log
         train_metrics = _count_step(state, step, sums, step_started, hp)
-        train_metrics["eta_seconds"] = _eta(run, state)
+        train_metrics["eta_seconds"] = seconds_left(run, state)
         run.metrics_log.write(step, train_metrics)
         run.hooks.on_metrics(step, train_metrics)
 
@@ -298,19 +263,19 @@ def _train_steps(run: _Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
         if run.job.validation is not None and (
             step % hp.eval_every_steps == 0 or step == hp.total_steps
         ):
-            early_stopped = _evaluate_step(run, state, step)
+            early_stopped = evaluate_step(run, state, step)
 
         # checkpoint (not after the last step: the output is written instead)
         last = step == hp.total_steps or early_stopped
         if step % hp.checkpoint_every_steps == 0 and not last:
-            _save_checkpoint(run, state)
+            run_output.save_checkpoint(run, state)
         if early_stopped:
             run.hooks.on_event(Event("info", early_stop_message(state, hp.early_stopping)))
             return False, True
     return False, False
 
 
-def _optimizer_step(run: _Run, step: int, train_losses: TrainLossTracker) -> _StepSums:
+def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> StepSums:
     """Optimizer step `step`: forward, loss and backward for each of its micro-batches, then
     clip, step and schedule; each example's loss goes to `train_losses`."""
     run.method_trainer.before_step(step)
@@ -337,18 +302,18 @@ def _optimizer_step(run: _Run, step: int, train_losses: TrainLossTracker) -> _St
     run.method_trainer.after_optimizer_step(step)
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.n_tokens for b in micro)
-    return _StepSums(loss_sum, loss_tokens, tokens, grad_norm, learning_rate)
+    return StepSums(loss_sum, loss_tokens, tokens, grad_norm, learning_rate)
 
 
 def _count_step(
     state: ckpt.TrainerState,
     step: int,
-    sums: _StepSums,
+    sums: StepSums,
     step_started: float,
     hp: Any,
 ) -> dict[str, float]:
     """Move the state's counters past `step`; the step's training metrics (its ETA is
-    `_eta`'s)."""
+    `seconds_left`'s)."""
     step_seconds = time.monotonic() - step_started
     state.step, state.epoch = step, step // hp.steps_per_epoch
     state.trained_tokens += sums.tokens
@@ -366,122 +331,7 @@ def _count_step(
     }
 
 
-def _eta(run: _Run, state: ckpt.TrainerState) -> float:
-    """Seconds left after `state.step`'s training: steps, evaluations, checkpoints, output."""
-    hp = run.job.spec.hyperparameters
-    work = remaining_work(
-        step=state.step,
-        total_steps=hp.total_steps,
-        eval_every=hp.eval_every_steps if run.job.validation is not None else None,
-        checkpoint_every=hp.checkpoint_every_steps,
-        eval_tokens_each=run.periodic_eval_tokens,
-        final_eval_tokens=run.final_eval_tokens,
-        # every epoch trains on all the examples' tokens (max_steps may cut the last one)
-        train_tokens=round(
-            run.job.train.n_tokens * hp.total_steps / hp.steps_per_epoch - state.trained_tokens
-        ),
-    )
-    return eta_seconds(work, Rates.measured(state.timings, state.step))
-
-
-def _timed_evaluate(
-    run: _Run, state: ckpt.TrainerState, examples: list[Any] | None = None
-) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
-    """`evaluate` on `examples` (default: the whole validation set), counted in the timings."""
-    started = time.monotonic()
-    metrics, report, results = evaluate(run.model, run.job, run.task, run.device, examples)
-    examples = run.job.validation.examples if examples is None else examples
-    state.timings.eval_seconds += time.monotonic() - started
-    state.timings.eval_tokens += sum(e.n_tokens for e in examples)
-    state.timings.evaluations += 1
-    return metrics, report, results
-
-
-def _evaluate_step(run: _Run, state: ckpt.TrainerState, step: int) -> bool:
-    """Evaluate after `step`, keep the weights when they are the best so far, lower the
-    learning rate on a plateau; True when early stopping says to stop."""
-    hp = run.job.spec.hyperparameters
-    state.last_eval, state.last_report, examples = _timed_evaluate(run, state, run.eval_examples)
-    state.diagnostics.record_eval(step, examples)
-    log_eval(step, state.last_eval, run.task, run.metrics_log, run.hooks)
-    is_best, early_stopped = record_eval(state, step, hp.early_stopping)
-    if is_best:
-        run.best_weights = snapshot(run.model, run.weights)
-        state.best_report = state.last_report
-        state.diagnostics.keep_best()
-    if hp.lr_scheduler == "reduce_on_plateau" and run.plateau.update(state, hp):
-        run.hooks.on_event(
-            Event(
-                "info",
-                f"eval loss has not improved for {hp.reduce_on_plateau.patience} "
-                f"evaluations: learning rate x{run.plateau.scale:g} of the peak",
-                {"step": step, "lr_scale": run.plateau.scale},
-            )
-        )
-    return early_stopped
-
-
-def _evaluate_kept(run: _Run, state: ckpt.TrainerState) -> outputs.KeptEvaluation | None:
-    """The kept weights' metrics and report on the whole validation set; None without one."""
-    if run.job.validation is None or state.step == 0:
-        return None
-    if not run.final_whole_set:  # the whole set already, or a sample the budget keeps to
-        return outputs.KeptEvaluation(
-            state.best_metrics, state.best_report or state.last_report, "periodic"
-        )
-    metrics, report, examples = _timed_evaluate(run, state)
-    # the diagnostics of the kept weights come from this whole-set evaluation, not the sample
-    state.diagnostics.record_eval(state.early_stopping.best_step or state.step, examples)
-    state.diagnostics.keep_best()
-    label = f"kept weights of step {state.early_stopping.best_step}, whole validation set"
-    run.hooks.on_event(
-        Event(
-            "info",
-            f"eval ({label}): {run.task.describe_eval(metrics)}",
-            {"step": state.step, "kept": metrics},
-        )
-    )
-    return outputs.KeptEvaluation(metrics, report, "final")
-
-
-def _save_checkpoint(run: _Run, state: ckpt.TrainerState) -> None:
-    started = time.monotonic()
-    state.scheduler = scheduler_state(run.scheduler)
-    state.timings.checkpoints += 1
-    state.timings.wall_seconds = run.wall_seconds()
-    path = ckpt.save_checkpoint(
-        run.workdir / "checkpoints" / f"checkpoint-{state.step}",
-        model=run.model,
-        weights=run.weights,
-        optimizer=run.optimizer,
-        state=state,
-        best_weights=run.best_weights,
-        method_state=run.method_trainer.state(),
-        model_info=_model_info(run.job, run.task),
-    )
-    state.timings.checkpoint_seconds += time.monotonic() - started
-    run.hooks.on_checkpoint(path, state.step, dict(state.last_eval))
-
-
-def _write_output(
-    run: _Run, result: dict[str, Any], diagnostics: list[dict[str, Any]]
-) -> TrainResult:
-    output_dir = outputs.write_output(
-        run.workdir,
-        model=run.model,
-        weights=run.weights,
-        tokenizer=run.job.tokenizer,
-        job=run.job,
-        result=result,
-        metrics_log=run.metrics_log,
-        model_info=_model_info(run.job, run.task),
-        diagnostics=diagnostics,
-    )
-    run.hooks.on_event(Event("info", f"wrote {output_dir}", {"output_dir": str(output_dir)}))
-    return TrainResult("succeeded", output_dir, result, run.model)
-
-
-def _keep_best_weights(run: _Run, state: ckpt.TrainerState) -> None:
+def _keep_best_weights(run: Run, state: ckpt.TrainerState) -> None:
     best_step = state.early_stopping.best_step
     if run.best_weights is not None and best_step != state.step:
         run.weights.restore(run.model, run.best_weights)
@@ -549,19 +399,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _result(
-    run: _Run,
-    state: ckpt.TrainerState,
-    early_stopped: bool,
-    kept: outputs.KeptEvaluation | None = None,
-) -> dict[str, Any]:
-    state.timings.wall_seconds = run.wall_seconds()
-    return outputs.build_result(
-        run.job,
-        state,
-        wall_seconds=time.monotonic() - run.started,
-        early_stopped=early_stopped,
-        kept=kept,
-    )

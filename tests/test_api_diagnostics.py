@@ -16,12 +16,16 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from tests.api_helpers import assert_problem, deployment, job_spec, upload
 from tests.client_servers import serve_app
 from tests.conftest import chat
 from tests.service_fixtures import api_client, auth, new_team_key, run_cli
 from tuneq.client import Client, Diagnostics, TuneqAPIError
+from tuneq.db import make_engine, make_sessionmaker, transaction
+from tuneq.jobs.models import Job
+from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
 
 HARD_LINES = {2, 5}
@@ -123,6 +127,30 @@ def test_before_the_job_has_a_result_it_is_a_409(finished):
     body = assert_problem(_get(finished, finished.queued_job_id), 409)
 
     assert body["code"] == "job_not_finished" and body["param"] == "job_id"
+
+
+def test_a_job_that_ran_before_diagnostics_were_recorded_is_a_409_saying_so(finished):
+    # A job that succeeded with an older engine: a result, and no diagnostics.jsonl.
+    train = upload(finished.client, finished.key, TRAIN)
+    created = finished.client.post("/jobs", headers=auth(finished.key), json=job_spec(train))
+    assert created.status_code == 201, created.text
+    old_job = created.json()["id"]
+    engine = make_engine(finished.settings.resolved_database_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as db:
+            db.execute(
+                update(Job)
+                .where(Job.id == old_job)
+                .values(state=JobState.SUCCEEDED, result={"best_step": 9})
+            )
+    finally:
+        engine.dispose()
+
+    body = assert_problem(_get(finished, old_job), 409)
+
+    assert body["code"] == "diagnostics_unavailable" and body["param"] == "job_id"
+    assert body["type"].endswith("/diagnostics_unavailable")
+    assert "ran before per-example diagnostics were recorded" in body["detail"]
 
 
 def test_another_teams_job_is_a_404(finished):

@@ -18,11 +18,12 @@ from peft_engine import DataPaths, Hooks, train
 from peft_engine.data.formats import DataFormat, Example, read_examples
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.errors import DataError, SpecError
-from peft_engine.estimate import _token_counter
+from peft_engine.estimate import Throughput, estimate_job
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN
 from peft_engine.methods import METHODS, method_for
 from peft_engine.methods.common import DpoObjective
 from peft_engine.methods.lora import LoraMethod
-from peft_engine.prepare import check_format
+from peft_engine.prepare import check_format, prepare_job
 from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 from peft_engine.tasks import task_of
 from peft_engine.tasks.preference import PREFERENCE, sequence_log_probs, tokenize_pairs
@@ -142,16 +143,37 @@ def test_pairs_cut_to_nothing_are_left_out_and_none_left_is_refused(tiny_tokeniz
         tokenize_pairs(examples, tiny_tokenizer, max_seq_length=prompt_length, param="f")
 
 
-def test_the_estimate_counts_the_prompt_with_each_answer(tiny_model_dir):
-    count = _token_counter(tiny_model_dir)
-    row = PAIRS[5]
-    pair = Example(1, DataFormat.PREFERENCE, row)
-    answers = [
-        Example(1, DataFormat.CHAT, {"messages": [*row["input"]["messages"], *row[key]]})
-        for key in ("preferred_output", "non_preferred_output")
-    ]
+# Two pairs whose answers run past 64 tokens: each answer is cut on its own.
+LONG_PAIRS = [
+    preference(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}. " * 12, "I do not know. " * 9)
+    for i in (2, 3)
+]
 
-    assert count(pair) == count(answers[0]) + count(answers[1])
+
+@pytest.mark.parametrize("max_seq_length", ["auto", 64])
+def test_the_estimate_counts_a_pair_as_its_two_answers_after_the_prompt_as_trained(
+    tmp_path, tiny_registry, cache_dir, max_seq_length
+):
+    spec = parse_spec(
+        _spec(validation_split=0.0, hyperparameters={"max_seq_length": max_seq_length})
+    )
+    data = DataPaths(write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:6] + LONG_PAIRS))
+    figures = Throughput.of(100.0, load_seconds=0.0, seconds_per_checkpoint=0.0, basis="test")
+
+    estimate = estimate_job(
+        spec, data, registry=tiny_registry, cache_dir=cache_dir, throughput=figures
+    )
+    job = prepare_job(spec, data, registry=tiny_registry, cache_dir=cache_dir)
+
+    # "auto" fits the longest answer, not a pair's two; the batch size and the tokens trained
+    # are the engine's
+    assert estimate.spec.hyperparameters == job.spec.hyperparameters
+    assert estimate.train_tokens_per_epoch == job.train.n_tokens
+    assert estimate.truncated == job.train.truncated == (2 if max_seq_length == 64 else 0)
+    # each step also runs the reference (the adapter disabled) forward over both answers
+    assert estimate.seconds_by_phase["train"] == pytest.approx(
+        estimate.trained_tokens * (1 + EVAL_COST_PER_TOKEN) / 100.0
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,6 +211,19 @@ def test_a_dpo_spec_that_cannot_run_is_refused_naming_its_field(spec, param, mes
 
     assert refused.value.param == param
     assert message in str(refused.value)
+
+
+def test_an_auto_batch_size_fits_both_answers_of_each_pair_in_the_token_budget():
+    stats = DatasetStats(n_train=20_000, n_validation=0, max_tokens=1024, mean_tokens=300.0)
+    limits = ModelLimits(max_position_embeddings=2048, max_tokens_per_batch=16_384)
+
+    sft = resolve_spec(
+        parse_spec({"model": "m", "hyperparameters": {"packing": False}}), stats, limits
+    )
+    dpo = resolve_spec(parse_spec(_spec()), stats, limits)
+
+    assert sft.hyperparameters.batch_size == 16  # rows of up to 1024 tokens
+    assert dpo.hyperparameters.batch_size == 8  # a pair is two rows of up to 1024, unpacked
 
 
 def test_dpo_defaults_and_packing_resolved_off():

@@ -7,7 +7,7 @@ import pytest
 from peft_engine import DataPaths, Hooks, train
 from peft_engine.checkpoint import Timings
 from peft_engine.eta import Rates, RemainingWork, eta_seconds, remaining_work
-from peft_engine.spec import EVAL_COST_PER_TOKEN
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN
 from tests.conftest import chat, write_jsonl
 
 

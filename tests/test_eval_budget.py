@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from peft_engine import DataPaths, Hooks, train
+from peft_engine.eval_plan import EVAL_COST_PER_TOKEN, periodic_evaluations, plan_evaluation
 from peft_engine.evaluation import evaluate, sample_indices
 from peft_engine.prepare import prepare_job
-from peft_engine.spec import (
-    EVAL_COST_PER_TOKEN,
-    DatasetStats,
-    ModelLimits,
-    parse_spec,
-    periodic_evaluations,
-    plan_evaluation,
-    resolve_spec,
-)
+from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 from peft_engine.tasks import task_for
 from tests.conftest import chat, write_jsonl
 

@@ -89,6 +89,10 @@ class JobNotFinished(Conflict):
     code, title = "job_not_finished", "The job has not finished"
 
 
+class DiagnosticsUnavailable(Conflict):
+    code, title = "diagnostics_unavailable", "The job has no per-example diagnostics"
+
+
 class IdempotencyKeyReused(InvalidRequest):
     code, title = "idempotency_key_reused", "Idempotency key reused with another request"
 

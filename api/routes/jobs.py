@@ -166,7 +166,8 @@ def download_artifact(
 @router.get("/{job_id}/diagnostics")
 def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> dict[str, Any]:
     """The worst validation examples, the hardest training examples and the most confused
-    label pairs of a finished job (409 job_not_finished before it has a result)."""
+    label pairs of a finished job (409 job_not_finished before it has a result, 409
+    diagnostics_unavailable for a job that ran before they were recorded)."""
     job = service.get_job(db=db, team=team, job_id=job_id)
     return service.read_diagnostics(db=db, store=store, job=job)
 

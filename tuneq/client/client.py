@@ -181,7 +181,8 @@ class Jobs:
 
     def diagnostics(self, job_id: str) -> Diagnostics:
         """A finished job's worst validation examples, hardest training examples and most
-        confused labels (a 409 job_not_finished TuneqAPIError before it has a result)."""
+        confused labels (a 409 job_not_finished TuneqAPIError before it has a result, a 409
+        diagnostics_unavailable for a job that ran before they were recorded)."""
         return Diagnostics.of(self.transport.json("GET", f"/jobs/{job_id}/diagnostics"))
 
     def follow(self, job_id: str, *, after: int | None = None) -> JobFollow:

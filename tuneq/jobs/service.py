@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
 from tuneq.db import db_now, transaction
-from tuneq.errors import Conflict, JobNotFinished, NotFound
+from tuneq.errors import Conflict, DiagnosticsUnavailable, JobNotFinished, NotFound
 from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.ids import new_id
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
@@ -295,15 +295,19 @@ def list_artifacts(*, db: Session, job: Job) -> list[JobArtifact]:
 
 
 def get_artifact(*, db: Session, job: Job, name: str) -> JobArtifact:
-    artifact = db.scalar(  # a later attempt may have re-made it: the newest wins
+    artifact = _newest_artifact(db=db, job=job, name=name)
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no artifact {name!r}", param="name")
+    return artifact
+
+
+def _newest_artifact(*, db: Session, job: Job, name: str) -> JobArtifact | None:
+    return db.scalar(  # a later attempt may have re-made it: the newest wins
         select(JobArtifact)
         .where(JobArtifact.job_id == job.id, JobArtifact.name == name)
         .order_by(JobArtifact.id.desc())
         .limit(1)
     )
-    if artifact is None:
-        raise NotFound(f"job {job.id} has no artifact {name!r}", param="name")
-    return artifact
 
 
 def read_diagnostics(*, db: Session, store: ObjectStore, job: Job) -> dict[str, Any]:
@@ -312,7 +316,13 @@ def read_diagnostics(*, db: Session, store: ObjectStore, job: Job) -> dict[str, 
         raise JobNotFinished(
             f"job {job.id} is {job.state}; its diagnostics come with its result", param="job_id"
         )
-    artifact = get_artifact(db=db, job=job, name=DIAGNOSTICS_ARTIFACT)
+    artifact = _newest_artifact(db=db, job=job, name=DIAGNOSTICS_ARTIFACT)
+    if artifact is None:
+        raise DiagnosticsUnavailable(
+            f"job {job.id} ran before per-example diagnostics were recorded: its output has no "
+            f"{DIAGNOSTICS_ARTIFACT} (jobs run now record them)",
+            param="job_id",
+        )
     text = b"".join(store.open_stream(artifact.storage_key)).decode()
     return {
         "object": "job.diagnostics",
