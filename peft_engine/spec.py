@@ -349,16 +349,7 @@ def resolve_spec(
             )
         batch_size = stats.n_train
     learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
-    plateau = hp.reduce_on_plateau
-    if hp.lr_scheduler == "reduce_on_plateau":
-        if stats.n_validation == 0:
-            raise SpecError(
-                "reduce_on_plateau lowers the learning rate when eval loss stops improving, "
-                "so it needs validation data (a validation file or validation_split > 0)",
-                param="hyperparameters.lr_scheduler",
-            )
-        plateau = plateau or ReduceOnPlateau()
-
+    plateau = _plateau_rule(hp, stats)
     examples_per_step = batch_size * hp.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(stats.n_train / examples_per_step))
     total_steps = steps_per_epoch * n_epochs
@@ -396,6 +387,19 @@ def resolve_spec(
     }
     resolved_hp = ResolvedHyperparameters(**hp.model_dump(exclude=set(resolved)), **resolved)
     return ResolvedSpec(**spec.model_dump(exclude={"hyperparameters"}), hyperparameters=resolved_hp)
+
+
+def _plateau_rule(hp: Hyperparameters, stats: DatasetStats) -> ReduceOnPlateau | None:
+    """The reduce_on_plateau rule (its defaults when the schedule is chosen without one)."""
+    if hp.lr_scheduler != "reduce_on_plateau":
+        return hp.reduce_on_plateau
+    if stats.n_validation == 0:
+        raise SpecError(
+            "reduce_on_plateau lowers the learning rate when eval loss stops improving, "
+            "so it needs validation data (a validation file or validation_split > 0)",
+            param="hyperparameters.lr_scheduler",
+        )
+    return hp.reduce_on_plateau or ReduceOnPlateau()
 
 
 def _per_sequence(limits: ModelLimits, pairs: bool) -> ModelLimits:

@@ -89,9 +89,7 @@ def test_the_optimizer_puts_the_head_in_its_own_groups_at_the_head_rate(method):
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
-    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {
-        id(p) for p in trainable
-    }
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
     assert head  # the head's weight and bias (peft's trained copy for lora)
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
