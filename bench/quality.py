@@ -23,8 +23,11 @@ learning rates (per part), batch size, warmup, schedule, ranks, targets, pooling
 evaluation cadence are all tuneq's `auto`. The metric is that of the weights tuneq keeps
 (`metrics.kept`: the best checkpoint's, on the whole validation set).
 
-Each run is a fresh process (its peak memory its own). Rows print as they finish; the last
-line is every figure as one JSON object. Nothing here is timed against a threshold.
+Each run is a fresh process (its peak memory its own); `--jobs N` runs N side by side and
+`--threads T` gives each T threads (on a small CPU, one thread a run and a run a core is
+the most work an hour: a 22M-parameter encoder gains little from a second thread). Rows
+print as they finish; the table at the end is in order, and its last line is every figure
+as one JSON object. Nothing here is timed against a threshold.
 """
 
 from __future__ import annotations
