@@ -46,7 +46,7 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 | training examples | {_examples(result, hp.max_seq_length)} |
 | validation examples | {result["validation_examples"]} |
 | steps | {_steps(result, hp)} |
-| learning rate | {hp.learning_rate:g}, {hp.lr_scheduler}, {hp.warmup_steps} warmup steps |
+| learning rate | {_learning_rate(hp)} |
 | trained tokens | {result["trained_tokens"]} |
 | weights kept | {_kept(result)} |
 
@@ -60,6 +60,11 @@ Trained by tuneq's `peft_engine` {result["versions"]["peft_engine"]} (peft
 
 `result.json` holds every figure above; `metrics.jsonl` the per-step series.
 """
+
+
+def _learning_rate(hp: Any) -> str:
+    head = f" (the new head {hp.head_learning_rate:g})" if hp.head_learning_rate else ""
+    return f"{hp.learning_rate:g}{head}, {hp.lr_scheduler}, {hp.warmup_steps} warmup steps"
 
 
 def _metrics_kind(spec: Any) -> str:

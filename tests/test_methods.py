@@ -375,6 +375,11 @@ def test_method_task_pair_trains_only_its_parameters_and_reloads(
     torch.testing.assert_close(reloaded, expected_logits, atol=1e-5, rtol=1e-5)
     card = (out / "README.md").read_text()
     assert "load_trained" in card or "PeftModel.from_pretrained" in card
+    head_rate = report["spec"]["hyperparameters"]["head_learning_rate"]
+    if plain_task != "causal_lm" and spec["method"]["type"] != "head_only":
+        assert head_rate and f"(the new head {head_rate:g})" in card  # the head's own rate
+    else:
+        assert head_rate is None
     if plain_task != "causal_lm":
         info = json.loads((out / "tuneq_model.json").read_text())
         assert info["task"] == plain_task and info["id2label"]["0"] == report["labels"][0]
