@@ -125,6 +125,13 @@ def test_no_validation_data_means_no_evaluation():
             "greater than or equal to 1",
         ),
         ({}, "model", "Field required"),
+        # peft would fail mid-training with no rank to re-allocate
+        ({"model": "m", "method": {"type": "adalora", "init_r": 8}}, "method.target_r", "init_r"),
+        (
+            {"model": "m", "method": {"type": "adalora", "init_r": 4, "target_r": 6}},
+            "method.target_r",
+            "must be smaller than init_r (4)",
+        ),
     ],
 )
 def test_bad_values_name_their_field(data, param, message):
