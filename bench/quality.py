@@ -157,6 +157,13 @@ def run_one(job: dict, workdir: Path) -> dict:
         "trainable_percent": 100.0 * trainable / total,
         "train_examples": out["train_examples"],
         "validation_examples": out["validation_examples"],
+        # what `score` was measured on: the whole set, or the plan's sample when eval_budget
+        # left no room for a whole-set pass (tuneq's own choice, reported as it is)
+        "scored_examples": out["validation_examples"]
+        if job["method"] == BASE_MODEL
+        or hp["eval_sample_size"] is None
+        or hp["final_eval_whole_set"]
+        else hp["eval_sample_size"],
         "steps": out["steps"],
         "best_step": out["best_step"],
         "early_stopped": out["early_stopped"],
@@ -259,6 +266,8 @@ def _format_row(row: dict, rows: list[dict]) -> str:
         score = f"{row['metric']} {100 * row['score']:.2f}"
         delta = 100 * (row["score"] - base) * (1 if better else -1)
         versus = f"{base_name} {100 * base:.2f} ({delta:+.2f})"
+    if row["scored_examples"] < row["validation_examples"]:
+        score += f" (a sample of {row['scored_examples']})"
     return (
         f"| {row['task']} | {row['method']} | {row['trainable_params']:,} "
         f"({row['trainable_percent']:.2f}%) | {score} | {versus} | {row['steps']} "

@@ -127,5 +127,6 @@ def test_auto_rates_on_a_classification_task_are_the_methods_head_task_rates():
     assert _resolved("token_classification", {"type": "lora", "r": 128}).learning_rate == 5e-4
     assert _resolved("seq_classification", {"type": "full"}).learning_rate == 5e-5
     assert _resolved("seq_classification", {"type": "adalora"}).learning_rate == 1e-3
+    assert _resolved("token_classification", {"type": "loha"}).learning_rate == 1e-3
     # methods without a head-task rate keep their one rate
     assert _resolved("seq_classification", {"type": "ia3"}).learning_rate == 3e-3
