@@ -17,9 +17,11 @@ Tasks, on the shared data (../shared/data, or --data-dir):
   step-0 evaluation of a one-step job with an explicit cadence); the target is 10% below it,
   with the best checkpoint kept.
 
-The baseline of the two classification tasks is a plain full fine-tune: one learning rate
-for the whole model (5e-5, the BERT recipe's), batch 32, linear decay after 6% warmup,
-weight decay 0.01, with the same data, epochs and pooling. Every other row gives tuneq only
+The baseline of the two classification tasks is a full fine-tune by the BERT recipe: 5e-5
+for the body, batch 32, linear decay after 6% warmup, weight decay 0.01, with the same data,
+epochs and pooling, and the new head at 2e-3 (a head at the body's 5e-5 barely trains in
+one short epoch: the previous version of this bench had full fine-tuning at entity F1 19 on
+1,000 CoNLL sentences). Every other row gives tuneq only
 {"model", "task", "method": {"type"}, "hyperparameters": {"n_epochs"}} (plus any --set), so
 learning rates (per part), batch size, warmup, schedule, ranks, targets, pooling and the
 evaluation cadence are all tuneq's `auto`. The metric is that of the weights tuneq keeps
@@ -77,6 +79,7 @@ BASELINES = {BASELINE: "plain full", BASE_MODEL: "base model"}
 PLAIN_FULL = {
     "batch_size": 32,
     "learning_rate": 5e-5,
+    "head_learning_rate": 2e-3,
     "lr_scheduler": "linear",
     "warmup_ratio": 0.06,
     "weight_decay": 0.01,
