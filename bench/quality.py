@@ -1,5 +1,5 @@
 """What `auto` buys: each method of the catalogue with nothing set but the model, the task,
-the data, the method and `n_epochs`, against a plain full fine-tune measured in the same run.
+the data, the method and `n_epochs`, against a full fine-tune measured in the same run.
 
     .venv/bin/python bench/quality.py                       # the README's quality table
     .venv/bin/python bench/quality.py --tasks sst2 --methods lora,head_only --sst2-train 5000
@@ -73,9 +73,9 @@ TASKS = {
     "conll2003": ("conll2003", ENCODER, "token_classification", "entity_f1", True),
     "dolly": ("dolly", DECODER, "causal_lm", "loss", False),
 }
-BASELINE = "full (plain)"
+BASELINE = "full (baseline)"
 BASE_MODEL = "base model"  # causal_lm's baseline: the untrained model on the whole set
-BASELINES = {BASELINE: "plain full", BASE_MODEL: "base model"}
+BASELINES = {BASELINE: "baseline", BASE_MODEL: "base model"}
 PLAIN_FULL = {
     "batch_size": 32,
     "learning_rate": 5e-5,
@@ -307,7 +307,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1, help="sst2 and conll2003")
     parser.add_argument("--dolly-epochs", default="auto", help="a number, or auto (3 here)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the plain full run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline run")
     parser.add_argument(
         "--set", action="append", metavar="PART.FIELD=VALUE", help="e.g. method.r=8 (repeatable)"
     )
