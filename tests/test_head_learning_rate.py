@@ -128,5 +128,6 @@ def test_auto_rates_on_a_classification_task_are_the_methods_head_task_rates():
     assert _resolved("seq_classification", {"type": "full"}).learning_rate == 5e-5
     assert _resolved("seq_classification", {"type": "adalora"}).learning_rate == 1e-3
     assert _resolved("token_classification", {"type": "loha"}).learning_rate == 1e-3
+    assert _resolved("seq_classification", {"type": "ia3"}).learning_rate == 1e-2
     # methods without a head-task rate keep their one rate
-    assert _resolved("seq_classification", {"type": "ia3"}).learning_rate == 3e-3
+    assert _resolved("seq_classification", {"type": "vera"}).learning_rate == 4e-3

@@ -24,5 +24,7 @@ register(
         tasks=TEXT_TASKS,
         disables_adapter=True,
         default_learning_rate=lambda spec: 3e-3,  # scaling vectors need large steps
+        # larger still on a classification task (bench/quality.py, SST-2 4k: 3e-3 77.7, 1e-2 80.3)
+        head_task_learning_rate=lambda spec: 1e-2,
     )
 )
