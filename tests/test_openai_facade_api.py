@@ -143,6 +143,15 @@ def test_the_learning_rate_multiplier_multiplies_the_methods_default_rate():
         assert learning_rate_multiplier(method, 2 * default) == 2.0
 
 
+def test_a_multiplier_on_a_method_with_inconsistent_options_leaves_the_refusal_to_the_spec():
+    # AdaLoRA's target_r must be below init_r: a rule across fields, raised as a SpecError
+    hp = {"hyperparameters": {"learning_rate_multiplier": 2.0}}
+    extension = {"tuneq": {"method": {"type": "adalora", "init_r": 8, "target_r": 8}}}
+    spec = translate(JobCreate(model="m", training_file="f", **hp, **extension)).body
+    assert "learning_rate" not in spec.get("hyperparameters", {})  # parse_spec refuses it
+    assert spec["method"] == {"type": "adalora", "init_r": 8, "target_r": 8}
+
+
 def test_a_native_method_and_native_fields_pass_through_the_extension():
     extension = {"method": {"type": "loha", "r": 8}, "task": "causal_lm",
                  "hyperparameters": {"max_steps": 5}}  # fmt: skip

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from peft_engine.errors import SpecError
 from peft_engine.methods import METHODS
 from tuneq.errors import ErrorItem, InvalidRequest, TuneqError, field_error
 
@@ -232,7 +233,7 @@ def _learning_rate(multiplier: float, method: Any) -> float | None:
         return None
     try:
         spec = definition.spec.model_validate(method)
-    except ValidationError:
+    except (ValidationError, SpecError):  # a rule across fields (AdaLoRA's ranks) is a SpecError
         return None
     return multiplier * definition.default_learning_rate(spec)
 
