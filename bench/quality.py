@@ -71,7 +71,7 @@ METHODS = (
 TASKS = {
     "sst2": ("sst2", ENCODER, "seq_classification", "accuracy", True),
     "conll2003": ("conll2003", ENCODER, "token_classification", "entity_f1", True),
-    "dolly": ("dolly", DECODER, "causal_lm", "loss", False),
+    "dolly": ("dolly", DECODER, "causal_lm", "eval_loss", False),
 }
 BASELINE = "full (baseline)"
 BASE_MODEL = "base model"  # causal_lm's baseline: the untrained model on the whole set
@@ -262,7 +262,7 @@ def _format_row(row: dict, rows: list[dict]) -> str:
         base, base_name = baseline["score"], BASELINES[baseline["method"]]
     else:
         base, base_name = row["initial"], "base model"
-    if row["metric"] == "loss":
+    if row["metric"] == "eval_loss":
         score = f"loss {row['score']:.4f}"
         versus = f"{base_name} {base:.4f} ({100 * (row['score'] / base - 1):+.1f}%)"
     else:
