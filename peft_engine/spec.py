@@ -19,6 +19,7 @@ from peft_engine.eval_plan import plan_evaluation
 from peft_engine.methods import METHODS
 from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
+from peft_engine.rates import auto_learning_rate, head_learning_rate
 
 Auto = Literal["auto"]
 MetadataKey = Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")]
@@ -348,7 +349,7 @@ def resolve_spec(
                 param="hyperparameters.batch_size",
             )
         batch_size = stats.n_train
-    learning_rate = hp.learning_rate if hp.learning_rate != "auto" else _auto_lr(spec)
+    learning_rate = hp.learning_rate if hp.learning_rate != "auto" else auto_learning_rate(spec)
     plateau = _plateau_rule(hp, stats)
     examples_per_step = batch_size * hp.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(stats.n_train / examples_per_step))
@@ -372,7 +373,7 @@ def resolve_spec(
         "n_epochs": n_epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "head_learning_rate": _head_learning_rate(spec, learning_rate),
+        "head_learning_rate": head_learning_rate(spec, learning_rate),
         "max_seq_length": max_seq_length,
         "packing": packing,
         "reduce_on_plateau": plateau,
@@ -427,25 +428,3 @@ def _auto_batch_size(
     per_example = min(max_seq_length, stats.mean_tokens if packing else stats.max_tokens)
     fits = max(1, int(limits.max_tokens_per_batch // max(1.0, per_example)))
     return max(1, min(max(wanted, 4), 32, fits))
-
-
-def _auto_lr(spec: JobSpec) -> float:
-    method = METHODS[spec.method.type]
-    if spec.task in HEAD_TASKS and method.head_task_learning_rate is not None:
-        return method.head_task_learning_rate(spec.method)
-    return method.default_learning_rate(spec.method)
-
-
-# The lowest rate "auto" gives a new task head next to a body that trains: a fresh linear
-# layer needs large steps, while the features under it move (bench/quality.py).
-_FRESH_HEAD_LR = 2e-3
-
-
-def _head_learning_rate(spec: JobSpec, learning_rate: float) -> float | None:
-    """The new task head's rate: as asked, or no lower than `_FRESH_HEAD_LR`."""
-    hp = spec.hyperparameters
-    if spec.task not in HEAD_TASKS or spec.method.type == "head_only":
-        return None
-    if hp.head_learning_rate != "auto":
-        return hp.head_learning_rate
-    return max(learning_rate, _FRESH_HEAD_LR)
