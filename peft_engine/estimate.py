@@ -202,7 +202,9 @@ def estimate_job(
     checkpoints = checkpoint_writes(hp)
     seconds = {
         "load": throughput.load_seconds,
-        "train": trained * _train_token_cost(spec) / throughput.train_tokens_per_second,
+        "train": trained
+        * train_token_cost(spec.method.objective.type)
+        / throughput.train_tokens_per_second,
         "eval": eval_tokens / throughput.eval_tokens_per_second,
         "checkpoint": checkpoints * throughput.seconds_per_checkpoint,
     }
@@ -232,12 +234,12 @@ def _eval_tokens(
     return math.ceil(plan.examples * mean)
 
 
-def _train_token_cost(spec: JobSpec) -> float:
-    """A trained token's cost, in trained tokens: a preference objective's step also runs the
-    reference model (the adapter disabled, no backward) forward over both answers."""
-    if spec.method.objective.type in PREFERENCE_OBJECTIVES:
-        return 1 + EVAL_COST_PER_TOKEN
-    return 1.0
+def train_token_cost(objective: str) -> float:
+    """A trained token's cost, in trained tokens of a plain (sft) step: a preference
+    objective's step also runs the reference model (the adapter disabled, no backward)
+    forward over both answers. The recorded speeds are in plain steps' tokens (see
+    tuneq.throughput), so a preference job's measured speed is scaled up by this."""
+    return 1 + EVAL_COST_PER_TOKEN if objective in PREFERENCE_OBJECTIVES else 1.0
 
 
 TokenCounter = Callable[[Example], int]  # the tokens of one sequence

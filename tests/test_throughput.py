@@ -215,3 +215,24 @@ def test_the_most_recent_device_and_the_task_choose_the_row(env: Env) -> None:
     assert latest.train_tokens_per_second == 5000.0
     assert latest.basis == "measured: 2 causal_lm jobs of m on cuda:NVIDIA H200"
     assert _throughput(env, model="other").basis.startswith("default:")
+
+
+def test_a_preference_jobs_speed_is_recorded_in_plain_steps_tokens() -> None:
+    """A DPO step also runs the reference forward, which the estimate adds to a DPO job's
+    train time: its measured speed is scaled up by that cost when recorded, so the next
+    estimate (DPO or SFT) counts the reference once."""
+    from peft_engine.estimate import train_token_cost
+    from peft_engine.eval_plan import EVAL_COST_PER_TOKEN
+
+    dpo = {"type": "lora", "objective": {"type": "dpo", "beta": 0.1}}
+    plain = JobFigures.from_result({"device": "cpu", "timings": TIMINGS})
+    preference = JobFigures.from_result(
+        {"device": "cpu", "timings": TIMINGS, "spec": {"method": dpo}}
+    )
+    assert plain is not None and preference is not None
+    assert plain.train_tokens_per_second == 100.0
+    assert preference.train_tokens_per_second == pytest.approx(100.0 * (1 + EVAL_COST_PER_TOKEN))
+    assert preference.eval_tokens_per_second == plain.eval_tokens_per_second  # no reference
+    # the estimate's cost undoes the scaling: a DPO job's train seconds a token as measured
+    assert train_token_cost("dpo") / preference.train_tokens_per_second == pytest.approx(0.01)
+    assert train_token_cost("sft") == 1.0

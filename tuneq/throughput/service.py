@@ -10,7 +10,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from peft_engine.estimate import Throughput
+from peft_engine.estimate import Throughput, train_token_cost
 from tuneq.db import utcnow
 from tuneq.settings import Settings
 from tuneq.throughput.models import ModelThroughput
@@ -34,13 +34,16 @@ class JobFigures:
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> JobFigures | None:
         """The figures in a result.json (its `timings`, else its overall tokens/s); None when
-        it holds no train speed or no device."""
+        it holds no train speed or no device. The train speed is in plain steps' tokens: a
+        preference job's steps also ran the reference forward, which its estimate adds back
+        (peft_engine.estimate.train_token_cost), so its measured speed is scaled up by it."""
         timings = result.get("timings") or {}
         train = _ratio(timings.get("train_tokens"), timings.get("train_seconds"))
         train = train or _positive(result.get("tokens_per_second"))
         device = result.get("device")
         if train is None or not isinstance(device, str) or not device:
             return None
+        train *= train_token_cost(_objective(result))
         load = timings.get("load_seconds")
         return cls(
             device=device_kind(device),
@@ -51,6 +54,14 @@ class JobFigures:
                 timings.get("checkpoint_seconds"), timings.get("checkpoints")
             ),
         )
+
+
+def _objective(result: dict[str, Any]) -> str:
+    """The job's training objective ("sft" when its spec names none)."""
+    method = (result.get("spec") or {}).get("method") or {}
+    objective = method.get("objective") if isinstance(method, dict) else None
+    kind = objective.get("type") if isinstance(objective, dict) else None
+    return kind if isinstance(kind, str) else "sft"
 
 
 def device_kind(device: str) -> str:
