@@ -14,7 +14,7 @@ from api.routes import files, health, job_events, jobs, models, webhooks
 from peft_engine.models import load_registry
 from tuneq import __version__
 from tuneq.db import make_engine, make_sessionmaker
-from tuneq.queue import make_celery
+from tuneq.queue import inference_results, make_celery
 from tuneq.settings import Settings
 from tuneq.storage import open_store
 from tuneq.teams.service import VerifiedKeys
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = open_store(settings)
         app.state.registry = load_registry(settings.model_registry)
         app.state.celery = make_celery(settings)
+        app.state.inference_results = inference_results(app.state.celery, settings)
         try:
             yield
         finally:

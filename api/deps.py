@@ -17,6 +17,7 @@ from typing import Annotated, TypeVar
 
 import anyio
 from celery import Celery
+from celery.backends.base import Backend
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from sqlalchemy.engine import Engine
@@ -90,6 +91,10 @@ async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+async def get_inference_results(request: Request) -> Backend:
+    return request.app.state.inference_results
+
+
 class _TeamOfKey(HTTPBearer):
     """The caller's team, from the keys this process verified lately, else the database.
 
@@ -122,4 +127,5 @@ DbDep = Annotated[Session, Depends(get_db, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+InferenceResultsDep = Annotated[Backend, Depends(get_inference_results)]
 TeamDep = Annotated[Team, Depends(get_team)]

@@ -222,6 +222,18 @@ def api(stack):
         yield client
 
 
+@pytest.fixture(scope="module")
+def worker(stack):
+    """A `tuneq worker` process of the module's `stack`, stopped after the module (a test
+    may stop it sooner)."""
+    import signal
+
+    process = stack.start("worker")
+    yield process
+    if process.poll() is None:
+        stack.kill(process, signal.SIGTERM)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -118,6 +118,43 @@ def production_services(bucket: str) -> Iterator[dict[str, Any]]:
         drop_postgres_database(database)
 
 
+@contextmanager
+def running_stack(kind: str, home: Path, overrides: dict[str, Any]) -> Iterator[Stack]:
+    """A deployment of `kind` ("embedded" or "production", on `production_services`) with
+    beat running and no worker yet; everything stopped at exit."""
+    with contextlib.ExitStack() as services:
+        if kind == "production":
+            overrides = overrides | services.enter_context(production_services(f"tuneq-{kind}"))
+        deployment = Stack(kind, home, overrides)
+        deployment.setup()
+        deployment.start("beat")
+        try:
+            yield deployment
+        finally:
+            deployment.stop_all()
+
+
+def trained_job(
+    stack: Stack, api: Any, key: str, spec: dict[str, Any], timeout: float = 300
+) -> Any:
+    """Create the job and wait for it to succeed; the job as `GET /jobs/{id}` shows it."""
+    headers = {"Authorization": f"Bearer {key}"}
+    created = api.post("/jobs", headers=headers, json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    job = wait_for(
+        lambda: (
+            (j := api.get(f"/jobs/{job_id}", headers=headers).json())["status"]
+            in {"succeeded", "failed"}
+            and j
+        ),
+        timeout=timeout,
+        what=f"job {job_id} to finish",
+    )
+    assert job["status"] == "succeeded", (job, stack.log("worker")[-3000:])
+    return job
+
+
 def wait_for(
     check: Callable[[], Any], *, timeout: float, interval: float = 0.5, what: str = ""
 ) -> Any:

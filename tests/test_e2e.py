@@ -7,7 +7,6 @@ mocked; the model is a tiny random Llama so that training takes seconds.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import signal
@@ -19,7 +18,7 @@ import pytest
 from tests.api_helpers import job_spec, jsonl
 from tests.conftest import chat, logits_from_plain_peft
 from tests.service_fixtures import auth
-from tests.stack import Stack, production_services, wait_for
+from tests.stack import running_stack, wait_for
 from tuneq.queue import make_celery, publish_run_job
 
 pytestmark = pytest.mark.e2e
@@ -38,22 +37,8 @@ def stack(request, tmp_path_factory, tiny_registry_file):
         "relay_interval_seconds": 1.0,
         "estimated_tokens_per_second": 1000.0,
     }
-    with contextlib.ExitStack() as services:
-        if request.param == "production":
-            overrides |= services.enter_context(production_services("tuneq-e2e"))
-        deployment = Stack(request.param, home, overrides)
-        deployment.setup()
-        deployment.start("beat")
+    with running_stack(request.param, home, overrides) as deployment:
         yield deployment
-        deployment.stop_all()
-
-
-@pytest.fixture(scope="module")
-def worker(stack):
-    process = stack.start("worker")
-    yield process
-    if process.poll() is None:
-        stack.kill(process, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")

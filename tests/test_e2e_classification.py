@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import build_tiny_bert
 from tests.service_fixtures import auth
-from tests.stack import Stack, wait_for
+from tests.stack import Stack, trained_job
 
 pytestmark = pytest.mark.e2e
 
@@ -96,20 +96,7 @@ def _upload(api, key, name, content):
 
 
 def _run(api, key, stack, spec):
-    created = api.post("/jobs", headers=auth(key), json=spec)
-    assert created.status_code == 201, created.text
-    job_id = created.json()["id"]
-    job = wait_for(
-        lambda: (
-            (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
-            in {"succeeded", "failed"}
-            and j
-        ),
-        timeout=240,
-        what=f"job {job_id} to finish",
-    )
-    assert job["status"] == "succeeded", (job, stack.log("worker")[-3000:])
-    return job
+    return trained_job(stack, api, key, spec, timeout=240)
 
 
 def _download(api, key, job_id, target):

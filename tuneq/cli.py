@@ -5,7 +5,8 @@
     tuneq demo                         what `make demo` runs: a real job, start to finish
     tuneq migrate                      apply the database migrations
     tuneq api                          the HTTP control plane (uvicorn)
-    tuneq worker                       a training worker (one job at a time)
+    tuneq worker                       a training worker (one job at a time; generate requests
+                                       between jobs)
     tuneq beat                         the periodic relay, reaper and webhook deliveries (one)
     tuneq admin create-team NAME
     tuneq admin create-key --team NAME   prints the new key alone on its last line
@@ -77,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--queues",
         default="training",
-        help="comma-separated queues to train from (a registry entry's `queue`; default: training)",
+        help="comma-separated queues to train from (a registry entry's `queue`; default: "
+        "training); the worker answers generate requests on each one's inference queue, "
+        "QUEUE-inference, too",
     )
     worker.set_defaults(run=_worker)
 

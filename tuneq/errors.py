@@ -89,6 +89,10 @@ class JobNotFinished(Conflict):
     code, title = "job_not_finished", "The job has not finished"
 
 
+class AdapterNotReady(Conflict):
+    code, title = "adapter_not_ready", "The job has no adapter yet"
+
+
 class DiagnosticsUnavailable(Conflict):
     code, title = "diagnostics_unavailable", "The job has no per-example diagnostics"
 
@@ -103,3 +107,7 @@ class IdempotencyKeyInUse(Conflict):
 
 class Unavailable(TuneqError):
     status, code, title = 503, "unavailable", "Service unavailable"
+
+
+class InferenceUnavailable(Unavailable):
+    code, title = "inference_unavailable", "No worker answered"

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
+from celery.app.backends import by_url
+from celery.backends.base import Backend
+from celery.result import AsyncResult
 from sqlalchemy import and_, delete, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,8 +30,14 @@ RUN_JOB_TASK = "tuneq.run_job"
 RELAY_TASK = "tuneq.relay_outbox"
 REAP_TASK = "tuneq.reap_expired_leases"
 DELIVER_WEBHOOKS_TASK = "tuneq.deliver_webhooks"
+GENERATE_TASK = "tuneq.generate"
 TRAINING_QUEUE = "training"
 MAINTENANCE_QUEUE = "maintenance"
+# A training queue's generate requests go to its inference queue: the workers that can
+# hold the queue's models answer them (`tuneq worker` listens on both).
+INFERENCE_SUFFIX = "-inference"
+# How long a worker's answer is kept for the API to read (it reads and forgets it at once).
+RESULT_TTL_SECONDS = 3600
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -79,6 +89,7 @@ def make_celery(settings: Settings) -> Celery:
                 "options": {"expires": settings.webhook_poll_seconds * 2},
             },
         },
+        result_expires=RESULT_TTL_SECONDS,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -87,6 +98,37 @@ def make_celery(settings: Settings) -> Celery:
 
 def publish_run_job(app: Celery, job_id: str, queue: str = TRAINING_QUEUE) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+
+def inference_queue(queue: str) -> str:
+    """The queue of generate requests for the jobs of a training queue."""
+    return queue if queue.endswith(INFERENCE_SUFFIX) else f"{queue}{INFERENCE_SUFFIX}"
+
+
+def with_inference_queues(queues: str) -> str:
+    """The queues a worker listens on: each queue named, followed by its inference queue."""
+    names = (name.strip() for name in queues.split(","))
+    return ",".join(dict.fromkeys(q for n in names if n for q in (n, inference_queue(n))))
+
+
+def inference_results(app: Celery, settings: Settings) -> Backend:
+    """Where workers store generate answers for the API: the Redis broker's server, or a
+    directory beside the filesystem broker. Only the generate task uses it (the app has no
+    result backend: publishing a job never subscribes to a result)."""
+    url = settings.resolved_broker_url
+    if not url.startswith(("redis", "rediss")):
+        settings.results_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.results_dir.as_uri()
+    backend, url = by_url(url, app.loader)
+    return backend(app=app, url=url)
+
+
+def send_generate(
+    app: Celery, results: Backend, request: dict[str, Any], *, queue: str, expires: float
+) -> AsyncResult:
+    """Publish a generate request; a worker that receives it after `expires` seconds drops it."""
+    sent = app.send_task(GENERATE_TASK, args=[request], queue=queue, expires=expires)
+    return AsyncResult(sent.id, backend=results, app=app)
 
 
 def kick_webhook_delivery(app: Celery) -> None:

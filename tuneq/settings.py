@@ -95,6 +95,38 @@ class Settings(BaseSettings):
     resident_model_bytes: int = Field(
         8 * 1024**3, ge=0, description="most bytes of base-model weights a worker keeps in memory"
     )
+    # POST /jobs/{id}/generate: answered by a worker on the job's inference queue.
+    generate_wait_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="how long a generate request waits for a worker to take it (503 after: "
+        "every worker is busy, or none listens on the inference queue)",
+    )
+    generate_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="how long a worker may take to answer a generate request it took (503 after)",
+    )
+    generate_max_input_chars: int = Field(
+        32_000, ge=1, description="most characters of input a generate request may send (422 above)"
+    )
+    generate_max_input_tokens: int = Field(
+        2048,
+        ge=1,
+        description="most tokens a generate request's input may make, within the model's "
+        "context (422 above)",
+    )
+    generate_max_new_tokens: int = Field(
+        256,
+        ge=1,
+        description="most tokens a causal LM's generated answer may have (a request's default)",
+    )
+    inference_models: int = Field(
+        2,
+        ge=0,
+        description="trained models (adapters, checkpoints) a worker keeps loaded for generate "
+        "requests; dropped when it starts a training job",
+    )
     # The dry run's duration: a model's figures measured by the workers (tuneq.throughput)
     # when it has trained here, else these.
     estimated_tokens_per_second: float = Field(
@@ -206,6 +238,11 @@ class Settings(BaseSettings):
     @cached_property
     def broker_dir(self) -> Path:
         return (self.home / "broker").resolve()
+
+    @cached_property
+    def results_dir(self) -> Path:
+        """Generate answers, when the broker is the filesystem one (tuneq.queue)."""
+        return (self.home / "results").resolve()
 
     @cached_property
     def resolved_store_dir(self) -> Path:

@@ -6,20 +6,21 @@ one of those commands runs: the shared package tuneq/ never imports worker/.
 
 from __future__ import annotations
 
-from tuneq.queue import MAINTENANCE_QUEUE
+from tuneq.queue import MAINTENANCE_QUEUE, with_inference_queues
 from tuneq.settings import Settings
 from worker.tasks import create_worker_app, import_training_stack
 
 
 def run_worker(settings: Settings, *, queues: str, name: str | None = None) -> None:
-    """A training worker on `queues` (comma-separated), one job at a time, until stopped."""
+    """A training worker on `queues` (comma-separated), one job at a time, until stopped;
+    between jobs it answers generate requests on each queue's inference queue."""
     app = create_worker_app(settings)
     import_training_stack()  # before taking jobs, so that the first one does not wait
     app.worker_main(
         [
             "worker",
             "--queues",
-            queues,
+            with_inference_queues(queues),
             # One training job per process: a GPU is not shared, and a solo pool lets a
             # SIGKILL take the job down with it (the lease then hands it to another worker).
             "--pool",

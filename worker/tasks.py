@@ -1,8 +1,9 @@
 """The Celery tasks. Each takes ids only, re-reads the world, and is safe to run twice.
 
 `run_job` is on the training queue (one job at a time per worker process, late acks,
-prefetch 1); the relay, the reaper and webhook delivery are periodic (Celery beat) on the
-maintenance queue.
+prefetch 1); `generate` on its inference queue, answered between jobs with the worker's
+resident base models; the relay, the reaper and webhook delivery are periodic (Celery
+beat) on the maintenance queue.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import threading
 from datetime import timedelta
 from functools import cached_property
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_shutting_down
@@ -22,9 +24,11 @@ from tuneq.idempotency.service import purge_expired
 from tuneq.jobs.lease import reap_expired_leases
 from tuneq.queue import (
     DELIVER_WEBHOOKS_TASK,
+    GENERATE_TASK,
     REAP_TASK,
     RELAY_TASK,
     RUN_JOB_TASK,
+    inference_results,
     kick_webhook_delivery,
     make_celery,
     purge_sent,
@@ -34,6 +38,7 @@ from tuneq.queue import (
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore, open_store
 from tuneq.webhooks.delivery import deliver_due
+from worker.inference import Answerers
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,10 @@ class WorkerContext:
             max_bytes=self.settings.resident_model_bytes,
         )
 
+    @cached_property
+    def answerers(self) -> Answerers:
+        return Answerers(self.settings, self.sessions, self.store, self.registry, self.resident)
+
 
 def import_training_stack() -> None:
     """Import torch, transformers and peft while the worker starts rather than in its first
@@ -73,9 +82,11 @@ def import_training_stack() -> None:
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     settings = context.settings
+    results = inference_results(app, settings)
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
+        context.answerers.drop_loaded()  # the memory of models loaded to answer is the job's
         runner = JobRunner(
             settings,
             context.sessions,
@@ -89,6 +100,15 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
         kick_webhook_delivery(app)  # the job's end, if it ended, is owed to its webhooks
         return outcome
 
+    # Acked on receipt: a worker lost while answering leaves the API to time out, rather
+    # than another to answer a client long gone. STARTED tells the API a worker took it.
+    @app.task(
+        name=GENERATE_TASK, acks_late=False, ignore_result=False, track_started=True,
+        backend=results,
+    )  # fmt: skip
+    def generate(request: dict[str, Any]) -> dict[str, Any]:
+        return context.answerers.answer(request)
+
     @app.task(name=RELAY_TASK, ignore_result=True)
     def relay() -> int:
         with transaction(context.sessions) as db:
@@ -101,6 +121,7 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
             republish_stale_queued(db, older_than=timedelta(seconds=settings.requeue_after_seconds))
             purge_sent(db, older_than=timedelta(days=1))
             purge_expired(db, older_than=timedelta(hours=settings.idempotency_ttl_hours))
+        results.cleanup()  # answers nobody read (the API gave up); Redis expires its own
         for job_id, state in moved:
             log.warning("reaper: job %s → %s", job_id, state)
         # publish what the reaper queued again without waiting for the next relay tick

@@ -1,5 +1,5 @@
-"""`/jobs`: create (or dry-run), read, list, steer, and read what a job produced. Thin: the
-rules live in tuneq.jobs.service."""
+"""`/jobs`: create (or dry-run), read, list, steer, read what a job produced, and try it.
+Thin: the rules live in tuneq.jobs.service and tuneq.inference.service."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from api.deps import (
     CeleryDep,
     DbDep,
+    InferenceResultsDep,
     RegistryDep,
     SessionsDep,
     SettingsDep,
@@ -22,6 +23,8 @@ from api.deps import (
 from api.downloads import stored_object_response
 from api.job_reads import JobQuery, JobReads
 from tuneq.errors import NotFound
+from tuneq.inference import service as inference
+from tuneq.inference.schemas import GenerateRequest, Generation
 from tuneq.jobs import service
 from tuneq.jobs.schemas import (
     ArtifactPublic,
@@ -170,6 +173,46 @@ def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> d
     diagnostics_unavailable for a job that ran before they were recorded)."""
     job = service.get_job(db=db, team=team, job_id=job_id)
     return service.read_diagnostics(db=db, store=store, job=job)
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {}}}
+
+
+@router.post(
+    "/{job_id}/generate",
+    response_model=Generation,
+    responses={
+        404: _problem("no such job (another team's job does not exist for you)"),
+        409: _problem("adapter_not_ready: the job has no adapter yet (ask for a checkpoint)"),
+        422: _problem("an input the job's task does not take, or over a limit; a checkpoint "
+                      "the job does not have (the field is named)"),
+        503: _problem("inference_unavailable: no worker took the request in time, or its "
+                      "answer did not come in time"),
+    },
+)  # fmt: skip
+async def generate(
+    job_id: str,
+    body: GenerateRequest,
+    team: TeamDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    results: InferenceResultsDep,
+) -> Any:
+    """Try the job's adapter, or one of its checkpoints: a chat reply (causal_lm), a label
+    with each label's probability (seq_classification), a tag per word
+    (token_classification). A worker answers, on the job's inference queue; this waits
+    without holding a thread."""
+    return await inference.generate(
+        sessions=sessions,
+        broker=celery,
+        results=results,
+        settings=settings,
+        team=team,
+        job_id=job_id,
+        body=body,
+    )
 
 
 def list_page(items: Iterable[BaseModel], *, has_more: bool = False) -> dict[str, Any]:

@@ -143,25 +143,45 @@ def load_trained(output_dir: Path | str, base_dir: Path | str, **kwargs: Any) ->
     output's `tuneq_model.json` says what to rebuild: the task head (classification labels,
     pooling) and the method; then a PEFT adapter is loaded with `PeftModel.from_pretrained`,
     or the trained tensors are put back by name on the rebuilt model. Extra keyword arguments
-    go to `from_pretrained` of the base model (`dtype=`, `device_map=`).
+    go to the base model's loader (`dtype=`, `device=`). Within a worker's
+    `ResidentModels.active()` the base model is built from the resident weights, shared
+    where the method writes none of them (`peft_engine.models.resident`).
     """
     from safetensors.torch import load_file
 
+    from peft_engine.models.resident import resident_loader
     from peft_engine.tasks import task_for
 
     output_dir = Path(output_dir)
-    info_path = output_dir / MODEL_INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"task": "causal_lm"}
+    info = trained_model_info(output_dir)
     task = info["task"]
+    method, spec = _method_of(info)
+    resident = resident_loader(spec) if spec is not None else None
+    if resident is not None:
+        kwargs["resident"] = resident
     model = task_for(task).build_model(Path(base_dir), info, **kwargs)
     if (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, output_dir)
-    if "method" in info:  # re-create the method's own modules (bottleneck adapters)
-        from peft_engine.methods import METHODS
-
-        method = METHODS[info["method"]["type"]]
-        model = method.build(model, method.spec.model_validate(info["method"]), task)
+    if method is not None:  # re-create the method's own modules (bottleneck adapters)
+        model = method.build(model, spec, task)
     _trained_restore(model, load_file(output_dir / TRAINED_WEIGHTS_FILE))
     return model
+
+
+def trained_model_info(output_dir: Path) -> dict[str, Any]:
+    """An output's (or checkpoint's) `tuneq_model.json`; a causal LM where there is none."""
+    path = Path(output_dir) / MODEL_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"task": "causal_lm"}
+
+
+def _method_of(info: dict[str, Any]) -> tuple[Any, Any]:
+    """The registered method that trained the output and its spec, when the model info
+    names them; (None, None) otherwise."""
+    if "method" not in info:
+        return None, None
+    from peft_engine.methods import METHODS
+
+    method = METHODS[info["method"]["type"]]
+    return method, method.spec.model_validate(info["method"])

@@ -86,9 +86,10 @@ class CausalLMTask:
         return {"task": self.name}
 
     def build_model(self, base_dir: Path, info: dict[str, Any], **kwargs: Any) -> Any:
-        from transformers import AutoModelForCausalLM
+        from peft_engine.models import load_causal_lm
 
-        return AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False, **kwargs)
+        # dtype=, device=, resident= as for the other tasks' bodies
+        return load_causal_lm(base_dir, **kwargs)
 
 
 def _virtual_tokens(job: Any) -> int | None:

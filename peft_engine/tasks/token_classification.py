@@ -134,17 +134,38 @@ def _token_logits(model: Any, batch: LabelledBatch) -> torch.Tensor:
     return logits[:, logits.shape[1] - batch.labels.shape[1] :]
 
 
+def joined_words(words: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The words joined with spaces, as the model reads them, and each word's span in it."""
+    spans, offset = [], 0
+    for word in words:
+        spans.append((offset, offset + len(word)))
+        offset += len(word) + 1
+    return " ".join(words), spans
+
+
+def first_subtokens(
+    text: str, spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Each word's first sub-token (its position in the tokens the offsets describe), or -1
+    for a word the tokens do not reach (cut off by the length limit)."""
+    starts = [s for s, _ in spans]
+    word_starts = [-1] * len(spans)
+    for position, (lo, hi) in enumerate(offsets):
+        while lo < hi and text[lo].isspace():  # byte-level BPE folds the space in front
+            lo += 1
+        if lo >= hi:
+            continue  # a special token
+        word = bisect.bisect_right(starts, lo) - 1
+        if word >= 0 and word_starts[word] < 0 and lo < spans[word][1]:
+            word_starts[word] = position
+    return word_starts
+
+
 def _encode_words(
     examples: Sequence[Example], tokenizer: Any, ids: dict[str, int], max_seq_length: int
 ) -> Dataset:
-    texts, word_spans = [], []
-    for e in examples:
-        spans, offset = [], 0
-        for word in e.record["tokens"]:
-            spans.append((offset, offset + len(word)))
-            offset += len(word) + 1
-        texts.append(" ".join(e.record["tokens"]))
-        word_spans.append(spans)
+    joined = [joined_words(e.record["tokens"]) for e in examples]
+    texts = [text for text, _ in joined]
     full = tokenizer(texts, add_special_tokens=True)["input_ids"]
     encoded = tokenizer(
         texts,
@@ -157,18 +178,10 @@ def _encode_words(
     out: list[LabelledExample] = []
     dropped = 0
     for i, e in enumerate(examples):
-        text, spans = texts[i], word_spans[i]
-        starts = [s for s, _ in spans]
+        word_starts = first_subtokens(*joined[i], encoded["offset_mapping"][i])
         labels = [IGNORE] * len(encoded["input_ids"][i])
-        word_starts = [-1] * len(spans)
-        for position, (lo, hi) in enumerate(encoded["offset_mapping"][i]):
-            while lo < hi and text[lo].isspace():  # byte-level BPE folds the space in front
-                lo += 1
-            if lo >= hi:
-                continue  # a special token
-            word = bisect.bisect_right(starts, lo) - 1
-            if word >= 0 and word_starts[word] < 0 and lo < spans[word][1]:
-                word_starts[word] = position
+        for word, position in enumerate(word_starts):
+            if position >= 0:
                 labels[position] = ids[e.record["tags"][word]]
         example = LabelledExample(
             line=e.line,

@@ -295,13 +295,13 @@ def list_artifacts(*, db: Session, job: Job) -> list[JobArtifact]:
 
 
 def get_artifact(*, db: Session, job: Job, name: str) -> JobArtifact:
-    artifact = _newest_artifact(db=db, job=job, name=name)
+    artifact = newest_artifact(db=db, job=job, name=name)
     if artifact is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", param="name")
     return artifact
 
 
-def _newest_artifact(*, db: Session, job: Job, name: str) -> JobArtifact | None:
+def newest_artifact(*, db: Session, job: Job, name: str) -> JobArtifact | None:
     return db.scalar(  # a later attempt may have re-made it: the newest wins
         select(JobArtifact)
         .where(JobArtifact.job_id == job.id, JobArtifact.name == name)
@@ -316,7 +316,7 @@ def read_diagnostics(*, db: Session, store: ObjectStore, job: Job) -> dict[str, 
         raise JobNotFinished(
             f"job {job.id} is {job.state}; its diagnostics come with its result", param="job_id"
         )
-    artifact = _newest_artifact(db=db, job=job, name=DIAGNOSTICS_ARTIFACT)
+    artifact = newest_artifact(db=db, job=job, name=DIAGNOSTICS_ARTIFACT)
     if artifact is None:
         raise DiagnosticsUnavailable(
             f"job {job.id} ran before per-example diagnostics were recorded: its output has no "
