@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import metrics, openai, problems
+from api import dashboard, metrics, openai, problems
 from api.deps import Reads
 from api.job_reads import open_job_reads
 from api.routes import files, health, job_events, jobs, models, webhooks
@@ -57,4 +57,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, job_events, files, models, webhooks, health):
         app.include_router(module.router)
     openai.install(app)  # the OpenAI-compatible facade, under /openai/v1
+    dashboard.install(app)  # the page at /, its files under /ui/
     return app

@@ -24,9 +24,11 @@ from httpx import Response
 from tests.api_helpers import TRAIN_ROWS, assert_problem, deployment, job_spec, jsonl, upload
 from tests.service_fixtures import api_client, auth, make_settings, new_team_key
 
-# Served to anyone on purpose: liveness, readiness, Prometheus, the API's own docs.
+# Served to anyone on purpose: liveness, readiness, Prometheus, the API's own docs, and the
+# dashboard's page (it holds no data: it asks for a key, then calls the routes below).
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    | {"/", "/ui"}
 )
 MISSING_FILE = "file-" + "0" * 26
 MISSING_JOB = "job-" + "0" * 26

@@ -535,6 +535,14 @@ def test_s3_content_is_a_presigned_redirect(s3_endpoint: str, tmp_path: Path) ->
         assert response.status_code == 307
         with urllib.request.urlopen(response.headers["location"]) as download:
             assert download.read() == CHAT
+        # ?redirect=false: the URL as JSON, for a page that navigates to it (the dashboard)
+        link = api.client.get(
+            f"/files/{file_id}/content", params={"redirect": "false"}, headers=auth(api.key)
+        )
+        assert link.status_code == 200 and link.json()["object"] == "download"
+        assert link.json()["filename"] == "train.jsonl"
+        with urllib.request.urlopen(link.json()["url"]) as download:
+            assert download.read() == CHAT
         api.client.delete(f"/files/{file_id}", headers=auth(api.key))
         assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
 from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
-from api.downloads import stored_object_response
+from api.downloads import Redirect, stored_object_response
 from api.uploads import MultipartUpload, read_upload
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
@@ -109,7 +109,9 @@ def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
 )
-def download_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Response:
+def download_file(
+    file_id: str, team: TeamDep, db: DbDep, store: StoreDep, redirect: Redirect = True
+) -> Response:
     file = service.get_file(db=db, team=team, file_id=file_id)
     return stored_object_response(
         store,
@@ -117,6 +119,7 @@ def download_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Re
         filename=file.filename,
         media_type="application/octet-stream",
         size=file.bytes,
+        redirect=redirect,
     )
 
 

@@ -20,7 +20,7 @@ from api.deps import (
     StoreDep,
     TeamDep,
 )
-from api.downloads import stored_object_response
+from api.downloads import Redirect, stored_object_response
 from api.job_reads import JobQuery, JobReads
 from tuneq.errors import NotFound
 from tuneq.inference import service as inference
@@ -153,7 +153,7 @@ def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
 
 @router.get("/{job_id}/artifacts/{name}", response_model=None)
 def download_artifact(
-    job_id: str, name: str, team: TeamDep, db: DbDep, store: StoreDep
+    job_id: str, name: str, team: TeamDep, db: DbDep, store: StoreDep, redirect: Redirect = True
 ) -> Response:
     job = service.get_job(db=db, team=team, job_id=job_id)
     artifact = service.get_artifact(db=db, job=job, name=name)
@@ -163,6 +163,7 @@ def download_artifact(
         filename=f"{job.id}-{artifact.name}",
         media_type="application/x-ndjson" if name.endswith(".jsonl") else "application/gzip",
         size=artifact.bytes,
+        redirect=redirect,
     )
 
 
