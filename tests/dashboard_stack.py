@@ -28,7 +28,12 @@ from tests.conftest import (
 )
 from tests.service_fixtures import auth, run_cli
 
-SENTIMENT = {"good": "positive", "great": "positive", "awful": "negative", "bad": "negative"}
+# Text a careless page would run as HTML, in a file's name, a label and a job's metadata: the
+# page must show each as text.
+HOSTILE_NAME = "<img src=x onerror=window.__xss=1>.jsonl"
+HOSTILE_LABEL = "<img src=x onerror=window.__xss=2>"
+HOSTILE_NOTE = "<script>window.__xss=3</script>"
+SENTIMENT = {"good": "positive", "great": "positive", "awful": HOSTILE_LABEL, "bad": HOSTILE_LABEL}
 REVIEWS = [
     {"text": f"the {noun} was {word}", "label": label}
     for noun in ("film", "movie", "plot", "story")
@@ -44,8 +49,6 @@ SENTENCES = [
     )
 ] * 3
 CHATS = [chat(f"say {word}", f"{word} {word}") for word in ("red", "blue", "green", "gold")] * 6
-# A name a careless page would run as HTML: the page must show it as text.
-HOSTILE_NAME = "<img src=x onerror=window.__xss=1>.jsonl"
 
 
 @dataclass
@@ -56,6 +59,12 @@ class DashboardStack:
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=auth(self.key), timeout=60)
+
+    def other_team_key(self, team: str) -> str:
+        """A key of another team, made as an operator makes one."""
+        run_cli(self.home, "admin", "create-team", team, **self.env())
+        made = run_cli(self.home, "admin", "create-key", "--team", team, **self.env())
+        return made.stdout.strip().splitlines()[-1]
 
     def stop(self) -> None:
         run_cli(self.home, "down", **self.env())
@@ -121,7 +130,7 @@ def seed_jobs(stack: DashboardStack) -> dict[str, str]:
                                    "hyperparameters": hp | {"n_epochs": 4}},
             "token_classification": {"model": "tiny-bert", "task": "token_classification",
                                      "training_file": sentences, "validation_split": 0.25,
-                                     "metadata": {"note": "<b>bold?</b>"}, "hyperparameters": hp},
+                                     "metadata": {"note": HOSTILE_NOTE}, "hyperparameters": hp},
         }  # fmt: skip
         ids = {}
         for task, spec in specs.items():

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.dashboard_stack import HOSTILE_NAME, DashboardStack, seed_jobs, start
+from tests.dashboard_stack import (
+    HOSTILE_LABEL,
+    HOSTILE_NAME,
+    HOSTILE_NOTE,
+    DashboardStack,
+    seed_jobs,
+    start,
+)
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = playwright_api.expect
@@ -177,7 +184,8 @@ def test_a_finished_jobs_page(page, stack, shots):
     assert downloading.value.suggested_filename == f"{job_id}-checkpoint-6.tar.gz"
 
 
-def test_a_running_job_updates_live_and_is_cancelled_from_its_page(page, stack, shots):
+def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack, shots):
+    sign_in(page, stack)  # the list is open before the job exists
     with stack.api() as api:
         training_file = api.get("/files").json()["data"][-1]["id"]  # the chats, first uploaded
         created = api.post("/jobs", json={
@@ -188,15 +196,25 @@ def test_a_running_job_updates_live_and_is_cancelled_from_its_page(page, stack, 
         })  # fmt: skip
         created.raise_for_status()
         job_id = created.json()["id"]
-    sign_in(page, stack, f"#/jobs/{job_id}")
+    row = page.locator("table.jobs tbody tr", has_text=job_id)
+    expect(row).to_be_visible(timeout=30_000)  # it appears, with no reload
+    expect(row).to_contain_text("running", timeout=120_000)
+    expect(row).to_contain_text("ETA", timeout=60_000)
+    percent = row.locator(".progress-cell .muted")
+    seen = percent.inner_text()
+    expect(percent).not_to_have_text(seen, timeout=60_000)  # its progress moves
+
+    row.get_by_role("link", name=job_id).click()
     badge = page.locator(".slot-head .badge")
-    expect(badge).to_have_text("running", timeout=120_000)
+    expect(badge).to_have_text("running")
     step = page.locator(".facts div", has_text="Step").locator("dd")
     expect(step).not_to_have_text("–", timeout=60_000)
     seen = step.inner_text()
     expect(step).not_to_have_text(seen, timeout=60_000)  # moved on, with no reload
     loss = page.locator("figure.chart", has_text="Loss").locator("path.series").first
     expect(loss).to_have_attribute("d", re.compile(r"L"))
+    drawn = loss.get_attribute("d")
+    expect(loss).not_to_have_attribute("d", drawn, timeout=60_000)  # the curve gains points
     page.screenshot(path=shots / "job-running.png", full_page=True)
 
     page.get_by_role("button", name="Cancel").click()
@@ -285,13 +303,37 @@ def test_try_it_asks_a_worker(page, stack, shots, task, typed, button, answer):
 
 def test_text_from_files_and_jobs_is_shown_as_text_never_run(page, stack):
     sign_in(page, stack, "#/files")
-    expect(page.locator("table tbody th", has_text=HOSTILE_NAME)).to_be_visible()
+    expect(page.locator("table tbody th", has_text=HOSTILE_NAME)).to_be_visible()  # a name
+    reviews = page.get_by_role("row", name=re.compile(r"^reviews\.jsonl"))
+    reviews.get_by_text("report").click()
+    expect(reviews.locator(".report")).to_contain_text(HOSTILE_LABEL)  # a label, from content
     page.goto(f"{stack.url}/#/new")
     expect(page.locator("#job-training-file")).to_contain_text(HOSTILE_NAME)
+
     page.goto(f"{stack.url}/#/jobs/{stack.jobs['token_classification']}")
-    expect(page.get_by_role("heading", name=stack.jobs["token_classification"])).to_be_visible()
+    expect(page.locator(".facts")).to_contain_text(f"note: {HOSTILE_NOTE}")  # metadata
+    page.goto(f"{stack.url}/#/jobs/{stack.jobs['seq_classification']}")
+    page.locator("#try-input").fill("the plot was awful")
+    page.get_by_role("button", name="Classify", exact=True).click()
+    expect(page.locator(".answer .scores")).to_contain_text(HOSTILE_LABEL)  # the model's label
+
     assert page.evaluate("window.__xss") is None
-    assert page.locator("img").count() == 0  # the name's <img> was never made an element
+    assert page.locator("img, script:not([src])").count() == 0  # none was made an element
+
+
+def test_another_teams_key_sees_none_of_it(page, stack):
+    other = stack.other_team_key("someone-else")
+    page.goto(f"{stack.url}/")
+    page.get_by_label("API key").fill(other)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("table.jobs tbody")).to_contain_text("No jobs yet.")
+    page.goto(f"{stack.url}/#/files")
+    expect(page.locator("table tbody")).to_contain_text("No files yet.")
+    page.goto(f"{stack.url}/#/new")
+    expect(page.get_by_text("Upload a training file first")).to_be_visible()
+    page.goto(f"{stack.url}/#/jobs/{stack.jobs['causal_lm']}")  # the address of another's job
+    expect(page.get_by_role("alert")).to_contain_text("not found", ignore_case=True)
+    expect(page.get_by_role("heading", name=stack.jobs["causal_lm"])).to_have_count(0)
 
 
 def tab_to(page: Any, target: Any, most: int = 40) -> None:

@@ -6,7 +6,7 @@ import { h, number } from "./dom.js";
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 640;
 const HEIGHT = 240;
-const PAD = { left: 56, right: 16, top: 12, bottom: 36 };
+const PAD = { left: 66, right: 16, top: 12, bottom: 36 };
 // Okabe–Ito: told apart by people with colour-vision deficiency; dashes tell them apart too.
 export const PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"];
 const DASHES = ["", "6 3", "2 3", "8 3 2 3"];
@@ -22,6 +22,15 @@ function s(tag, attributes = {}, ...children) {
     }
   }
   return element;
+}
+
+// An exponential moving average of a noisy series (as training dashboards smooth a loss).
+export function smoothed(points, weight = 0.9) {
+  let average = null;
+  return points.map(([x, y]) => {
+    average = average === null ? y : weight * average + (1 - weight) * y;
+    return [x, average];
+  });
 }
 
 // About `count` round tick values covering [low, high].
@@ -45,7 +54,8 @@ function extent(values, pad) {
   return [low - margin, high + margin];
 }
 
-export function lineChart({ title, series, xLabel = "step", yLabel = "", marks = [], yRange = null }) {
+export function lineChart({ title, series, xLabel = "step", yLabel = "", marks = [], xRange = null,
+  yRange = null }) {
   const drawn = series.filter((line) => line.points.length);
   const figure = h("figure", { class: "chart" }, h("figcaption", {}, title));
   if (!drawn.length) {
@@ -54,7 +64,7 @@ export function lineChart({ title, series, xLabel = "step", yLabel = "", marks =
   }
   const xs = drawn.flatMap((line) => line.points.map((p) => p[0]));
   const ys = drawn.flatMap((line) => line.points.map((p) => p[1])).filter(Number.isFinite);
-  const [x0, x1] = Math.min(...xs) === Math.max(...xs) ? [xs[0], xs[0] + 1] : extent(xs, 0);
+  const [x0, x1] = xRange || (Math.min(...xs) === Math.max(...xs) ? [xs[0], xs[0] + 1] : extent(xs, 0));
   const [y0, y1] = yRange || extent(ys, 0.05);
   const plotW = WIDTH - PAD.left - PAD.right;
   const plotH = HEIGHT - PAD.top - PAD.bottom;
@@ -68,15 +78,15 @@ export function lineChart({ title, series, xLabel = "step", yLabel = "", marks =
     grid.append(s("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: Y(y), y2: Y(y) }),
       s("text", { x: PAD.left - 6, y: Y(y) + 4, "text-anchor": "end" }, number(y, 3)));
   }
-  for (const x of ticks(x0, x1, 6)) {
+  for (const x of ticks(x0, x1, 6).filter(Number.isInteger)) { // steps are whole numbers
     grid.append(s("text", { x: X(x), y: HEIGHT - PAD.bottom + 16, "text-anchor": "middle" },
       number(x, 4)));
   }
   grid.append(s("text", { x: PAD.left + plotW / 2, y: HEIGHT - 4, "text-anchor": "middle",
     class: "axis-label" }, xLabel));
   if (yLabel) {
-    grid.append(s("text", { x: 12, y: PAD.top + plotH / 2, "text-anchor": "middle",
-      transform: `rotate(-90 12 ${PAD.top + plotH / 2})`, class: "axis-label" }, yLabel));
+    grid.append(s("text", { x: 10, y: PAD.top + plotH / 2, "text-anchor": "middle",
+      transform: `rotate(-90 10 ${PAD.top + plotH / 2})`, class: "axis-label" }, yLabel));
   }
   svg.append(grid);
   for (const mark of marks) {
@@ -86,13 +96,15 @@ export function lineChart({ title, series, xLabel = "step", yLabel = "", marks =
       s("text", { x: X(mark.x) + (left ? -4 : 4), y: PAD.top + 12,
         "text-anchor": left ? "end" : "start" }, mark.label)));
   }
-  drawn.forEach((line, index) => {
+  const faintFirst = [...drawn.entries()].sort(([, a], [, b]) => Number(Boolean(b.faint)) - Number(Boolean(a.faint)));
+  faintFirst.forEach(([index, line]) => {
     const color = line.color || PALETTE[index % PALETTE.length];
     const points = line.points.filter((p) => Number.isFinite(p[1]));
     const d = points.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`);
     svg.append(s("path", { d: d.join(""), fill: "none", stroke: color, "stroke-width": 2,
-      "stroke-dasharray": DASHES[index % DASHES.length] || null, class: "series" }));
-    if (points.length <= 60) {
+      "stroke-dasharray": line.faint ? null : DASHES[index % DASHES.length] || null,
+      class: "series", "stroke-opacity": line.faint ? 0.3 : null }));
+    if (points.length <= 60 && !line.faint) {
       for (const p of points) {
         svg.append(s("circle", { cx: X(p[0]), cy: Y(p[1]), r: 2.5, fill: color },
           s("title", {}, `${line.name}: ${number(p[1])} at ${xLabel} ${p[0]}`)));
@@ -108,7 +120,8 @@ function legend(series) {
     const color = line.color || PALETTE[index % PALETTE.length];
     const swatch = s("svg", { width: 24, height: 10, "aria-hidden": "true" },
       s("line", { x1: 0, x2: 24, y1: 5, y2: 5, stroke: color, "stroke-width": 3,
-        "stroke-dasharray": DASHES[index % DASHES.length] || null }));
+        "stroke-dasharray": line.faint ? null : DASHES[index % DASHES.length] || null,
+        "stroke-opacity": line.faint ? 0.3 : null }));
     return h("li", {}, swatch, line.name);
   }));
 }

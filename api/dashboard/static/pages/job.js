@@ -65,7 +65,9 @@ export async function jobPage(main, { id }, signal) {
       fact("Created", timeElement(job.created_at)),
       fact("Started", timeElement(job.started_at)),
       fact("Finished", timeElement(job.finished_at)),
-      job.result?.wall_seconds != null ? fact("Wall time", duration(job.result.wall_seconds)) : null));
+      job.result?.wall_seconds != null ? fact("Wall time", duration(job.result.wall_seconds)) : null,
+      Object.keys(job.metadata || {}).length ? fact("Metadata", h("ul", { class: "plain" },
+        Object.entries(job.metadata).map(([name, value]) => h("li", {}, `${name}: ${value}`)))) : null));
     replace(slots.error, job.error ? errorBox({ title: `The job ${job.status}`, code: job.error.code,
       message: job.error.message || "", errors: job.error.errors || [] }) : null);
     replace(slots.settings, settingsOf(job));

@@ -3,7 +3,7 @@
 
 import { download } from "../api.js";
 import { bytes, duration, errorBox, h, number, timeElement } from "../dom.js";
-import { lineChart } from "../chart.js";
+import { PALETTE, lineChart, smoothed } from "../chart.js";
 
 // Evaluation scores between 0 and 1, drawn together (the loss has its own chart).
 export const SCORES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy",
@@ -20,18 +20,28 @@ export function bestMark(job) {
 
 export function chartsOf({ job, metrics }) {
   const marks = bestMark(job);
+  // The whole job's steps on every chart: a running job's curves grow toward the right edge.
+  const total = job.result?.steps ?? job.progress?.total_steps;
+  const xRange = total ? [0, total] : null;
   const scores = SCORES.filter((name) => metrics.eval.some((p) => Number.isFinite(p[name])));
   return h("section", { class: "charts", "aria-labelledby": "curves-title" },
     h("h2", { id: "curves-title" }, "Curves"),
     h("div", { class: "chart-grid" },
-      lineChart({ title: "Loss", yLabel: "loss", marks, series: [
-        { name: "training loss", points: seriesOf(metrics.train, "train_loss") },
-        { name: "evaluation loss", points: seriesOf(metrics.eval, "eval_loss") }] }),
-      lineChart({ title: "Learning rate", yLabel: "rate",
+      lineChart({ title: "Loss", yLabel: "loss", marks, xRange, series: lossSeries(metrics) }),
+      lineChart({ title: "Learning rate", yLabel: "rate", xRange,
         series: [{ name: "learning rate", points: seriesOf(metrics.train, "learning_rate") }] }),
-      scores.length ? lineChart({ title: "Evaluation scores", yLabel: "score", marks, yRange: [0, 1],
+      scores.length ? lineChart({ title: "Evaluation scores", yLabel: "score", marks, xRange, yRange: [0, 1],
         series: scores.map((name) => ({ name: name.replace(/^eval_/, "").replace(/_/g, " "),
           points: seriesOf(metrics.eval, name) })) }) : null));
+}
+
+// Many noisy steps: the raw training loss faint, and its moving average drawn over it.
+function lossSeries(metrics) {
+  const train = seriesOf(metrics.train, "train_loss");
+  const evaluation = { name: "evaluation loss", points: seriesOf(metrics.eval, "eval_loss") };
+  if (train.length < 50) return [{ name: "training loss", points: train }, evaluation];
+  return [{ name: "training loss, smoothed", points: smoothed(train) }, evaluation,
+    { name: "training loss", points: train, faint: true, color: PALETTE[0] }];
 }
 
 export function downloadsOf({ job, checkpoints, artifacts }, base) {
