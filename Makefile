@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded stack (API, worker, beat) running a real LoRA job, state in ./.tuneq/.
+# `make demo KEEP=1` leaves the stack up afterwards, to look at the job in the dashboard.
 demo: venv
-	$(VENV)/bin/tuneq demo
+	$(VENV)/bin/tuneq demo $(if $(KEEP),--keep)
 
 # The whole suite, slow tests included.
 test: venv

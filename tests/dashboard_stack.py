@@ -116,7 +116,8 @@ def upload(api: httpx.Client, name: str, rows: list[Any]) -> str:
 
 
 def seed_jobs(stack: DashboardStack) -> dict[str, str]:
-    """One finished job per task, each with checkpoints; their ids by task."""
+    """One finished job per task, each with checkpoints, and one failed job ("failed"):
+    their ids by task."""
     with stack.api() as api:
         chats = upload(api, "chats.jsonl", CHATS)
         reviews = upload(api, "reviews.jsonl", REVIEWS)
@@ -132,20 +133,30 @@ def seed_jobs(stack: DashboardStack) -> dict[str, str]:
                                      "training_file": sentences, "validation_split": 0.25,
                                      "metadata": {"note": HOSTILE_NOTE}, "hyperparameters": hp},
         }  # fmt: skip
+        # One that fails in the worker: half of two examples held out leaves a label unseen.
+        pair = upload(api, "two-reviews.jsonl", [REVIEWS[0], REVIEWS[3]])
+        specs["failed"] = {
+            "model": "tiny-bert",
+            "task": "seq_classification",
+            "training_file": pair,
+            "validation_split": 0.5,
+            "suffix": "doomed",
+        }
         ids = {}
         for task, spec in specs.items():
             created = api.post("/jobs", json=spec)
-            created.raise_for_status()
+            if created.status_code != 201:
+                raise RuntimeError(f"{task} job refused: {created.text}")
             ids[task] = created.json()["id"]
         deadline = time.monotonic() + 600
-        for job_id in ids.values():
+        for task, job_id in ids.items():
             while (status := api.get(f"/jobs/{job_id}").json()["status"]) not in (
                 "succeeded", "failed", "cancelled"
             ):  # fmt: skip
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {status}")
                 time.sleep(0.5)
-            if status != "succeeded":
+            if status != ("failed" if task == "failed" else "succeeded"):
                 raise RuntimeError(f"job {job_id} {status}: {api.get(f'/jobs/{job_id}').json()}")
     return ids
 

@@ -184,6 +184,18 @@ def test_a_finished_jobs_page(page, stack, shots):
     assert downloading.value.suggested_filename == f"{job_id}-checkpoint-6.tar.gz"
 
 
+def test_a_failed_jobs_page_shows_its_error_and_code(page, stack):
+    sign_in(page, stack, f"#/jobs/{stack.jobs['failed']}")
+    expect(page.locator(".slot-head .badge")).to_have_text("failed")
+    error = page.locator(".slot-error").get_by_role("alert")
+    expect(error).to_contain_text("invalid_training_file")
+    expect(error).to_contain_text("labels the training file does not have")
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    expect(page.locator(".slot-tryit")).to_contain_text("no adapter or checkpoint")
+    page.goto(f"{stack.url}/#/jobs?status=failed")
+    expect(page.locator("table.jobs tbody tr")).to_have_count(1)
+
+
 def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack, shots):
     sign_in(page, stack)  # the list is open before the job exists
     with stack.api() as api:

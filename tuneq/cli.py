@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop the embedded stack")
     down.set_defaults(run=_down)
     demo = commands.add_parser("demo", help="run the demo: a real fine-tuning job end to end")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the stack running at the end (`tuneq down`)"
+    )
     demo.set_defaults(run=_demo)
 
     migrate = commands.add_parser("migrate", help="apply the database migrations")
@@ -133,10 +136,10 @@ def _down(settings: Settings, _: argparse.Namespace) -> None:
     print(f"stopped {', '.join(stopped)}; state kept in {stack.home}")
 
 
-def _demo(settings: Settings, _: argparse.Namespace) -> int:
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from tuneq.demo import run_demo
 
-    return run_demo(settings)
+    return run_demo(settings, keep=args.keep)
 
 
 def _migrate(settings: Settings, _: argparse.Namespace) -> None:

@@ -3,7 +3,8 @@
 It starts the embedded stack (API, worker, beat), uploads the demo chat data through the
 HTTP API, trains a LoRA adapter on SmolLM2-135M-Instruct, follows the job with a progress
 bar fed by the API's events, downloads the adapter through the API, and prints the base
-and the tuned model's answers to questions the training data never asked.
+and the tuned model's answers to questions the training data never asked. The dashboard
+shows the same job as it trains; `--keep` leaves the stack up afterwards to look at it.
 
 The data (`data/*.jsonl`, written for this demo, same licence as tuneq) answers everyday
 questions as "Captain Tuneq", a pirate: every answer opens with "Arr, matey!" and ends
@@ -51,17 +52,22 @@ SPEC: dict[str, Any] = {
 }
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, *, keep: bool = False) -> int:
+    """Run the demo; `keep` leaves the stack up at the end (to look at the job in the
+    dashboard) instead of stopping it. Ctrl-C cancels the job and stops the stack."""
     started = time.monotonic()
     stack = EmbeddedStack.for_settings(settings)
     print(f"tuneq demo: starting the embedded stack under {stack.home}")
     stack.start()
     client = None
     job_id = None
+    interrupted = False
     try:
         stack.wait_ready()
-        client = Client(stack.url, local_key(settings, "demo"))
+        key = local_key(settings, "demo")
+        client = Client(stack.url, key)
         print(f"API ready at {stack.url} (docs: {stack.url}/docs); team 'demo', a new key")
+        print(f"dashboard {stack.url}/ : watch the job there, signed in with the key {key}")
         job = _submit(client)
         job_id = job.id
         job = _follow(client, job_id)
@@ -73,6 +79,7 @@ def run_demo(settings: Settings) -> int:
         print(f"\ndone in {format_duration(time.monotonic() - started)}")
         return 0
     except KeyboardInterrupt:
+        interrupted = True
         print("\ninterrupted: cancelling the job and stopping the stack")
         if client is not None and job_id is not None:
             _cancel(client, job_id)
@@ -80,8 +87,12 @@ def run_demo(settings: Settings) -> int:
     finally:
         if client is not None:
             client.close()
-        stopped = stack.stop()
-        print(f"stopped {', '.join(stopped) or 'nothing'}; everything stays in {stack.home}:")
+        if keep and not interrupted:
+            print(f"\nthe stack keeps running (--keep): dashboard {stack.url}/ , the job "
+                  f"{stack.url}/#/jobs/{job_id}; `tuneq down` stops it")  # fmt: skip
+        else:
+            stopped = stack.stop()
+            print(f"stopped {', '.join(stopped) or 'nothing'}; everything stays in {stack.home}:")
         print(f"  database  {settings.resolved_database_url.removeprefix('sqlite:///')}")
         print(f"  artifacts {settings.resolved_store_dir}")
         print(f"  logs      {stack.logs}")
