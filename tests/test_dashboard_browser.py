@@ -229,9 +229,27 @@ def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack,
     expect(loss).not_to_have_attribute("d", drawn, timeout=60_000)  # the curve gains points
     page.screenshot(path=shots / "job-running.png", full_page=True)
 
+    page.get_by_role("button", name="Pause").click()  # kept as a checkpoint, then resumed
+    expect(badge).to_have_text("paused", timeout=60_000)
+    expect(page.get_by_role("button", name="Pause")).to_have_count(0)
+    page.get_by_role("button", name="Resume").click()
+    expect(badge).to_have_text("running", timeout=120_000)
     page.get_by_role("button", name="Cancel").click()
     expect(badge).to_have_text("cancelled", timeout=60_000)
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+
+
+def test_without_the_event_stream_the_page_polls(page, stack):
+    # A proxy that drops Server-Sent Events: the stream answers 404, the page reads the
+    # events page by page instead.
+    page.route("**/events/stream*", lambda route: route.fulfill(
+        status=404, content_type="application/problem+json",
+        body='{"title": "Not Found", "status": 404, "code": "not_found", "detail": "no stream"}',
+    ))  # fmt: skip
+    sign_in(page, stack, f"#/jobs/{stack.jobs['causal_lm']}")
+    log = page.get_by_role("log")
+    expect(log).to_contain_text("job succeeded")
+    expect(log).to_contain_text("eval (base model)")
 
 
 def test_compare_overlays_the_picked_jobs_curves(page, stack, shots):
