@@ -84,8 +84,22 @@ class TrainedModel:
     ) -> ChatReply:
         """The assistant's next message after `messages`, decoded greedily."""
         ids = chat_prompt_ids(self.tokenizer, messages)
+        return self._continue(ids, "messages", max_new_tokens, max_input_tokens)
+
+    @torch.no_grad()
+    def complete(self, prompt: str, *, max_new_tokens: int, max_input_tokens: int) -> ChatReply:
+        """What follows `prompt`, decoded greedily: for a model trained on prompt/completion
+        or plain text, tokenized as training tokenized its prompts (no chat template)."""
+        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return self._continue(ids, "prompt", max_new_tokens, max_input_tokens)
+
+    def _continue(
+        self, ids: list[int], param: str, max_new_tokens: int, max_input_tokens: int
+    ) -> ChatReply:
         room = None if self.context is None else self.context - max_new_tokens
-        _check_length(len(ids), _tightest(max_input_tokens, room), "messages")
+        _check_length(len(ids), _tightest(max_input_tokens, room), param)
+        if not ids:
+            raise UserError("the input made no tokens", param=param)
         new = greedy(self.model, self.tokenizer, ids, max_new_tokens, self.device)
         stops = _stop_ids(self.model, self.tokenizer)
         finish = "stop" if new and new[-1] in stops else "length"

@@ -48,7 +48,9 @@ SENTENCES = [
         ("carol visited berlin", "B-PER O B-LOC"),
     )
 ] * 3
-CHATS = [chat(f"say {word}", f"{word} {word}") for word in ("red", "blue", "green", "gold")] * 6
+COLOURS = ("red", "blue", "green", "gold")
+CHATS = [chat(f"say {word}", f"{word} {word}") for word in COLOURS] * 6
+PROMPTS = [{"prompt": f"say {word}:", "completion": f" {word} {word}"} for word in COLOURS] * 6
 
 
 @dataclass
@@ -132,6 +134,9 @@ def seed_jobs(stack: DashboardStack) -> dict[str, str]:
             "token_classification": {"model": "tiny-bert", "task": "token_classification",
                                      "training_file": sentences, "validation_split": 0.25,
                                      "metadata": {"note": HOSTILE_NOTE}, "hyperparameters": hp},
+        }  # fmt: skip
+        specs["prompted"] = specs["causal_lm"] | {
+            "training_file": upload(api, "prompts.jsonl", PROMPTS), "suffix": "prompted"
         }  # fmt: skip
         # One that fails in the worker: half of two examples held out leaves a label unseen.
         pair = upload(api, "two-reviews.jsonl", [REVIEWS[0], REVIEWS[3]])

@@ -317,6 +317,7 @@ def test_a_new_job_is_estimated_then_started_from_the_form(page, stack, shots):
         ("seq_classification", "the film was great", "Classify", ".answer .label"),
         ("token_classification", "alice visited paris", "Tag", ".answer .tags li"),
         ("causal_lm", "say red", "Send", ".chat-assistant"),
+        ("prompted", "say red:", "Continue", ".answer .continued strong"),  # no chat template
     ],
 )
 def test_try_it_asks_a_worker(page, stack, shots, task, typed, button, answer):

@@ -155,6 +155,13 @@ def test_a_chat_adapter_answers_as_it_does_when_downloaded(
     again = _generate(api, key, chat_job, messages=QUESTION, max_new_tokens=8)
     assert again.json() == answer  # greedy: the same answer, from the model kept loaded
 
+    # a prompt continued as it stands (no chat template), as a prompt/completion job wants
+    response = _generate(api, key, chat_job, prompt="What is 3 plus 3?", max_new_tokens=8)
+    assert response.status_code == 200, response.text
+    expected = here.complete("What is 3 plus 3?", max_new_tokens=8, max_input_tokens=64)
+    assert response.json()["message"]["content"] == expected.content
+    assert response.json()["usage"]["input_tokens"] == expected.input_tokens
+
     # a checkpoint answers too, as its own download does
     response = _generate(api, key, chat_job, messages=QUESTION, checkpoint=2)
     assert response.status_code == 200, response.text
@@ -209,6 +216,10 @@ def test_bad_requests_are_problems_naming_the_field(stack, api, key, chat_job, s
     cases = [
         (chat_job, {"text": "hello"}, "text"),  # not what a causal_lm job takes
         (chat_job, {"messages": []}, "messages"),
+        (chat_job, {"messages": QUESTION, "prompt": "and"}, "messages"),  # one, not both
+        (chat_job, {"prompt": "  "}, "prompt"),
+        (chat_job, {"prompt": "seven " * 3000}, "prompt"),  # over the characters allowed
+        (sentiment_job, {"prompt": "the film"}, "prompt"),
         (chat_job, {"messages": QUESTION, "max_new_tokens": MAX_NEW_TOKENS + 1}, "max_new_tokens"),
         (chat_job, {"messages": QUESTION, "checkpoint": 999}, "checkpoint"),
         (chat_job, {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),

@@ -131,6 +131,25 @@ def test_an_input_over_the_limit_is_refused_naming_its_field(outputs, bases):
     assert refused.value.param == "tokens"
 
 
+def test_a_prompt_is_continued_as_training_tokenized_it(outputs, bases):
+    import torch
+
+    model = TrainedModel(outputs["lora-chat"], bases["causal_lm"])
+    answer = model.complete("What is 3 plus", max_new_tokens=5, max_input_tokens=64)
+    ids = model.tokenizer("What is 3 plus", add_special_tokens=True)["input_ids"]
+    assert answer.input_tokens == len(ids)  # no chat template around it
+    with torch.no_grad():
+        generated = model.model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+            pad_token_id=model.tokenizer.eos_token_id,
+        )[0, len(ids):]  # fmt: skip
+    assert answer.content == model.tokenizer.decode(generated, skip_special_tokens=True).strip()
+    assert answer.output_tokens == len(generated) and answer.finish_reason in {"stop", "length"}
+    with pytest.raises(UserError) as refused:
+        model.complete("What is 3 plus", max_new_tokens=4, max_input_tokens=2)
+    assert refused.value.param == "prompt"
+
+
 def test_every_label_and_word_gets_its_probability(outputs, bases):
     labeller = TrainedModel(outputs["bottleneck-labels"], bases["bert"])
     answer = labeller.classify("the movie was great", None, max_input_tokens=64)

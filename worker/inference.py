@@ -130,9 +130,16 @@ def _fetch(store: ObjectStore, artifact: JobArtifact, directory: Path) -> Path:
 def _answer(model: TrainedModel, request: InferenceRequest) -> dict[str, Any]:
     """The task's answer, as the members of a Generation (tuneq.inference.schemas)."""
     limit = request.max_input_tokens
-    if model.task == "causal_lm" and request.messages is not None:
-        messages = [m.model_dump() for m in request.messages]
-        reply = model.reply(messages, max_new_tokens=request.max_new_tokens, max_input_tokens=limit)
+    if model.task == "causal_lm" and (request.messages is not None or request.prompt is not None):
+        if request.prompt is not None:
+            reply = model.complete(
+                request.prompt, max_new_tokens=request.max_new_tokens, max_input_tokens=limit
+            )
+        else:
+            messages = [m.model_dump() for m in request.messages or ()]
+            reply = model.reply(
+                messages, max_new_tokens=request.max_new_tokens, max_input_tokens=limit
+            )
         return {
             "task": model.task,
             "message": {"role": "assistant", "content": reply.content},

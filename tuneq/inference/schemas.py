@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 # Which request members each task takes (the first: what it needs, unless noted in service).
 TASK_INPUTS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("messages", "max_new_tokens"),
+    "causal_lm": ("messages", "prompt", "max_new_tokens"),
     "seq_classification": ("text", "text_pair"),
     "token_classification": ("tokens", "text"),
 }
-INPUT_MEMBERS = ("messages", "text", "text_pair", "tokens", "max_new_tokens")
+INPUT_MEMBERS = ("messages", "prompt", "text", "text_pair", "tokens", "max_new_tokens")
 
 
 class ChatMessage(BaseModel):
@@ -37,6 +37,12 @@ class GenerateRequest(BaseModel):
         None,
         description="causal_lm: the conversation so far, rendered by the model's chat "
         "template; the answer is the assistant's next message",
+    )
+    prompt: str | None = Field(
+        None,
+        description="causal_lm, instead of `messages`: a text to continue as it stands, with "
+        "no chat template (for a job trained on prompt/completion or plain text data); the "
+        "answer's message holds the continuation",
     )
     text: str | None = Field(
         None,
@@ -131,6 +137,7 @@ class InferenceRequest(BaseModel):
     job_id: str
     artifact: str  # adapter.tar.gz or checkpoint-{step}.tar.gz
     messages: list[ChatMessage] | None = None
+    prompt: str | None = None
     text: str | None = None
     text_pair: str | None = None
     tokens: list[str] | None = None

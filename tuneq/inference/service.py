@@ -158,11 +158,24 @@ def _inputs(task: str, body: GenerateRequest, settings: Settings) -> dict[str, A
 
 
 def _chat_inputs(body: GenerateRequest, settings: Settings) -> dict[str, Any]:
-    if not body.messages:
+    """A conversation (`messages`, rendered by the chat template) or a `prompt` to continue
+    as it stands, not both."""
+    if (body.messages is None) == (body.prompt is None):
+        raise field_error(
+            "messages", "a causal_lm job answers a conversation (`messages`) or continues a "
+            "`prompt`: send one of them",
+        )  # fmt: skip
+    if body.messages is not None and not body.messages:
         raise field_error("messages", "a causal_lm job answers a conversation: send `messages`")
+    if body.prompt is not None and not body.prompt.strip():
+        raise field_error("prompt", "an empty prompt")
     limit = settings.generate_max_new_tokens
     if body.max_new_tokens is not None and body.max_new_tokens > limit:
         raise field_error("max_new_tokens", f"at most {limit} (TUNEQ_GENERATE_MAX_NEW_TOKENS)")
+    if body.prompt is not None:
+        _within(settings, ("prompt", body.prompt))
+        return {"prompt": body.prompt}
+    assert body.messages is not None
     _within(settings, *((f"messages[{i}].content", m.content) for i, m in enumerate(body.messages)))
     return {"messages": body.messages}
 

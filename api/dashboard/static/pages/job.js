@@ -24,6 +24,11 @@ export async function jobPage(main, { id }, signal) {
 
   async function loadJob() {
     view.job = await get(base, { signal });
+    if (view.trainingFormat === undefined) { // how to try it follows the data's format
+      const file = await get(`/files/${encodeURIComponent(view.job.training_file)}`, { signal })
+        .catch(() => null); // deleted since: a chat is the default
+      view.trainingFormat = file?.format ?? null;
+    }
     drawJob();
   }
   async function loadMetrics() {

@@ -1,12 +1,15 @@
 // "Try it": ask the job's adapter (or a checkpoint) through POST /jobs/{id}/generate, which
-// a worker answers: a chat for causal LM, a label with scores, or a tag per word.
+// a worker answers: a chat for causal LM (a prompt to continue where the job trained on
+// prompt/completion or plain text), a label with scores, or a tag per word.
 
 import { post } from "../api.js";
 import { errorBox, h, number, replace } from "../dom.js";
 
 const TASKS = new Set(["causal_lm", "seq_classification", "token_classification"]);
 
-export function tryItBox({ job, checkpoints }, base) {
+const PROMPTED = new Set(["prompt_completion", "text"]); // trained without a chat template
+
+export function tryItBox({ job, checkpoints, trainingFormat }, base) {
   const section = h("section", { class: "card", "aria-labelledby": "try-title" },
     h("h2", { id: "try-title" }, "Try it"));
   if (!TASKS.has(job.task)) {
@@ -17,27 +20,31 @@ export function tryItBox({ job, checkpoints }, base) {
     h("option", { value: "" }, "the job's adapter"),
     checkpoints.map((c) => h("option", { value: c.step }, `checkpoint of step ${c.step}`)));
   const answer = h("div", { class: "answer", "aria-live": "polite" });
+  const mode = job.task !== "causal_lm" ? job.task : PROMPTED.has(trainingFormat) ? "prompt" : "chat";
   const history = [];
   const transcript = h("ol", { class: "chat" });
-  const input = job.task === "causal_lm"
-    ? h("textarea", { id: "try-input", rows: 3, required: true, maxlength: 8000 })
-    : h("textarea", { id: "try-input", rows: 2, required: true, maxlength: 8000 });
+  const input = h("textarea", { id: "try-input", rows: job.task === "causal_lm" ? 3 : 2,
+    required: true, maxlength: 8000 });
   const pair = job.task === "seq_classification"
     ? h("input", { id: "try-pair", type: "text", maxlength: 8000 }) : null;
-  const submit = h("button", { type: "submit", class: "primary" },
-    job.task === "causal_lm" ? "Send" : job.task === "seq_classification" ? "Classify" : "Tag");
+  const submit = h("button", { type: "submit", class: "primary" }, { chat: "Send",
+    prompt: "Continue", seq_classification: "Classify", token_classification: "Tag" }[mode]);
 
   const form = h("form", { onsubmit: async (event) => {
     event.preventDefault();
     const text = input.value.trim();
     if (!text) return;
-    const body = requestFor(job.task, text, pair?.value.trim(), history);
+    const body = requestFor(mode, text, pair?.value.trim(), history);
     if (weights.value !== "") body.checkpoint = Number(weights.value);
     submit.disabled = true;
     replace(answer, h("p", { class: "muted" }, "Waiting for a worker…"));
     try {
       const reply = await post(`${base}/generate`, body);
-      if (job.task === "causal_lm") {
+      if (mode === "prompt") {
+        replace(answer, h("p", { class: "continued" }, text, " ",
+          h("strong", {}, reply.message.content)),
+        reply.finish_reason === "length" ? h("p", { class: "muted" }, "The answer reached its length limit.") : null);
+      } else if (mode === "chat") {
         history.push({ role: "user", content: text }, reply.message);
         drawChat(transcript, history);
         input.value = "";
@@ -53,13 +60,14 @@ export function tryItBox({ job, checkpoints }, base) {
     }
   } },
   h("div", { class: "field" }, h("label", { for: "try-weights" }, "Weights"), weights),
-  job.task === "causal_lm" ? transcript : null,
-  h("div", { class: "field" }, h("label", { for: "try-input" },
-    job.task === "causal_lm" ? "Your message" : job.task === "seq_classification" ? "Text" : "Sentence"),
+  mode === "chat" ? transcript : null,
+  h("div", { class: "field" }, h("label", { for: "try-input" }, { chat: "Your message",
+    prompt: "Prompt (continued as it stands, as the job's data was)", seq_classification: "Text",
+    token_classification: "Sentence" }[mode]),
   input),
   pair ? h("div", { class: "field" }, h("label", { for: "try-pair" }, "Second text (optional)"), pair) : null,
   h("div", { class: "buttons" }, submit,
-    job.task === "causal_lm" ? h("button", { type: "button", class: "quiet", onclick: () => {
+    mode === "chat" ? h("button", { type: "button", class: "quiet", onclick: () => {
       history.length = 0;
       drawChat(transcript, history);
       replace(answer);
@@ -73,9 +81,10 @@ export function tryItBox({ job, checkpoints }, base) {
   return section;
 }
 
-function requestFor(task, text, pair, history) {
-  if (task === "causal_lm") return { messages: [...history, { role: "user", content: text }] };
-  if (task === "seq_classification") return pair ? { text, text_pair: pair } : { text };
+function requestFor(mode, text, pair, history) {
+  if (mode === "chat") return { messages: [...history, { role: "user", content: text }] };
+  if (mode === "prompt") return { prompt: text };
+  if (mode === "seq_classification") return pair ? { text, text_pair: pair } : { text };
   return { text };
 }
 
