@@ -60,6 +60,7 @@ ENDPOINTS = [
     Endpoint("POST", "/jobs", "collection"),
     Endpoint("GET", "/jobs", "collection"),
     Endpoint("GET", "/jobs/{job_id}", "object", 200),
+    Endpoint("DELETE", "/jobs/{job_id}", "object", 409),  # queued: cancel it first
     Endpoint("POST", "/jobs/{job_id}/cancel", "object"),
     Endpoint("POST", "/jobs/{job_id}/pause", "object"),
     Endpoint("POST", "/jobs/{job_id}/resume", "object", 409),  # queued, not paused

@@ -184,7 +184,7 @@ def test_a_finished_jobs_page(page, stack, shots):
     assert downloading.value.suggested_filename == f"{job_id}-checkpoint-6.tar.gz"
 
 
-def test_a_failed_jobs_page_shows_its_error_and_code(page, stack):
+def test_a_failed_jobs_page_shows_its_error_and_code_and_it_can_be_deleted(page, stack):
     sign_in(page, stack, f"#/jobs/{stack.jobs['failed']}")
     expect(page.locator(".slot-head .badge")).to_have_text("failed")
     error = page.locator(".slot-error").get_by_role("alert")
@@ -194,6 +194,14 @@ def test_a_failed_jobs_page_shows_its_error_and_code(page, stack):
     expect(page.locator(".slot-tryit")).to_contain_text("no adapter or checkpoint")
     page.goto(f"{stack.url}/#/jobs?status=failed")
     expect(page.locator("table.jobs tbody tr")).to_have_count(1)
+
+    page.get_by_role("link", name=stack.jobs["failed"]).click()  # a finished job can go
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete ...? cannot be undone"
+    page.get_by_role("button", name="Delete").click()
+    expect(page.locator("table.jobs")).to_be_visible()
+    expect(page.get_by_role("link", name=stack.jobs["failed"])).to_have_count(0)
+    with stack.api() as api:
+        assert api.get(f"/jobs/{stack.jobs['failed']}").status_code == 404
 
 
 def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack, shots):

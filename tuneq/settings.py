@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         None, description="workers' scratch space and file copies; unset: home/work"
     )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=0,
+        description="checkpoints a succeeded job keeps: the last N and the best one (its kept "
+        "weights' step); the others are deleted from the store. Unset: every one is kept",
+    )
     resident_models: int = Field(
         1, ge=0, description="base models a worker keeps in memory between jobs (0: none)"
     )

@@ -44,6 +44,7 @@ from tuneq.files.models import File
 from tuneq.files.service import local_copy
 from tuneq.jobs.lease import Claim, claim_job, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
+from tuneq.jobs.retention import prune_checkpoints
 from tuneq.jobs.schemas import (
     ADAPTER_ARTIFACT,
     DIAGNOSTICS_ARTIFACT,
@@ -147,8 +148,23 @@ class _Attempt:
             return f"failed: {err}"
         if result.status == "succeeded":
             assert result.output_dir is not None
-            return self._succeed(result.output_dir, result.result)
+            outcome = self._succeed(result.output_dir, result.result)
+            if outcome == "succeeded" and self.runner.settings.keep_checkpoints is not None:
+                self._prune(self.runner.settings.keep_checkpoints)
+            return outcome
         return self._stopped()
+
+    def _prune(self, keep_last: int) -> None:
+        """TUNEQ_KEEP_CHECKPOINTS: the job has succeeded; a failure here only leaves more."""
+        try:
+            gone = prune_checkpoints(sessions=self.runner.sessions, store=self.store,
+                                     job_id=self.claim.job_id, keep_last=keep_last)  # fmt: skip
+        except Exception:
+            log.warning("job %s: checkpoints not pruned", self.claim.job_id, exc_info=True)
+            return
+        if gone:
+            note = f"deleted the checkpoints of steps {gone} (TUNEQ_KEEP_CHECKPOINTS={keep_last})"
+            self._event("info", note, {"steps": gone})
 
     def _train(
         self, job: Job, data: DataPaths, resume_from: Path | None

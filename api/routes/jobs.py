@@ -25,17 +25,22 @@ from api.job_reads import JobQuery, JobReads
 from tuneq.errors import NotFound
 from tuneq.inference import service as inference
 from tuneq.inference.schemas import GenerateRequest, Generation
-from tuneq.jobs import service
+from tuneq.jobs import retention, service
 from tuneq.jobs.schemas import (
     ArtifactPublic,
     CheckpointPublic,
     DryRunPublic,
+    JobDeleted,
     JobPublic,
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {}}}
 
 
 @router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
@@ -134,6 +139,19 @@ def resume_job(
     )
 
 
+@router.delete(
+    "/{job_id}",
+    response_model=JobDeleted,
+    responses={409: _problem("the job can still run (queued, running, paused): cancel it first")},
+)
+def delete_job(job_id: str, team: TeamDep, sessions: SessionsDep, store: StoreDep) -> JobDeleted:
+    """Delete a finished job and everything it stored: the adapter, every checkpoint, the
+    diagnostics, its events and metrics. It is gone: its address is a 404 afterwards."""
+    return JobDeleted(
+        id=retention.delete_job(sessions=sessions, store=store, team=team, job_id=job_id)
+    )
+
+
 @router.get("/{job_id}/metrics")
 def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     return service.metrics_series(db=db, job=service.get_job(db=db, team=team, job_id=job_id))
@@ -174,10 +192,6 @@ def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> d
     diagnostics_unavailable for a job that ran before they were recorded)."""
     job = service.get_job(db=db, team=team, job_id=job_id)
     return service.read_diagnostics(db=db, store=store, job=job)
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {}}}
 
 
 @router.post(

@@ -98,6 +98,12 @@ ArtifactPublic = public_model(
 )
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: str = "job"
+    deleted: bool = True
+
+
 class DryRunPublic(BaseModel):
     object: str = "job.estimate"
     model: str

@@ -2,7 +2,7 @@
 // stream is missing), the settings as resolved, the estimate against the actual, its
 // error, the steering buttons, its downloads, and a box to try it.
 
-import { ApiError, followEvents, get, path, post, sleep } from "../api.js";
+import { ApiError, followEvents, get, path, post, request, sleep } from "../api.js";
 import { TERMINAL, announce, duration, errorBox, h, number, progressBar, replace,
   statusBadge, timeElement } from "../dom.js";
 import { chartsOf, downloadsOf, estimateOf, settingsOf } from "./job_parts.js";
@@ -57,7 +57,9 @@ export async function jobPage(main, { id }, signal) {
         statusBadge(job.status),
         h("div", { class: "actions" }, Object.keys(STEERING).filter((a) => STEERING[a](job.status))
           .map((action) => h("button", { type: "button", class: action === "cancel" ? "danger" : "",
-            onclick: () => steer(action) }, action[0].toUpperCase() + action.slice(1))))),
+            onclick: () => steer(action) }, action[0].toUpperCase() + action.slice(1))),
+        TERMINAL.has(job.status) ? h("button", { type: "button", class: "danger", onclick: remove },
+          "Delete") : null)),
       job.suffix ? h("p", { class: "muted" }, job.suffix) : null);
     const progress = job.progress || {};
     replace(slots.summary, h("dl", { class: "facts" },
@@ -77,6 +79,19 @@ export async function jobPage(main, { id }, signal) {
       message: job.error.message || "", errors: job.error.errors || [] }) : null);
     replace(slots.settings, settingsOf(job));
     replace(slots.estimate, estimateOf(job));
+  }
+
+  async function remove() {
+    const sure = confirm(`Delete ${id}? Its adapter, every checkpoint, its diagnostics, `
+      + "events and metrics go too; this cannot be undone.");
+    if (!sure) return;
+    try {
+      await request("DELETE", base, { signal });
+      announce(`Job ${id} deleted`);
+      location.hash = "#/jobs";
+    } catch (error) {
+      replace(slots.error, errorBox(error));
+    }
   }
 
   async function steer(action) {
