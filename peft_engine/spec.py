@@ -112,6 +112,9 @@ class JobSpec(_Strict):
     validation_split: float = Field(0.1, ge=0.0, le=0.5)
     method: Method = LoraMethod()
     hyperparameters: Hyperparameters = Hyperparameters()
+    # Seconds of training the job may take, over all its attempts (the time to each resumed
+    # checkpoint, not the lost steps after it); then it stops and keeps its best weights.
+    max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     # Keys are filterable (`GET /jobs?metadata[k]=v`): letters, digits and `_ . : -` only.
     metadata: dict[MetadataKey, Annotated[str, Field(max_length=512)]] = Field(

@@ -107,8 +107,9 @@ def train(
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
 
-    # 5. Optimizer steps, to the last one, an early stop or a stop on request.
-    stopped, early_stopped = _train_steps(run, state)
+    # 5. Optimizer steps, to the last one, an early stop, the time limit or a stop on request.
+    ended = _train_steps(run, state)
+    stopped, early_stopped = ended == "stopped", ended == "early"
     if stopped:
         # A stop on request (pause, Ctrl-C, cancel) keeps the steps done since the last
         # checkpoint, so the run can resume from here.
@@ -124,6 +125,7 @@ def train(
     _keep_best_weights(run, state)
     kept = evaluate_kept(run, state)
     result = run_output.build_result(run, state, early_stopped, kept)
+    result["max_runtime_reached"] = ended == "out_of_time"
     diagnostics = build_diagnostics(state.diagnostics, job)  # per-example, of the kept weights
     result["diagnostics"] = diagnostics.summary
     output_dir = run_output.write_output(run, result, diagnostics.rows)
@@ -240,12 +242,18 @@ def _resume(run: Run, path: Path) -> ckpt.TrainerState:
     return loaded.state
 
 
-def _train_steps(run: Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
-    """Step until the last step or a stop; say (stopped on request, stopped early)."""
+def _train_steps(run: Run, state: ckpt.TrainerState) -> str:
+    """Step until the last step or a stop; say which: "done", "early" (early stopping),
+    "out_of_time" (max_runtime_seconds) or "stopped" (on request)."""
     hp = run.job.spec.hyperparameters
+    limit = run.job.spec.max_runtime_seconds
     while state.step < hp.total_steps:
         if run.hooks.should_stop():
-            return True, False
+            return "stopped"
+        if limit is not None and run.wall_seconds() >= limit:
+            message = f"max_runtime_seconds ({limit} s) reached at step {state.step}"
+            run.hooks.on_event(Event("warning", message))
+            return "out_of_time"
         step_started = time.monotonic()
         step = state.step + 1
 
@@ -271,8 +279,8 @@ def _train_steps(run: Run, state: ckpt.TrainerState) -> tuple[bool, bool]:
             run_output.save_checkpoint(run, state)
         if early_stopped:
             run.hooks.on_event(Event("info", early_stop_message(state, hp.early_stopping)))
-            return False, True
-    return False, False
+            return "early"
+    return "done"
 
 
 def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> StepSums:

@@ -68,6 +68,17 @@ class Settings(BaseSettings):
     lease_ttl_seconds: float = Field(
         30.0, gt=0, description="a job's lease; workers heartbeat every third of it"
     )
+    max_runtime_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="a job's max_runtime_seconds when its spec sets none (unset: no limit)",
+    )
+    max_runtime_seconds_cap: int | None = Field(
+        None,
+        ge=1,
+        description="the most max_runtime_seconds a job may ask for; a larger one is refused "
+        "(422), and with no default set, a job that sets none gets the cap (unset: no cap)",
+    )
     max_attempts: int = Field(
         3, ge=1, description="claims of a job before a lost worker fails it (worker_lost)"
     )

@@ -13,12 +13,10 @@ worker that lost its lease can no longer change the job, whatever it still belie
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import socket
-import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ from tuneq.storage import ObjectStore
 from tuneq.throughput.service import JobFigures, record_job_figures
 from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_CHECKPOINT, JOB_FAILED, JOB_SUCCEEDED
 from tuneq.webhooks.service import enqueue_job_event
+from worker.artifacts import size_and_digest, upload_tarball
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -309,12 +308,16 @@ class _Attempt:
         diagnostics_key = f"{prefix}/{DIAGNOSTICS_ARTIFACT}"
         if diagnostics.is_file():
             self.store.put_file(diagnostics_key, diagnostics)
+        # Out of time (max_runtime_seconds): the best weights so far are kept as the adapter,
+        # and the job fails with a code that says why.
+        error = _out_of_time(result) if result.get("max_runtime_reached") else None
         with transaction(self.runner.sessions) as db:
             if not fenced_update(
                 db,
                 self.claim,
-                state=JobState.SUCCEEDED,
+                state=JobState.FAILED if error else JobState.SUCCEEDED,
                 result=result,
+                error=error,
                 trained_tokens=int(result.get("trained_tokens", 0)),
                 finished_at=db_now(),
                 lease_expires_at=None,
@@ -325,7 +328,12 @@ class _Attempt:
             self._add_artifact(db, ADAPTER_ARTIFACT, "adapter", None, key, size, digest)
             if diagnostics.is_file():
                 self._add_artifact(db, DIAGNOSTICS_ARTIFACT, "diagnostics", None,
-                                   diagnostics_key, *_size_and_digest(diagnostics))  # fmt: skip
+                                   diagnostics_key, *size_and_digest(diagnostics))  # fmt: skip
+            if error:
+                data = {"code": error["code"], "artifact": ADAPTER_ARTIFACT}
+                db.add(self._event_row("error", f"job failed: {error['message']}", data))
+                enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_FAILED)
+                return "failed: max_runtime_exceeded"
             db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
             enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_SUCCEEDED)
             self._record_throughput(db, result)
@@ -387,16 +395,7 @@ class _Attempt:
     def _upload_tarball(
         self, directory: Path, key: str, names: tuple[str, ...]
     ) -> tuple[str, int, str]:
-        tarball = self.workdir / "upload" / Path(key).name
-        tarball.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tarball, "w:gz") as archive:
-            for name in sorted(names):
-                if (directory / name).is_file():
-                    archive.add(directory / name, arcname=name)
-        size, digest = _size_and_digest(tarball)
-        self.store.put_file(key, tarball)
-        tarball.unlink()
-        return key, size, digest
+        return upload_tarball(self.store, self.workdir / "upload", directory, key, names)
 
     def _add_artifact(
         self, db: Session, name: str, kind: str, step: int | None, key: str, size: int, digest: str
@@ -425,9 +424,15 @@ class _Attempt:
             db.add(self._event_row(level, message, _jsonable(data or {})))
 
 
-def _size_and_digest(path: Path) -> tuple[int, str]:
-    with path.open("rb") as handle:
-        return path.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest()
+def _out_of_time(result: dict[str, Any]) -> dict[str, Any]:
+    limit = result["spec"].get("max_runtime_seconds")
+    return {
+        "code": "max_runtime_exceeded",
+        "message": f"the job ran for its max_runtime_seconds ({limit} s) and stopped at step "
+        f"{result.get('steps')} of {result.get('total_steps')}; the adapter holds its best "
+        f"weights so far (step {result.get('best_step')}), its checkpoints are kept",
+        "param": "max_runtime_seconds",
+    }
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

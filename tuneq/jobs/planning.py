@@ -23,6 +23,7 @@ from tuneq.errors import (
     ModelNotFound,
     NotFound,
     TuneqError,
+    field_error,
 )
 from tuneq.files.models import File
 from tuneq.files.service import get_file, local_copy
@@ -71,7 +72,7 @@ def plan_job(
     body: dict[str, Any],
 ) -> Plan:
     try:
-        spec = parse_spec(body)
+        spec = bounded_runtime(parse_spec(body), settings)
         if spec.training_file is None:
             raise SpecError("a training file id is required", param="training_file")
         training = _team_file(db, team, spec.training_file, "training_file")
@@ -95,6 +96,21 @@ def plan_job(
     except UserError as err:
         raise as_tuneq_error(err) from None
     return Plan(spec, estimate, training, validation, registry.get(spec.model).queue)
+
+
+def bounded_runtime(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The operator's bound on a job's training time: a spec over TUNEQ_MAX_RUNTIME_SECONDS_CAP
+    is refused naming the field; one with none gets TUNEQ_MAX_RUNTIME_SECONDS (else the cap)."""
+    cap = settings.max_runtime_seconds_cap
+    if spec.max_runtime_seconds is None:
+        default = settings.max_runtime_seconds or cap
+        return spec if default is None else spec.model_copy(update={"max_runtime_seconds": default})
+    if cap is not None and spec.max_runtime_seconds > cap:
+        raise field_error(
+            "max_runtime_seconds",
+            f"at most {cap} seconds on this deployment (TUNEQ_MAX_RUNTIME_SECONDS_CAP)",
+        )
+    return spec
 
 
 def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
