@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     lease_ttl_seconds: float = Field(
         30.0, gt=0, description="a job's lease; workers heartbeat every third of it"
     )
+    store_retries: int = Field(
+        5,
+        ge=1,
+        description="tries a worker gives a store call that fails transiently (resets, "
+        "timeouts, 5xx), the first included, beyond boto3's own quick retries",
+    )
+    store_retry_base_seconds: float = Field(
+        1.0, ge=0, description="backoff before the first retry; doubled each retry, jittered"
+    )
+    store_retry_cap_seconds: float = Field(60.0, ge=0, description="the most backoff a retry")
     max_runtime_seconds: int | None = Field(
         None,
         ge=1,

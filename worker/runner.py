@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_CHECKPOINT, JOB_FAILED, JO
 from tuneq.webhooks.service import enqueue_job_event
 from worker.artifacts import size_and_digest, upload_tarball
 from worker.heartbeat import Heartbeat
+from worker.retry import RetryingStore, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,15 @@ class _Attempt:
     heartbeat: Heartbeat
     workdir: Path
 
-    @property
+    @cached_property
     def store(self) -> ObjectStore:
-        return self.runner.store
+        """The store, each call retried on transient faults, each retry a job event."""
+        settings = self.runner.settings
+        policy = RetryPolicy(settings.store_retries, settings.store_retry_base_seconds,
+                             settings.store_retry_cap_seconds)  # fmt: skip
+        return RetryingStore(  # type: ignore[return-value]
+            self.runner.store, policy, lambda message, data: self._event("warning", message, data)
+        )
 
     def run(self) -> str:
         job, training, validation = self._load()

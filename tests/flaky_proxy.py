@@ -1,0 +1,73 @@
+"""A TCP proxy on loopback in front of a real server, for fault tests: `fail(n)` closes the
+next n connections with a reset as soon as they are accepted and drops the open ones, as a
+server restarting or a network blip does to its clients."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+
+
+class FlakyProxy:
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._failing = 0
+        self.refused = 0  # connections reset so far
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fail(self, connections: int) -> None:
+        with self._lock:
+            self._failing = connections
+            for sock in self._open:
+                _reset(sock)
+            self._open.clear()
+
+    def close(self) -> None:
+        self.fail(0)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._failing > 0:
+                    self._failing -= 1
+                    self.refused += 1
+                    _reset(client)
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target)
+                except OSError:
+                    _reset(client)
+                    continue
+                self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST, not FIN: the peer sees 'connection reset'."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()

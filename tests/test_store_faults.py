@@ -1,0 +1,123 @@
+"""A store that fails transiently is retried in place by the worker (worker/retry.py): the
+job goes on, and each retry is an event the user can read. What is not transient fails at
+once. The real-stack test puts a TCP proxy that resets connections between the worker and
+the S3 server (moto over HTTP)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from tests.api_helpers import job_spec, upload
+from tests.conftest import chat
+from tests.flaky_proxy import FlakyProxy
+from tests.service_fixtures import auth
+from tests.stack import Stack, production_services, wait_for
+from worker.retry import RetryPolicy, is_transient, retry_transient
+
+ROWS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(16)]
+
+
+def _client_error(status: int, code: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+
+
+def test_what_counts_as_transient():
+    assert is_transient(EndpointConnectionError(endpoint_url="http://s3"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(_client_error(503, "SlowDown"))
+    assert is_transient(_client_error(500, "InternalError"))
+    assert not is_transient(_client_error(404, "NoSuchKey"))
+    assert not is_transient(_client_error(403, "AccessDenied"))
+    assert not is_transient(ValueError("a bug"))
+    try:  # wrapped by s3transfer, which raises its own error while handling the fault
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError:
+            from s3transfer.exceptions import S3UploadFailedError
+
+            raise S3UploadFailedError("Failed to upload") from None
+    except S3UploadFailedError as wrapped:
+        wrapped.__context__ = ConnectionResetError("reset")
+        assert is_transient(wrapped)
+
+
+def test_retries_back_off_within_the_cap_then_give_up():
+    failures = iter([ConnectionResetError("1"), _client_error(503, "SlowDown")])
+
+    def flaky() -> str:
+        if (fault := next(failures, None)) is not None:
+            raise fault
+        return "done"
+
+    told, slept = [], []
+    policy = RetryPolicy(attempts=3, base_seconds=2.0, cap_seconds=3.0)
+    result = retry_transient(
+        flaky, what="store put_file x", policy=policy,
+        report=lambda m, d: told.append((m, d)), sleep=slept.append,
+    )  # fmt: skip
+    assert result == "done"
+    assert [d["try"] for _, d in told] == [2, 3] and all(d["tries"] == 3 for _, d in told)
+    assert told[0][0].startswith("store put_file x failed (ConnectionResetError: 1)")
+    assert 0 <= slept[0] <= 2.0 and 0 <= slept[1] <= 3.0  # 2 s, then 4 s capped at 3 s
+
+    always = iter([ConnectionResetError(str(i)) for i in range(3)])
+
+    def reset() -> None:
+        raise next(always)
+
+    with pytest.raises(ConnectionResetError, match="2"):  # the last fault, after 3 tries
+        retry_transient(reset, what="x", policy=policy, report=lambda m, d: None, sleep=id)
+
+    def bug() -> None:
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError):  # not transient: raised at once, nothing told
+        retry_transient(bug, what="x", policy=policy, report=lambda m, d: pytest.fail(m),
+                        sleep=slept.append)  # fmt: skip
+
+
+def test_a_job_goes_on_through_a_store_that_resets_its_connections(tmp_path, tiny_registry_file):
+    with production_services("tuneq-faults") as services:
+        target = urlparse(services["s3_endpoint_url"])
+        proxy = FlakyProxy((target.hostname, target.port))
+        overrides = services | {
+            "s3_endpoint_url": proxy.url,
+            "model_registry": str(tiny_registry_file),
+            "store_retry_base_seconds": 0.2,
+            "relay_interval_seconds": 1.0,
+        }
+        stack = Stack("production", tmp_path / "stack", overrides)
+        stack.setup()
+        try:
+            stack.start("beat")
+            key = stack.team_key("faulty")
+            with stack.client() as api:
+                spec = job_spec(upload(api, key, ROWS), validation_split=0.25)
+                spec["hyperparameters"] |= {"checkpoint_every_steps": 2}
+                job_id = api.post("/jobs", headers=auth(key), json=spec).json()["id"]
+                # The worker's first store calls meet resets beyond boto3's own 5 tries.
+                proxy.fail(7)
+                stack.start("worker")
+                job = wait_for(
+                    lambda: (
+                        (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
+                        in {"succeeded", "failed"}
+                        and j
+                    ),
+                    timeout=300,
+                    what="the job to end",
+                )
+                events = api.get(f"/jobs/{job_id}/events", headers=auth(key)).json()["data"]
+        finally:
+            stack.stop_all()
+            proxy.close()
+    retries = [e for e in events if e["data"].get("code") == "transient_fault"]
+    assert retries, [e["message"] for e in events]
+    assert proxy.refused == 7
+    assert all("retrying in" in e["message"] and e["level"] == "warning" for e in retries)
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job  # retried in place
