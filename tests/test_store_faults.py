@@ -121,3 +121,72 @@ def test_a_job_goes_on_through_a_store_that_resets_its_connections(tmp_path, tin
     assert proxy.refused == 7
     assert all("retrying in" in e["message"] and e["level"] == "warning" for e in retries)
     assert job["status"] == "succeeded" and job["attempt"] == 1, job  # retried in place
+
+
+def _events(api, key, job_id):
+    events, after, url = [], 0, f"/jobs/{job_id}/events"
+    while page := api.get(url, headers=auth(key), params={"after": after}).json()["data"]:
+        events, after = events + page, page[-1]["id"]
+    return events
+
+
+def test_a_store_down_longer_than_the_retries_hands_the_job_back_then_fails_it(
+    tmp_path, tiny_registry_file
+):
+    with production_services("tuneq-outage") as services:
+        target = urlparse(services["s3_endpoint_url"])
+        proxy = FlakyProxy((target.hostname, target.port))
+        overrides = services | {
+            "s3_endpoint_url": proxy.url,
+            "model_registry": str(tiny_registry_file),
+            "store_retries": 2,
+            "store_retry_base_seconds": 0.05,
+            "handback_delay_seconds": 1.0,
+            "relay_interval_seconds": 0.5,
+            "max_attempts": 2,
+        }
+        stack = Stack("production", tmp_path / "stack", overrides)
+        stack.setup()
+        try:
+            stack.start("beat")
+            key = stack.team_key("outage")
+            with stack.client() as api:
+                training_file = upload(api, key, ROWS)
+                spec = job_spec(training_file, validation_split=0.25)
+                created = [api.post("/jobs", headers=auth(key), json=spec).json()["id"]]
+                proxy.fail(10**6)  # the store is down
+                stack.start("worker")
+                handed_back = lambda job_id: any(  # noqa: E731
+                    e["data"].get("code") == "handed_back" for e in _events(api, key, job_id)
+                )
+                wait_for(lambda: handed_back(created[0]), timeout=120, what="a hand-back")
+                proxy.fail(0)  # the store is back: the next attempt resumes the job
+                healed = _wait_end(api, key, created[0])
+
+                # Down for good: handed back once, then its last attempt fails it.
+                proxy.fail(0)
+                created.append(api.post("/jobs", headers=auth(key), json=spec).json()["id"])
+                proxy.fail(10**6)
+                lost = _wait_end(api, key, created[1])
+                lost_events = _events(api, key, created[1])
+        finally:
+            stack.stop_all()
+            proxy.close()
+    assert healed["status"] == "succeeded" and healed["attempt"] == 2, healed
+    assert lost["status"] == "failed" and lost["attempt"] == 2, lost
+    assert lost["error"]["code"] == "infrastructure_unavailable"
+    assert "attempt 2 of 2, the last, ended" in lost["error"]["message"]
+    codes = [e["data"].get("code") for e in lost_events]
+    assert codes.count("handed_back") == 1 and "transient_fault" in codes
+
+
+def _wait_end(api, key, job_id):
+    return wait_for(
+        lambda: (
+            (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
+            in {"succeeded", "failed"}
+            and j
+        ),
+        timeout=240,
+        what=f"job {job_id} to end",
+    )

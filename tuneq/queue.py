@@ -146,7 +146,10 @@ def relay_outbox(db: Session, app: Celery, *, limit: int = 100) -> int:
     rows = db.execute(
         select(OutboxMessage, Job.queue)
         .join(Job, Job.id == OutboxMessage.job_id)
-        .where(OutboxMessage.sent_at.is_(None))
+        .where(
+            OutboxMessage.sent_at.is_(None),
+            or_(OutboxMessage.not_before.is_(None), OutboxMessage.not_before <= utcnow()),
+        )
         .order_by(OutboxMessage.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=OutboxMessage)

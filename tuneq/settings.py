@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         1.0, ge=0, description="backoff before the first retry; doubled each retry, jittered"
     )
     store_retry_cap_seconds: float = Field(60.0, ge=0, description="the most backoff a retry")
+    handback_delay_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="a job handed back after a transient fault waits this long before it is "
+        "published again; doubled each attempt, at most 10 minutes",
+    )
     max_runtime_seconds: int | None = Field(
         None,
         ge=1,

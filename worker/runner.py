@@ -41,7 +41,7 @@ from peft_engine.progress import quiet_library_output
 from tuneq.db import db_now, transaction
 from tuneq.files.models import File
 from tuneq.files.service import local_copy
-from tuneq.jobs.lease import Claim, claim_job, fenced_update
+from tuneq.jobs.lease import Claim, claim_job, fenced_update, hand_back
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.jobs.retention import prune_checkpoints
 from tuneq.jobs.schemas import (
@@ -53,12 +53,12 @@ from tuneq.jobs.schemas import (
 from tuneq.jobs.states import JobState
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
-from tuneq.throughput.service import JobFigures, record_job_figures
+from tuneq.throughput.service import record_result
 from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_CHECKPOINT, JOB_FAILED, JOB_SUCCEEDED
 from tuneq.webhooks.service import enqueue_job_event
 from worker.artifacts import size_and_digest, upload_tarball
 from worker.heartbeat import Heartbeat
-from worker.retry import RetryingStore, RetryPolicy
+from worker.retry import RetryingStore, RetryPolicy, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +148,33 @@ class _Attempt:
             self._fail(err.code, str(err), err.param)
             return f"failed: {err}"
         except Exception as err:
-            log.exception("job %s attempt %s crashed", self.claim.job_id, self.claim.attempt)
-            if self.heartbeat.lost.is_set():
-                return "lease lost"
-            self._fail("internal_error", f"{type(err).__name__}: {err}", None)
-            return f"failed: {err}"
+            return self._crashed(err)
         if result.status == "succeeded":
             assert result.output_dir is not None
-            outcome = self._succeed(result.output_dir, result.result)
+            try:
+                outcome = self._succeed(result.output_dir, result.result)
+            except Exception as err:
+                return self._crashed(err)
             if outcome == "succeeded" and self.runner.settings.keep_checkpoints is not None:
                 self._prune(self.runner.settings.keep_checkpoints)
             return outcome
         return self._stopped()
+
+    def _crashed(self, err: Exception) -> str:
+        """A transient fault that outlasted its retries hands the job back, to resume later;
+        anything else is a bug of ours or the platform's: `internal_error`."""
+        log.exception("job %s attempt %s crashed", self.claim.job_id, self.claim.attempt)
+        if self.heartbeat.lost.is_set():
+            return "lease lost"
+        cause = f"{type(err).__name__}: {err}"
+        if is_transient(err):
+            with transaction(self.runner.sessions) as db:
+                delay = self.runner.settings.handback_delay_seconds
+                told = f"a transient fault outlasted its retries ({cause})"
+                moved = hand_back(db, self.claim, cause=told, first_delay=delay)
+            return f"handed back ({moved}): {cause}"
+        self._fail("internal_error", cause, None)
+        return f"failed: {err}"
 
     def _prune(self, keep_last: int) -> None:
         """TUNEQ_KEEP_CHECKPOINTS: the job has succeeded; a failure here only leaves more."""
@@ -344,21 +359,8 @@ class _Attempt:
                 return "failed: max_runtime_exceeded"
             db.add(self._event_row("info", "job succeeded", {"artifact": ADAPTER_ARTIFACT}))
             enqueue_job_event(db, job_id=self.claim.job_id, event_type=JOB_SUCCEEDED)
-            self._record_throughput(db, result)
+            record_result(db, result, job_id=self.claim.job_id)
         return "succeeded"
-
-    def _record_throughput(self, db: Session, result: dict[str, Any]) -> None:
-        """The job's speeds, for the next estimates of its model (tuneq.throughput); in a
-        savepoint, so that a failure to record them never fails the job."""
-        try:
-            figures = JobFigures.from_result(result)
-            if figures is None:
-                return
-            spec = result["spec"]
-            with db.begin_nested():
-                record_job_figures(db, model=spec["model"], task=spec["task"], figures=figures)
-        except Exception:
-            log.warning("job %s: its throughput was not recorded", self.claim.job_id, exc_info=True)
 
     def _stopped(self) -> str:
         self.heartbeat.beat()  # the latest flags: a cancel may have come since the last beat

@@ -9,12 +9,13 @@ moment another attempt claims the job.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from tuneq.db import db_now, seconds_from_now
+from tuneq.db import db_now, seconds_from_now, utcnow
 from tuneq.jobs.models import Job, JobEvent, OutboxMessage
 from tuneq.jobs.states import LEASED, JobState, move_to
 from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_FAILED
@@ -124,3 +125,37 @@ def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
         db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message))
         moved.append((job.id, target))
     return moved
+
+
+def hand_back(db: Session, claim: Claim, *, cause: str, first_delay: float) -> JobState | None:
+    """A transient fault outlasted the attempt's retries: the job goes back to the queue and
+    is published again after a delay, `first_delay` doubled each attempt up to 10 minutes
+    (its next attempt resumes from its last checkpoint); on its last attempt it fails
+    `infrastructure_unavailable` instead. The state it moved to; None when this attempt no
+    longer owns the job."""
+    job = db.get(Job, claim.job_id)
+    if job is None:
+        return None
+    delay_seconds = min(600.0, first_delay * 2 ** (job.attempt - 1))
+    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+    if job.attempt >= job.max_attempts:
+        message = f"{cause}; attempt {job.attempt} of {job.max_attempts}, the last, ended"
+        error = {"code": "infrastructure_unavailable", "message": message, "param": None}
+        if not fenced_update(db, claim, state=JobState.FAILED, error=error,
+                             finished_at=db_now(), **values):  # fmt: skip
+            return None
+        enqueue_job_event(db, job_id=job.id, event_type=JOB_FAILED)
+        failed = f"job failed: {message}"
+        data = {"code": error["code"]}
+        db.add(JobEvent(job_id=job.id, type="message", level="error", message=failed, data=data))
+        return JobState.FAILED
+    if not fenced_update(db, claim, state=JobState.QUEUED, **values):
+        return None
+    db.add(OutboxMessage(job_id=job.id, not_before=utcnow() + timedelta(seconds=delay_seconds)))
+    message = (
+        f"{cause}; attempt {job.attempt} ended, the job is queued again and resumes from its "
+        f"last checkpoint in {delay_seconds:.0f} s"
+    )
+    data = {"code": "handed_back", "delay_seconds": round(delay_seconds, 1)}
+    db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message, data=data))
+    return JobState.QUEUED

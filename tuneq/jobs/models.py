@@ -136,3 +136,5 @@ class OutboxMessage(BelongsToJob, Base):
     __tablename__ = "outbox"
 
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    # Not published before this (a job handed back after a transient fault waits a while).
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())

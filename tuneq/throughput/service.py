@@ -3,6 +3,7 @@ with. The worker records; planning reads; both inside the caller's transaction."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from peft_engine.estimate import Throughput, train_token_cost
 from tuneq.db import utcnow
 from tuneq.settings import Settings
 from tuneq.throughput.models import ModelThroughput
+
+log = logging.getLogger(__name__)
 
 # The mean of a model's first four jobs, then each new job moves a figure a quarter of the
 # way to its own: recent enough to follow a new driver or a resident model, steady enough
@@ -67,6 +70,20 @@ def _objective(result: dict[str, Any]) -> str:
 def device_kind(device: str) -> str:
     """result.json's device ("cpu", or the GPU's name) as the table keys it."""
     return device if device == "cpu" else f"cuda:{device}"
+
+
+def record_result(db: Session, result: dict[str, Any], *, job_id: str) -> None:
+    """A succeeded job's speeds, for the next estimates of its model; in a savepoint, so
+    that a failure to record them never fails the job."""
+    try:
+        figures = JobFigures.from_result(result)
+        if figures is None:
+            return
+        spec = result["spec"]
+        with db.begin_nested():
+            record_job_figures(db, model=spec["model"], task=spec["task"], figures=figures)
+    except Exception:
+        log.warning("job %s: its throughput was not recorded", job_id, exc_info=True)
 
 
 def record_job_figures(db: Session, *, model: str, task: str, figures: JobFigures) -> None:
