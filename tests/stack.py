@@ -53,6 +53,7 @@ class Stack:
             if value is not None:
                 env[f"TUNEQ_{key.upper()}"] = str(value)
         env.setdefault("TUNEQ_LEASE_TTL_SECONDS", "3")
+        env.setdefault("TUNEQ_HANDBACK_DELAY_SECONDS", "0.5")  # a lost job back in seconds
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -15,7 +15,7 @@ from tests.infra import drop_postgres_database, fresh_postgres_database, postgre
 from tests.service_fixtures import insert_job, make_settings, migrate
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.jobs.lease import claim_job, fenced_update, reap_expired_leases, renew_lease
-from tuneq.jobs.models import Job, OutboxMessage
+from tuneq.jobs.models import Job, JobEvent, OutboxMessage
 from tuneq.jobs.states import JobState
 
 SHORT = 0.3  # seconds: a lease that expires while the test waits
@@ -123,3 +123,26 @@ def test_a_cancel_requested_job_whose_worker_died_ends_cancelled(sessions):
     time.sleep(SHORT + 0.3)
     assert _reap(sessions) == [(job_id, JobState.CANCELLED)]
     assert _claim(sessions, job_id) is None
+
+
+def test_a_job_queued_again_is_published_only_after_its_delay(sessions):
+    from celery import Celery
+
+    from tuneq.queue import relay_outbox
+
+    job_id = insert_job(sessions, max_attempts=3)
+    _claim(sessions, job_id, ttl=SHORT)
+    time.sleep(SHORT + 0.3)
+    with transaction(sessions) as db:
+        assert reap_expired_leases(db, first_delay=60.0) == [(job_id, JobState.QUEUED)]
+    broker = Celery(broker="memory://")  # an in-memory broker: what was published, if any
+    with transaction(sessions) as db:
+        assert relay_outbox(db, broker) == 0  # not before its minute is up
+        row = db.scalar(select(OutboxMessage).where(OutboxMessage.job_id == job_id))
+        assert row is not None and row.sent_at is None and row.not_before is not None
+        row.not_before = row.not_before.replace(year=2000)  # as if the minute had passed
+    with transaction(sessions) as db:
+        assert relay_outbox(db, broker) == 1
+    with sessions() as db:
+        events = db.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+    assert "worker lost on attempt 1; queued again, published in 60 s" in events

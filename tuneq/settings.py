@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     handback_delay_seconds: float = Field(
         30.0,
         ge=0,
-        description="a job handed back after a transient fault waits this long before it is "
-        "published again; doubled each attempt, at most 10 minutes",
+        description="a job handed back after a transient fault, or queued again after its "
+        "worker was lost, waits this long before it is published again; doubled each "
+        "attempt, at most 10 minutes",
     )
     max_runtime_seconds: int | None = Field(
         None,

@@ -117,7 +117,7 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     @app.task(name=REAP_TASK, ignore_result=True)
     def reap() -> int:
         with transaction(context.sessions) as db:
-            moved = reap_expired_leases(db)
+            moved = reap_expired_leases(db, first_delay=settings.handback_delay_seconds)
             republish_stale_queued(db, older_than=timedelta(seconds=settings.requeue_after_seconds))
             purge_sent(db, older_than=timedelta(days=1))
             purge_expired(db, older_than=timedelta(hours=settings.idempotency_ttl_hours))

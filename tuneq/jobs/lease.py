@@ -93,8 +93,10 @@ def fenced_update(
     return (result.rowcount or 0) == 1
 
 
-def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
-    """Jobs whose worker stopped heartbeating: queued again, or failed after max_attempts."""
+def reap_expired_leases(db: Session, *, first_delay: float = 0.0) -> list[tuple[str, JobState]]:
+    """Jobs whose worker stopped heartbeating: queued again, or failed after max_attempts.
+    A job queued again is published after `first_delay` doubled each attempt (at most 10
+    minutes): a job that crashes its worker every time is not retried in a storm."""
     expired = db.execute(
         select(Job.id, Job.state, Job.attempt, Job.max_attempts)
         .where(Job.state.in_(LEASED), Job.lease_expires_at < db_now())
@@ -108,7 +110,9 @@ def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
             values["finished_at"] = db_now()
         elif job.attempt < job.max_attempts:
             target = JobState.QUEUED
+            delay = min(600.0, first_delay * 2 ** (job.attempt - 1))
             message = f"worker lost on attempt {job.attempt}; queued again"
+            message += f", published in {delay:.0f} s" if delay else ""
         else:
             target = JobState.FAILED
             message = f"worker lost on attempt {job.attempt} of {job.max_attempts}"
@@ -118,7 +122,8 @@ def reap_expired_leases(db: Session) -> list[tuple[str, JobState]]:
         if (result.rowcount or 0) != 1:
             continue  # a move the table refuses: nothing written, nothing to tell
         if target == JobState.QUEUED:
-            db.add(OutboxMessage(job_id=job.id))
+            not_before = utcnow() + timedelta(seconds=delay) if delay else None
+            db.add(OutboxMessage(job_id=job.id, not_before=not_before))
         else:
             ended = JOB_CANCELLED if target == JobState.CANCELLED else JOB_FAILED
             enqueue_job_event(db, job_id=job.id, event_type=ended)
