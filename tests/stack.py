@@ -142,18 +142,32 @@ def trained_job(
     headers = {"Authorization": f"Bearer {key}"}
     created = api.post("/jobs", headers=headers, json=spec)
     assert created.status_code == 201, created.text
-    job_id = created.json()["id"]
-    job = wait_for(
-        lambda: (
-            (j := api.get(f"/jobs/{job_id}", headers=headers).json())["status"]
-            in {"succeeded", "failed"}
-            and j
-        ),
-        timeout=timeout,
-        what=f"job {job_id} to finish",
-    )
+    job = job_ended(api, key, created.json()["id"], timeout)
     assert job["status"] == "succeeded", (job, stack.log("worker")[-3000:])
     return job
+
+
+def job_ended(api: Any, key: str, job_id: str, timeout: float = 300) -> Any:
+    """Wait for the job to succeed or fail; the job as `GET /jobs/{id}` shows it then."""
+    headers = {"Authorization": f"Bearer {key}"}
+    return wait_for(
+        lambda: (
+            (job := api.get(f"/jobs/{job_id}", headers=headers).json())["status"]
+            in {"succeeded", "failed"}
+            and job
+        ),
+        timeout=timeout,
+        what=f"job {job_id} to end",
+    )
+
+
+def all_events(api: Any, key: str, job_id: str) -> list[dict[str, Any]]:
+    """Every event of the job, oldest first, page by page."""
+    events: list[dict[str, Any]] = []
+    after, url, headers = 0, f"/jobs/{job_id}/events", {"Authorization": f"Bearer {key}"}
+    while page := api.get(url, headers=headers, params={"after": after}).json()["data"]:
+        events, after = events + page, page[-1]["id"]
+    return events
 
 
 def wait_for(

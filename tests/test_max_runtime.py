@@ -14,7 +14,7 @@ from peft_engine.models import load_registry
 from tests.api_helpers import assert_problem, deployed_api, job_spec, upload
 from tests.conftest import chat, write_jsonl
 from tests.service_fixtures import auth
-from tests.stack import running_stack, wait_for
+from tests.stack import all_events, job_ended, running_stack
 from tuneq.db import make_engine
 from tuneq.jobs.models import Job
 
@@ -96,20 +96,10 @@ def test_a_job_out_of_time_fails_with_its_adapter_and_checkpoints_kept(
             spec = job_spec(upload(api, key, ROWS), validation_split=0.25, max_runtime_seconds=3)
             spec["hyperparameters"] = LONG
             job_id = api.post("/jobs", headers=auth(key), json=spec).json()["id"]
-            job = wait_for(
-                lambda: (
-                    (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
-                    in {"succeeded", "failed"}
-                    and j
-                ),
-                timeout=300,
-                what="the job to end",
-            )
+            job = job_ended(api, key, job_id)
             artifacts = api.get(f"/jobs/{job_id}/artifacts", headers=auth(key)).json()["data"]
             adapter = api.get(f"/jobs/{job_id}/artifacts/adapter.tar.gz", headers=auth(key))
-            events, after, url = [], 0, f"/jobs/{job_id}/events"
-            while page := api.get(url, headers=auth(key), params={"after": after}).json()["data"]:
-                events, after = events + page, page[-1]["id"]
+            events = all_events(api, key, job_id)
 
     assert job["status"] == "failed", json.dumps(job)[:2000]
     assert job["error"]["code"] == "max_runtime_exceeded"

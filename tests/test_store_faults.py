@@ -5,6 +5,10 @@ the S3 server (moto over HTTP)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -14,7 +18,7 @@ from tests.api_helpers import job_spec, upload
 from tests.conftest import chat
 from tests.flaky_proxy import FlakyProxy
 from tests.service_fixtures import auth
-from tests.stack import Stack, production_services, wait_for
+from tests.stack import Stack, all_events, job_ended, production_services, wait_for
 from worker.retry import RetryPolicy, is_transient, retry_transient
 
 ROWS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(16)]
@@ -81,41 +85,42 @@ def test_retries_back_off_within_the_cap_then_give_up():
                         sleep=slept.append)  # fmt: skip
 
 
-def test_a_job_goes_on_through_a_store_that_resets_its_connections(tmp_path, tiny_registry_file):
+@contextmanager
+def behind_a_flaky_proxy(
+    home: Path, registry: Path, **overrides: Any
+) -> Iterator[tuple[Stack, FlakyProxy]]:
+    """A production stack (PostgreSQL, Redis, moto) whose S3 traffic goes through a
+    FlakyProxy; beat running, no worker yet."""
     with production_services("tuneq-faults") as services:
         target = urlparse(services["s3_endpoint_url"])
         proxy = FlakyProxy((target.hostname, target.port))
-        overrides = services | {
-            "s3_endpoint_url": proxy.url,
-            "model_registry": str(tiny_registry_file),
-            "store_retry_base_seconds": 0.2,
-            "relay_interval_seconds": 1.0,
-        }
-        stack = Stack("production", tmp_path / "stack", overrides)
+        settings = services | {"s3_endpoint_url": proxy.url, "model_registry": str(registry)}
+        stack = Stack("production", home, settings | overrides)
         stack.setup()
         try:
             stack.start("beat")
-            key = stack.team_key("faulty")
-            with stack.client() as api:
-                spec = job_spec(upload(api, key, ROWS), validation_split=0.25)
-                spec["hyperparameters"] |= {"checkpoint_every_steps": 2}
-                job_id = api.post("/jobs", headers=auth(key), json=spec).json()["id"]
-                # The worker's first store calls meet resets beyond boto3's own 5 tries.
-                proxy.fail(7)
-                stack.start("worker")
-                job = wait_for(
-                    lambda: (
-                        (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
-                        in {"succeeded", "failed"}
-                        and j
-                    ),
-                    timeout=300,
-                    what="the job to end",
-                )
-                events = api.get(f"/jobs/{job_id}/events", headers=auth(key)).json()["data"]
+            yield stack, proxy
         finally:
             stack.stop_all()
             proxy.close()
+
+
+def test_a_job_goes_on_through_a_store_that_resets_its_connections(tmp_path, tiny_registry_file):
+    overrides = {"store_retry_base_seconds": 0.2, "relay_interval_seconds": 1.0}
+    with behind_a_flaky_proxy(tmp_path / "stack", tiny_registry_file, **overrides) as (
+        stack,
+        proxy,
+    ):
+        key = stack.team_key("faulty")
+        with stack.client() as api:
+            spec = job_spec(upload(api, key, ROWS), validation_split=0.25)
+            spec["hyperparameters"] |= {"checkpoint_every_steps": 2}
+            job_id = api.post("/jobs", headers=auth(key), json=spec).json()["id"]
+            # The worker's first store calls meet resets beyond boto3's own 5 tries.
+            proxy.fail(7)
+            stack.start("worker")
+            job = job_ended(api, key, job_id)
+            events = all_events(api, key, job_id)
     retries = [e for e in events if e["data"].get("code") == "transient_fault"]
     assert retries, [e["message"] for e in events]
     assert proxy.refused == 7
@@ -123,70 +128,44 @@ def test_a_job_goes_on_through_a_store_that_resets_its_connections(tmp_path, tin
     assert job["status"] == "succeeded" and job["attempt"] == 1, job  # retried in place
 
 
-def _events(api, key, job_id):
-    events, after, url = [], 0, f"/jobs/{job_id}/events"
-    while page := api.get(url, headers=auth(key), params={"after": after}).json()["data"]:
-        events, after = events + page, page[-1]["id"]
-    return events
-
-
 def test_a_store_down_longer_than_the_retries_hands_the_job_back_then_fails_it(
     tmp_path, tiny_registry_file
 ):
-    with production_services("tuneq-outage") as services:
-        target = urlparse(services["s3_endpoint_url"])
-        proxy = FlakyProxy((target.hostname, target.port))
-        overrides = services | {
-            "s3_endpoint_url": proxy.url,
-            "model_registry": str(tiny_registry_file),
-            "store_retries": 2,
-            "store_retry_base_seconds": 0.05,
-            "handback_delay_seconds": 1.0,
-            "relay_interval_seconds": 0.5,
-            "max_attempts": 2,
-        }
-        stack = Stack("production", tmp_path / "stack", overrides)
-        stack.setup()
-        try:
-            stack.start("beat")
-            key = stack.team_key("outage")
-            with stack.client() as api:
-                training_file = upload(api, key, ROWS)
-                spec = job_spec(training_file, validation_split=0.25)
-                created = [api.post("/jobs", headers=auth(key), json=spec).json()["id"]]
-                proxy.fail(10**6)  # the store is down
-                stack.start("worker")
-                handed_back = lambda job_id: any(  # noqa: E731
-                    e["data"].get("code") == "handed_back" for e in _events(api, key, job_id)
-                )
-                wait_for(lambda: handed_back(created[0]), timeout=120, what="a hand-back")
-                proxy.fail(0)  # the store is back: the next attempt resumes the job
-                healed = _wait_end(api, key, created[0])
+    overrides = {
+        "store_retries": 2,
+        "store_retry_base_seconds": 0.05,
+        "handback_delay_seconds": 1.0,
+        "relay_interval_seconds": 0.5,
+        "max_attempts": 2,
+    }
+    with behind_a_flaky_proxy(tmp_path / "stack", tiny_registry_file, **overrides) as (
+        stack,
+        proxy,
+    ):
+        key = stack.team_key("outage")
+        with stack.client() as api:
+            spec = job_spec(upload(api, key, ROWS), validation_split=0.25)
+            created = [api.post("/jobs", headers=auth(key), json=spec).json()["id"]]
+            proxy.fail(10**6)  # the store is down
+            stack.start("worker")
+            wait_for(
+                lambda: any(
+                    e["data"].get("code") == "handed_back" for e in all_events(api, key, created[0])
+                ),
+                timeout=120,
+                what="a hand-back",
+            )
+            proxy.fail(0)  # the store is back: the next attempt resumes the job
+            healed = job_ended(api, key, created[0])
 
-                # Down for good: handed back once, then its last attempt fails it.
-                proxy.fail(0)
-                created.append(api.post("/jobs", headers=auth(key), json=spec).json()["id"])
-                proxy.fail(10**6)
-                lost = _wait_end(api, key, created[1])
-                lost_events = _events(api, key, created[1])
-        finally:
-            stack.stop_all()
-            proxy.close()
+            # Down for good: handed back once, then its last attempt fails it.
+            created.append(api.post("/jobs", headers=auth(key), json=spec).json()["id"])
+            proxy.fail(10**6)
+            lost = job_ended(api, key, created[1])
+            lost_events = all_events(api, key, created[1])
     assert healed["status"] == "succeeded" and healed["attempt"] == 2, healed
     assert lost["status"] == "failed" and lost["attempt"] == 2, lost
     assert lost["error"]["code"] == "infrastructure_unavailable"
     assert "attempt 2 of 2, the last, ended" in lost["error"]["message"]
     codes = [e["data"].get("code") for e in lost_events]
     assert codes.count("handed_back") == 1 and "transient_fault" in codes
-
-
-def _wait_end(api, key, job_id):
-    return wait_for(
-        lambda: (
-            (j := api.get(f"/jobs/{job_id}", headers=auth(key)).json())["status"]
-            in {"succeeded", "failed"}
-            and j
-        ),
-        timeout=240,
-        what=f"job {job_id} to end",
-    )
