@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 
 from tests.dashboard_stack import (
+    CHATS,
     HOSTILE_LABEL,
     HOSTILE_NAME,
     HOSTILE_NOTE,
     DashboardStack,
     seed_jobs,
     start,
+    upload,
 )
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -207,7 +209,9 @@ def test_a_failed_jobs_page_shows_its_error_and_code_and_it_can_be_deleted(page,
 def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack, shots):
     sign_in(page, stack)  # the list is open before the job exists
     with stack.api() as api:
-        training_file = api.get("/files").json()["data"][-1]["id"]  # the chats, first uploaded
+        # 144 chats to train on, 100 epochs of batch 1: 14,400 steps, far more than the test
+        # lasts on any machine, so the job is still running when it is cancelled.
+        training_file = upload(api, "many-chats.jsonl", CHATS * 8)
         created = api.post("/jobs", json={
             "model": "tiny-llama", "task": "causal_lm", "training_file": training_file,
             "validation_split": 0.25, "suffix": "long-one",
