@@ -93,6 +93,12 @@ def fenced_update(
     return (result.rowcount or 0) == 1
 
 
+def requeue_delay(first_delay: float, attempt: int) -> float:
+    """How long a job queued again after attempt `attempt` waits to be published: the first
+    delay doubled each attempt, at most 10 minutes."""
+    return min(600.0, first_delay * 2 ** (attempt - 1))
+
+
 def reap_expired_leases(db: Session, *, first_delay: float = 0.0) -> list[tuple[str, JobState]]:
     """Jobs whose worker stopped heartbeating: queued again, or failed after max_attempts.
     A job queued again is published after `first_delay` doubled each attempt (at most 10
@@ -110,7 +116,7 @@ def reap_expired_leases(db: Session, *, first_delay: float = 0.0) -> list[tuple[
             values["finished_at"] = db_now()
         elif job.attempt < job.max_attempts:
             target = JobState.QUEUED
-            delay = min(600.0, first_delay * 2 ** (job.attempt - 1))
+            delay = requeue_delay(first_delay, job.attempt)
             message = f"worker lost on attempt {job.attempt}; queued again"
             message += f", published in {delay:.0f} s" if delay else ""
         else:
@@ -141,7 +147,7 @@ def hand_back(db: Session, claim: Claim, *, cause: str, first_delay: float) -> J
     job = db.get(Job, claim.job_id)
     if job is None:
         return None
-    delay_seconds = min(600.0, first_delay * 2 ** (job.attempt - 1))
+    delay_seconds = requeue_delay(first_delay, job.attempt)
     values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     if job.attempt >= job.max_attempts:
         message = f"{cause}; attempt {job.attempt} of {job.max_attempts}, the last, ended"

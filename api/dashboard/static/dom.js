@@ -110,3 +110,20 @@ export function errorBox(error) {
     h("p", {}, error.message),
     error.errors && error.errors.length ? h("ul", {}, errorLines(error)) : null);
 }
+
+// Previous / "page N" / Next over a cursor-paged list: `state` holds `after` (the cursor of
+// the page shown) and `cursors` (those of the pages before it); `reload` reads the page.
+export function pagerControls(state, page, reload) {
+  return [
+    h("button", { type: "button", disabled: !state.cursors.length, onclick: () => {
+      state.after = state.cursors.pop() ?? null;
+      reload();
+    } }, "Previous"),
+    h("span", { class: "muted" }, `page ${state.cursors.length + 1}`),
+    h("button", { type: "button", disabled: !page.has_more, onclick: () => {
+      state.cursors.push(state.after);
+      state.after = page.data[page.data.length - 1].id;
+      reload();
+    } }, "Next"),
+  ];
+}

@@ -2,7 +2,7 @@
 // the line-numbered errors of a refused file.
 
 import { download, get, path, request } from "../api.js";
-import { announce, bytes, errorBox, h, number, replace, timeElement } from "../dom.js";
+import { announce, bytes, errorBox, h, number, pagerControls, replace, timeElement } from "../dom.js";
 
 const PAGE = 20;
 
@@ -54,17 +54,7 @@ export async function filesPage(main, _params, signal) {
     const page = await get(path("/files", { limit: PAGE, after: state.after }), { signal });
     replace(body, page.data.length ? page.data.map(fileRow)
       : h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No files yet.")));
-    replace(pager,
-      h("button", { type: "button", disabled: !state.cursors.length, onclick: () => {
-        state.after = state.cursors.pop() ?? null;
-        refresh();
-      } }, "Previous"),
-      h("span", { class: "muted" }, `page ${state.cursors.length + 1}`),
-      h("button", { type: "button", disabled: !page.has_more, onclick: () => {
-        state.cursors.push(state.after);
-        state.after = page.data[page.data.length - 1].id;
-        refresh();
-      } }, "Next"));
+    replace(pager, pagerControls(state, page, refresh));
   }
   await refresh();
 }

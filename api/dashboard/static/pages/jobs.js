@@ -1,7 +1,8 @@
 // The jobs list: status, model, method, progress with ETA, times; filters, pages, live.
 
 import { get, path, sleep } from "../api.js";
-import { TERMINAL, h, methodName, progressBar, replace, statusBadge, timeElement } from "../dom.js";
+import { TERMINAL, h, methodName, pagerControls, progressBar, replace, statusBadge,
+  timeElement } from "../dom.js";
 
 const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
 const PAGE = 20; // jobs a page; #/jobs?limit=N changes it
@@ -88,16 +89,7 @@ export async function jobsPage(main, { query }, signal) {
   }
 
   function drawPager() {
-    const previous = h("button", { type: "button", disabled: !state.cursors.length, onclick: () => {
-      state.after = state.cursors.pop() ?? null;
-      refresh();
-    } }, "Previous");
-    const next = h("button", { type: "button", disabled: !page.has_more, onclick: () => {
-      state.cursors.push(state.after);
-      state.after = page.data[page.data.length - 1].id;
-      refresh();
-    } }, "Next");
-    replace(pager, previous, h("span", { class: "muted" }, `page ${state.cursors.length + 1}`), next);
+    replace(pager, pagerControls(state, page, refresh));
   }
 
   drawCompare();
