@@ -12,7 +12,7 @@ from api.deps import Reads
 from api.job_reads import open_job_reads
 from api.routes import files, health, job_events, jobs, models, webhooks
 from peft_engine.models import load_registry
-from tuneq import __version__
+from tuneq import __version__, faults
 from tuneq.db import make_engine, make_sessionmaker
 from tuneq.queue import inference_results, make_celery
 from tuneq.settings import Settings
@@ -25,6 +25,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.faults is not None:  # the fault tests' hooks (tuneq/faults.py)
+            faults.arm(settings.faults)
         engine = make_engine(settings.resolved_database_url)
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(engine)

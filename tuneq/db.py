@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,18 @@ def _later_sqlite(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{element.seconds:+.3f} seconds')"
 
 
+_clock_skew = timedelta(0)
+
+
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """This process's clock. Leases and outbox delays are judged by the database's clock
+    (`db_now`), never by this one: a worker's clock may be off (tuneq/faults.py skews it)."""
+    return datetime.now(UTC) + _clock_skew
+
+
+def set_clock_skew(seconds: float) -> None:
+    global _clock_skew
+    _clock_skew = timedelta(seconds=seconds)
 
 
 def make_engine(url: str) -> Engine:

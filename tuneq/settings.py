@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -116,6 +116,22 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="dequantised base models; unset: home/cache")
     work_dir: Path | None = Field(
         None, description="workers' scratch space and file copies; unset: home/work"
+    )
+    broker_visibility_timeout_seconds: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="Redis: how long a delivered, unacknowledged job message waits before "
+        "it is offered again (a job still running drops the copy at its claim)",
+    )
+    history_log: Path | None = Field(
+        None,
+        description="for bench/faults.py: a JSON-lines file each worker appends its claims, "
+        "renewals, checkpoints and job ends to, for the history checker (unset: none)",
+    )
+    faults: dict[str, Any] | None = Field(
+        None,
+        description="fault injection for the fault tests and bench/faults.py only, a JSON "
+        "object (tuneq/faults.py); never set in a deployment",
     )
     keep_checkpoints: int | None = Field(
         None,

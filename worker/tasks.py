@@ -19,6 +19,7 @@ from celery.signals import worker_shutting_down
 
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.resident import ResidentModels
+from tuneq import faults
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.idempotency.service import purge_expired
 from tuneq.jobs.lease import reap_expired_leases
@@ -136,6 +137,8 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 
 def create_worker_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
+    if settings.faults is not None:  # the fault tests' hooks (tuneq/faults.py)
+        faults.arm(settings.faults)
     app = make_celery(settings)
     context = WorkerContext(settings)
     register_tasks(app, context)

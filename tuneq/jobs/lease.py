@@ -9,13 +9,12 @@ moment another attempt claims the job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from tuneq.db import db_now, seconds_from_now, utcnow
+from tuneq.db import db_now, seconds_from_now
 from tuneq.jobs.models import Job, JobEvent, OutboxMessage
 from tuneq.jobs.states import LEASED, JobState, move_to
 from tuneq.webhooks.schemas import JOB_CANCELLED, JOB_FAILED
@@ -128,7 +127,7 @@ def reap_expired_leases(db: Session, *, first_delay: float = 0.0) -> list[tuple[
         if (result.rowcount or 0) != 1:
             continue  # a move the table refuses: nothing written, nothing to tell
         if target == JobState.QUEUED:
-            not_before = utcnow() + timedelta(seconds=delay) if delay else None
+            not_before = seconds_from_now(delay) if delay else None
             db.add(OutboxMessage(job_id=job.id, not_before=not_before))
         else:
             ended = JOB_CANCELLED if target == JobState.CANCELLED else JOB_FAILED
@@ -162,7 +161,7 @@ def hand_back(db: Session, claim: Claim, *, cause: str, first_delay: float) -> J
         return JobState.FAILED
     if not fenced_update(db, claim, state=JobState.QUEUED, **values):
         return None
-    db.add(OutboxMessage(job_id=job.id, not_before=utcnow() + timedelta(seconds=delay_seconds)))
+    db.add(OutboxMessage(job_id=job.id, not_before=seconds_from_now(delay_seconds)))
     message = (
         f"{cause}; attempt {job.attempt} ended, the job is queued again and resumes from its "
         f"last checkpoint in {delay_seconds:.0f} s"

@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
+from tuneq import faults
 from tuneq.db import db_now, transaction
 from tuneq.errors import Conflict, DiagnosticsUnavailable, JobNotFinished, NotFound
 from tuneq.idempotency.service import idempotent, request_hash
@@ -90,6 +91,7 @@ def submit_job(
             job = _create_job(db=db, settings=settings, team=team, plan=planned)
             public = JobPublic.of(job).model_dump(mode="json")
             request.record(db, 201, public)
+    faults.exit_point("exit_after_commit")  # a crash here leaves the publishing to the relay
     defer(relay_now, sessions, broker)
     return Submission(201, public)
 
