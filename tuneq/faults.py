@@ -11,7 +11,8 @@ connections reset by a proxy) are made that way; these hooks make the rest:
 - a job whose `metadata` has `"fault"` (only while TUNEQ_FAULTS is set, to anything):
   `"exit"` kills the worker process at step `fault_step` (default 2), `"raise"` raises an
   unexpected exception there, `"disk_full"` fails the first checkpoint write with ENOSPC;
-  `"fault_attempts"` (a list of attempt numbers) limits it to those attempts (default all).
+  `"fault_attempts"` (attempt numbers, comma-separated: "1,2") limits it to those attempts
+  (default all). Metadata values are strings: `"fault_step": "3"`.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class JobFault:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
-def job_fault(metadata: dict[str, Any] | None, attempt: int) -> JobFault | None:
+def job_fault(metadata: dict[str, str] | None, attempt: int) -> JobFault | None:
     """The fault a job's metadata asks for on this attempt; None unless TUNEQ_FAULTS is set."""
     if _armed is None or not metadata or metadata.get("fault") not in JOB_FAULTS:
         return None
     attempts = metadata.get("fault_attempts")
-    if attempts is not None and attempt not in attempts:
+    if attempts is not None and attempt not in {int(a) for a in attempts.split(",") if a}:
         return None
     return JobFault(str(metadata["fault"]), int(metadata.get("fault_step", 2)))
