@@ -31,6 +31,13 @@ class ModelNotFoundError(UserError):
     code = "model_not_found"
 
 
+class TrainingDivergedError(UserError):
+    """The training loss became NaN or infinite: the weights would be garbage from here on.
+    Raised before the optimizer step that would apply it, so every checkpoint is sound."""
+
+    code = "training_diverged"
+
+
 @dataclass(frozen=True)
 class LineError:
     """One problem in a data file: 1-based line number, the field at fault, what is wrong."""

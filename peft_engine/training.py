@@ -36,6 +36,7 @@ from peft_engine import checkpoint as ckpt
 from peft_engine import outputs, run_output
 from peft_engine.data.steps import step_micro_batches
 from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
+from peft_engine.errors import TrainingDivergedError
 from peft_engine.evaluation import early_stop_message, log_eval, periodic_examples
 from peft_engine.hooks import Event, Hooks
 from peft_engine.loop_eval import evaluate_kept, evaluate_step, seconds_left, timed_evaluate
@@ -299,6 +300,13 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
         train_losses.record(result.examples)
     if (extra := run.method_trainer.extra_loss()) is not None:
         extra.backward()  # a method's regulariser (AdaLoRA's orthogonality), once a step
+    if not math.isfinite(loss_sum):  # stop before the step applies it to the weights
+        raise TrainingDivergedError(
+            f"the training loss was {loss_sum} at step {step}: training diverged; a lower "
+            "learning rate (or max_grad_norm) usually keeps it finite; the checkpoints saved "
+            "before it are sound",
+            param="hyperparameters.learning_rate",
+        )
 
     # clip, step, schedule
     max_grad_norm = run.job.spec.hyperparameters.max_grad_norm

@@ -9,8 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from peft_engine import DataPaths, Hooks, train
+from peft_engine.errors import TrainingDivergedError
+from peft_engine.tasks.causal_lm import CausalLMTask
 from tests.conftest import chat, logits_from_plain_peft, write_jsonl
 
+ADAPTER_FILE = "adapter_model.safetensors"
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(48)]
 
 
@@ -228,3 +231,39 @@ def test_events_metrics_and_checkpoint_hooks_are_called(tmp_path, data, tiny_reg
     assert (checkpoints[0][0] / "adapter_model.safetensors").is_file()
     assert "eval_loss" in checkpoints[0][2]
     assert any("eval (base model)" in e.message for e in events)
+
+
+def test_a_loss_that_diverges_stops_the_run_before_the_weights_take_it(
+    tmp_path, data, tiny_registry, cache_dir, monkeypatch
+):
+    # The forward pass of the third step overflows (as fp16 activations or a learning rate
+    # far too high do): the run stops with the user's error before the optimizer applies
+    # the step, so the weights and every checkpoint stay finite.
+    calls = {"n": 0}
+    real_loss = CausalLMTask.loss
+
+    def overflowing(self, model, batch, job):
+        result = real_loss(self, model, batch, job)
+        calls["n"] += 1
+        if calls["n"] > 2 and model.training:
+            result.loss = result.loss * float("inf")
+        return result
+
+    monkeypatch.setattr(CausalLMTask, "loss", overflowing)
+    metrics, checkpoints = [], []
+    hooks = Hooks(
+        on_metrics=lambda s, m: metrics.append((s, m)),
+        on_checkpoint=lambda p, s, m: checkpoints.append(
+            load_file(p / "adapter_model.safetensors")
+        ),
+    )
+    spec = _spec(max_steps=8, eval_every_steps=1000, checkpoint_every_steps=1)
+    spec["validation_split"] = 0.0
+    with pytest.raises(TrainingDivergedError) as raised:
+        _run(spec, tmp_path / "run", data, tiny_registry, cache_dir, hooks)
+    assert raised.value.code == "training_diverged"
+    assert raised.value.param == "hyperparameters.learning_rate"
+    assert "at step 3" in str(raised.value)
+    assert [s for s, m in metrics if "train_loss" in m] == [1, 2]
+    assert len(checkpoints) == 2
+    assert all(torch.isfinite(t).all() for c in checkpoints for t in c.values())

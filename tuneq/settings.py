@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         "(422), and with no default set, a job that sets none gets the cap (unset: no cap)",
     )
     max_attempts: int = Field(
-        3, ge=1, description="claims of a job before a lost worker fails it (worker_lost)"
+        3,
+        ge=1,
+        description="attempts a job gets in all; a worker lost, or a fault handed back, on "
+        "the last one fails it",
     )
     reaper_interval_seconds: float = Field(
         15.0, gt=0, description="how often beat looks for expired leases"

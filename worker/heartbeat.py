@@ -2,31 +2,57 @@
 
 It is also how the training loop hears about the world: a lost lease, a cancel or a pause
 request all turn `should_stop()` true, which the engine polls before every step.
+
+A renewal that fails (the database restarting, a network blip) is not yet a lost lease:
+the lease the database granted still runs, so the heartbeat tries again sooner and the job
+trains on. Only when the lease may have lapsed, judged on this machine's monotonic clock
+from the start of the last renewal that succeeded (the database stamped its deadline after
+that instant), is the lease lost: the job stops by itself, within its lease, whatever the
+database is doing. A renewal the database refuses (another attempt holds the job) is lost
+at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneq.db import transaction
 from tuneq.jobs.lease import Claim, renew_lease
+from worker.history import History
 
 log = logging.getLogger(__name__)
 
+# The part of the lease a worker gives up before it lapses: time for the step in flight.
+_MARGIN = 1 / 6
+
 
 class Heartbeat:
-    def __init__(self, sessions: sessionmaker[Session], claim: Claim, *, lease_ttl: float) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        claim: Claim,
+        *,
+        lease_ttl: float,
+        claimed_at: float | None = None,
+        history: History | None = None,
+    ) -> None:
+        """`claimed_at`: time.monotonic() taken before the claim's transaction began."""
         self.sessions = sessions
         self.claim = claim
         self.lease_ttl = lease_ttl
+        self.history = history or History(None)
         self.lost = threading.Event()
         self.cancel_requested = threading.Event()
         self.pause_requested = threading.Event()
         self.progress: dict[str, Any] | None = None  # set by the training thread
+        self.failed_renewals = 0  # in a row; 0 once one succeeds
+        started = time.monotonic() if claimed_at is None else claimed_at
+        self._deadline = started + lease_ttl * (1 - _MARGIN)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}")
 
@@ -39,28 +65,57 @@ class Heartbeat:
         self._thread.join()
 
     def should_stop(self) -> bool:
-        return self.lost.is_set() or self.cancel_requested.is_set() or self.pause_requested.is_set()
+        return self.lapsed() or self.cancel_requested.is_set() or self.pause_requested.is_set()
 
-    def beat(self) -> None:
-        """Renew once; a renewal that fails or errors means the lease can no longer be trusted."""
+    def lapsed(self) -> bool:
+        """True once the lease is lost, or may have lapsed with no renewal to prove it held."""
+        if not self.lost.is_set() and time.monotonic() >= self._deadline:
+            log.error(
+                "lease of %s not renewed for %.0f s (%d renewals failed): stopping",
+                self.claim.job_id, self.lease_ttl * (1 - _MARGIN), self.failed_renewals,
+            )  # fmt: skip
+            self.lost.set()
+        return self.lost.is_set()
+
+    def seconds_left(self) -> float:
+        """How long the lease surely holds yet, by this machine's clock."""
+        return self._deadline - time.monotonic()
+
+    def beat(self) -> bool:
+        """Renew once; False when the renewal could not reach the database."""
+        started = time.monotonic()
         try:
             with transaction(self.sessions) as db:
                 renewal = renew_lease(
                     db, self.claim, lease_ttl=self.lease_ttl, progress=self.progress
                 )
-        except Exception:  # noqa: BLE001 - database unreachable: we cannot prove we own the job
-            log.exception("lease renewal failed for %s", self.claim.job_id)
-            self.lost.set()
-            return
+                if renewal.held:
+                    self.history.note(db, "renew", self.claim, expires=renewal.expires_at)
+        except Exception as exc:  # noqa: BLE001 - the database may be back before the lease ends
+            self.failed_renewals += 1
+            if not self.lapsed():
+                log.warning(
+                    "lease renewal of %s failed (%s: %s); the lease holds %.1f s more",
+                    self.claim.job_id, type(exc).__name__, exc, self.seconds_left(),
+                )  # fmt: skip
+            return False
+        self.failed_renewals = 0
         if not renewal.held:
             log.warning("lease lost for %s (fence %s)", self.claim.job_id, self.claim.fence)
             self.lost.set()
+            return True
+        self._deadline = started + self.lease_ttl * (1 - _MARGIN)
         if renewal.cancel_requested:
             self.cancel_requested.set()
         if renewal.pause_requested:
             self.pause_requested.set()
+        return True
 
     def _run(self) -> None:
         interval = self.lease_ttl / 3
-        while not self._stopping.wait(interval) and not self.lost.is_set():
-            self.beat()
+        reached = True
+        # after a failed renewal, try again four times as often while the lease runs
+        while not self._stopping.wait(interval if reached else interval / 4):
+            if self.lapsed():
+                return
+            reached = self.beat()

@@ -1,7 +1,9 @@
 """Transient faults of the infrastructure, retried in place: a store that resets a
-connection, times out or answers 5xx is tried again with capped exponential backoff and
-jitter, a bounded number of times, each retry told to the job's events. What is not
-transient (a missing key, a refused credential, a bug) is raised at once.
+connection, times out or answers 5xx, or a database that drops its connections, refuses
+new ones or aborts a transaction for serialization, is tried again with capped exponential
+backoff and jitter, a bounded number of times, each retry told to the job's events. What
+is not transient (a missing key, a refused credential, a constraint, a bug) is raised at
+once.
 
 boto3 already retries each call a few times within seconds; this covers the outages that
 outlast those (a store restarting, a network blip of a minute).
@@ -23,6 +25,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from s3transfer.exceptions import S3DownloadFailedError, S3UploadFailedError
+from sqlalchemy import exc as sa
 
 from tuneq.storage import ObjectStore
 
@@ -36,6 +39,9 @@ _TRANSIENT_NETWORK = (
     ConnectTimeoutError,
     ReadTimeoutError,
 )
+# The database: connections refused, dropped or timed out (OperationalError, which the
+# drivers also raise for serialization failures and deadlocks), the pool exhausted.
+_TRANSIENT_DATABASE = (sa.OperationalError, sa.DisconnectionError, sa.TimeoutError)
 # s3transfer raises these while handling the fault, without `from`: the fault is their context.
 _WRAPPERS = (S3UploadFailedError, S3DownloadFailedError)
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "503"}
@@ -60,6 +66,10 @@ def is_transient(exc: BaseException) -> bool:
 
 def _transient_itself(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT_NETWORK):
+        return True
+    if isinstance(exc, _TRANSIENT_DATABASE):
+        return True
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from peft_engine.models import ModelRegistry, load_registry
@@ -40,7 +41,7 @@ from tuneq.settings import Settings
 from tuneq.storage import ObjectStore, open_store
 from tuneq.webhooks.delivery import deliver_due
 from worker.inference import Answerers
-from worker.runner import JobRunner
+from worker.runner import ClaimUnavailable, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,13 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
             context.shutting_down,
             context.resident,
         )
-        outcome = runner.run(job_id)
+        try:
+            outcome = runner.run(job_id)
+        except ClaimUnavailable as err:
+            # the database stayed away through the claim's retries: the message goes back
+            # to the broker (not acked) for this or another worker to try again
+            log.warning("job %s: could not claim (%s); message requeued", job_id, err)
+            raise Reject(str(err), requeue=True) from err
         log.info("job %s: %s", job_id, outcome)
         kick_webhook_delivery(app)  # the job's end, if it ended, is owed to its webhooks
         return outcome

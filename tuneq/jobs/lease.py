@@ -9,6 +9,7 @@ moment another attempt claims the job.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -27,6 +28,7 @@ class Claim:
     owner: str
     attempt: int
     fence: int
+    expires_at: datetime | None = None  # the lease's end, by the database's clock
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Renewal:
     held: bool  # False: the lease is lost, stop at once
     cancel_requested: bool = False
     pause_requested: bool = False
+    expires_at: datetime | None = None
 
 
 def claim_job(db: Session, *, job_id: str, owner: str, lease_ttl: float) -> Claim | None:
@@ -54,11 +57,11 @@ def claim_job(db: Session, *, job_id: str, owner: str, lease_ttl: float) -> Clai
             lease_expires_at=seconds_from_now(lease_ttl),
             started_at=func.coalesce(Job.started_at, db_now()),
         )
-        .returning(Job.attempt, Job.fence)
+        .returning(Job.attempt, Job.fence, Job.lease_expires_at)
     ).first()
     if row is None:
         return None
-    return Claim(job_id=job_id, owner=owner, attempt=row.attempt, fence=row.fence)
+    return Claim(job_id, owner, row.attempt, row.fence, row.lease_expires_at)
 
 
 def _fenced(claim: Claim) -> Any:
@@ -75,11 +78,11 @@ def renew_lease(
         update(Job)
         .where(_fenced(claim))
         .values(**values)
-        .returning(Job.cancel_requested, Job.pause_requested)
+        .returning(Job.cancel_requested, Job.pause_requested, Job.lease_expires_at)
     ).first()
     if row is None:
         return Renewal(held=False)
-    return Renewal(True, row.cancel_requested, row.pause_requested)
+    return Renewal(True, row.cancel_requested, row.pause_requested, row.lease_expires_at)
 
 
 def fenced_update(
@@ -137,12 +140,19 @@ def reap_expired_leases(db: Session, *, first_delay: float = 0.0) -> list[tuple[
     return moved
 
 
-def hand_back(db: Session, claim: Claim, *, cause: str, first_delay: float) -> JobState | None:
-    """A transient fault outlasted the attempt's retries: the job goes back to the queue and
+def hand_back(
+    db: Session,
+    claim: Claim,
+    *,
+    cause: str,
+    first_delay: float,
+    code: str = "infrastructure_unavailable",
+) -> JobState | None:
+    """The attempt ended on a fault that another attempt may not meet (a transient fault
+    that outlasted its retries, a full disk, a crash): the job goes back to the queue and
     is published again after a delay, `first_delay` doubled each attempt up to 10 minutes
-    (its next attempt resumes from its last checkpoint); on its last attempt it fails
-    `infrastructure_unavailable` instead. The state it moved to; None when this attempt no
-    longer owns the job."""
+    (its next attempt resumes from its last checkpoint); on its last attempt it fails with
+    `code` instead. The state it moved to; None when this attempt no longer owns the job."""
     job = db.get(Job, claim.job_id)
     if job is None:
         return None
@@ -150,22 +160,22 @@ def hand_back(db: Session, claim: Claim, *, cause: str, first_delay: float) -> J
     values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
     if job.attempt >= job.max_attempts:
         message = f"{cause}; attempt {job.attempt} of {job.max_attempts}, the last, ended"
-        error = {"code": "infrastructure_unavailable", "message": message, "param": None}
+        error = {"code": code, "message": message, "param": None}
         if not fenced_update(db, claim, state=JobState.FAILED, error=error,
                              finished_at=db_now(), **values):  # fmt: skip
             return None
         enqueue_job_event(db, job_id=job.id, event_type=JOB_FAILED)
         failed = f"job failed: {message}"
-        data = {"code": error["code"]}
+        data = {"code": code}
         db.add(JobEvent(job_id=job.id, type="message", level="error", message=failed, data=data))
         return JobState.FAILED
     if not fenced_update(db, claim, state=JobState.QUEUED, **values):
         return None
     db.add(OutboxMessage(job_id=job.id, not_before=seconds_from_now(delay_seconds)))
     message = (
-        f"{cause}; attempt {job.attempt} ended, the job is queued again and resumes from its "
-        f"last checkpoint in {delay_seconds:.0f} s"
+        f"{cause}; attempt {job.attempt} of {job.max_attempts} ended, the job is queued "
+        f"again and resumes from its last checkpoint in {delay_seconds:.0f} s"
     )
-    data = {"code": "handed_back", "delay_seconds": round(delay_seconds, 1)}
+    data = {"code": "handed_back", "fault": code, "delay_seconds": round(delay_seconds, 1)}
     db.add(JobEvent(job_id=job.id, type="message", level="warning", message=message, data=data))
     return JobState.QUEUED
