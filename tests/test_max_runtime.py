@@ -83,6 +83,10 @@ def test_the_operator_default_and_cap_apply_at_submission(policed):
     unset = post(job_spec(training_file))
     assert unset.status_code == 201, unset.text
     assert _stored_spec(policed, unset.json()["id"])["max_runtime_seconds"] == 600
+    # the job's document shows the limit that applies, and how many attempts it gets
+    shown = policed.client.get(f"/jobs/{unset.json()['id']}", headers=auth(key)).json()
+    assert shown["max_runtime_seconds"] == 600 and shown["max_attempts"] == 3
+    assert asked.json()["max_runtime_seconds"] == 120
 
 
 def test_a_job_out_of_time_fails_with_its_adapter_and_checkpoints_kept(

@@ -43,6 +43,9 @@ JOB_DOCUMENT = (
     Field("estimate", dict[str, Any], Job.estimate, shown=JSON_OR_NULL),
     Field("progress", dict[str, Any] | None, Job.progress, shown=JSON_OR_NULL),
     Field("attempt", int, Job.attempt),
+    Field("max_attempts", int, Job.max_attempts),
+    Field("max_runtime_seconds", int | None, Job.spec, member="max_runtime_seconds",
+          shown=JSON_OR_NULL),  # fmt: skip
     Field("trained_tokens", int | None, Job.trained_tokens),
     Field("error", dict[str, Any] | None, Job.error, shown=JSON_OR_NULL),
     Field("result", dict[str, Any] | None, Job.result, shown=JSON_OR_NULL),
