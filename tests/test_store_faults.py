@@ -167,5 +167,6 @@ def test_a_store_down_longer_than_the_retries_hands_the_job_back_then_fails_it(
     assert lost["status"] == "failed" and lost["attempt"] == 2, lost
     assert lost["error"]["code"] == "infrastructure_unavailable"
     assert "attempt 2 of 2, the last, ended" in lost["error"]["message"]
+    assert "a transient fault outlasted its 2 tries" in lost["error"]["message"]
     codes = [e["data"].get("code") for e in lost_events]
     assert codes.count("handed_back") == 1 and "transient_fault" in codes

@@ -81,8 +81,10 @@ def crashed(attempt: _Attempt, err: Exception) -> str:
     code, handed_back = crash_class(err)
     if not handed_back:
         return fail(attempt, code, _advice(code, cause), _PARAM.get(code))
+    tries = getattr(err, "tries", None)
     told = {
-        "infrastructure_unavailable": f"a transient fault outlasted its retries ({cause})",
+        "infrastructure_unavailable": f"a transient fault outlasted its "
+        f"{f'{tries} tries' if tries else 'retries'} ({cause})",
         "disk_full": f"the worker's disk is full ({cause})",
     }.get(code, f"the attempt crashed ({cause})")
     delay = attempt.runner.settings.handback_delay_seconds

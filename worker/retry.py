@@ -102,7 +102,10 @@ def retry_transient(
         try:
             return operation()
         except Exception as exc:
-            if not is_transient(exc) or attempt == policy.attempts:
+            if not is_transient(exc):
+                raise
+            if attempt == policy.attempts:
+                exc.tries = attempt  # type: ignore[attr-defined] - for the hand-back's message
                 raise
             delay = policy.delay(attempt)
             cause = f"{type(exc).__name__}: {exc}"
