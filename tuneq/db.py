@@ -121,7 +121,22 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=_PG_NETWORK
+    )
+
+
+# A database that vanishes without a word (a host gone, a partition that drops packets)
+# must fail a connect or a query in seconds, not after TCP's quarter of an hour: a worker
+# judges its lease by the clock and must get its thread back to stop by itself in time.
+_PG_NETWORK = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms: data sent and not acknowledged for this long fails
+}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
