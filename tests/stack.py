@@ -67,12 +67,16 @@ class Stack:
     def client(self) -> Any:
         return api_client(self.settings)
 
-    def start(self, command: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, command: str, log_name: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `tuneq <command>`; `env` adds to (or overrides) this process's environment
+        only: one worker partitioned from the database, one beat relaying twice."""
         log = (self.home / f"{log_name or command}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "tuneq.cli", command],
             cwd=REPO,
-            env=self.env(),
+            env=self.env() | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill takes its children too
