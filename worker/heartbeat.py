@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tuneq.db import transaction
 from tuneq.jobs.lease import Claim, renew_lease
+from tuneq.jobs.models import JobEvent
 from worker.history import History
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Heartbeat:
         self.pause_requested = threading.Event()
         self.progress: dict[str, Any] | None = None  # set by the training thread
         self.failed_renewals = 0  # in a row; 0 once one succeeds
+        self._failing_since: float | None = None
+        self._last_failure = ""
         started = time.monotonic() if claimed_at is None else claimed_at
         self._deadline = started + lease_ttl * (1 - _MARGIN)
         self._stopping = threading.Event()
@@ -91,15 +94,19 @@ class Heartbeat:
                 )
                 if renewal.held:
                     self.history.note(db, "renew", self.claim, expires=renewal.expires_at)
+                    if self.failed_renewals:
+                        db.add(self._recovered_event())
         except Exception as exc:  # noqa: BLE001 - the database may be back before the lease ends
             self.failed_renewals += 1
+            self._last_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            self._failing_since = self._failing_since or started
             if not self.lapsed():
                 log.warning(
                     "lease renewal of %s failed (%s: %s); the lease holds %.1f s more",
                     self.claim.job_id, type(exc).__name__, exc, self.seconds_left(),
                 )  # fmt: skip
             return False
-        self.failed_renewals = 0
+        self.failed_renewals, self._failing_since = 0, None
         if not renewal.held:
             log.warning("lease lost for %s (fence %s)", self.claim.job_id, self.claim.fence)
             self.lost.set()
@@ -110,6 +117,19 @@ class Heartbeat:
         if renewal.pause_requested:
             self.pause_requested.set()
         return True
+
+    def _recovered_event(self) -> JobEvent:
+        """The outage the lease rode out, told once the database answers again."""
+        seconds = time.monotonic() - (self._failing_since or time.monotonic())
+        n = self.failed_renewals
+        message = (
+            f"lease renewal failed {n} time{'s' if n != 1 else ''} over {seconds:.1f} s "
+            f"({self._last_failure}); renewed, the job goes on"
+        )
+        data = {"code": "transient_fault", "cause": self._last_failure, "retries": n,
+                "seconds": round(seconds, 1)}  # fmt: skip
+        return JobEvent(job_id=self.claim.job_id, type="message", level="warning",
+                        message=message, data=data)  # fmt: skip
 
     def _run(self) -> None:
         interval = self.lease_ttl / 3
