@@ -136,17 +136,32 @@ def read_job_examples(spec: JobSpec, data: DataPaths) -> tuple[list[Example], li
 def split_validation(
     examples: list[Example], fraction: float, *, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of the examples (at least one) for evaluation, chosen by seed."""
+    """Hold out `fraction` of the examples (at least one) for evaluation, chosen by seed.
+    A held-out example whose label (or one of whose tags) no training example has goes
+    back to training: a model cannot be scored on a class it was never given."""
     if fraction == 0 or len(examples) < 2:
         return examples, []
     n_holdout = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     indices = list(range(len(examples)))
     random.Random(seed).shuffle(indices)
     held = set(indices[:n_holdout])
+    seen = {c for i, e in enumerate(examples) if i not in held for c in _classes(e)}
+    for i in sorted(held):
+        if not _classes(examples[i]) <= seen:
+            held.discard(i)
+            seen |= _classes(examples[i])
     return (
         [e for i, e in enumerate(examples) if i not in held],
         [e for i, e in enumerate(examples) if i in held],
     )
+
+
+def _classes(example: Example) -> set[str]:
+    """The classes an example is labelled with: its label, or its tags (none otherwise)."""
+    record = example.record
+    if "label" in record:
+        return {str(record["label"])}
+    return {str(t) for t in record.get("tags", ())}
 
 
 def check_format(spec: JobSpec, examples: list[Example], param: str) -> None:

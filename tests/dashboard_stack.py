@@ -75,6 +75,9 @@ class DashboardStack:
         return {
             "TUNEQ_MODEL_REGISTRY": str(self.home / "models.json"),
             "TUNEQ_CACHE_DIR": str(self.home / "cache"),
+            # the failed job crashes its only attempt (tuneq/faults.py's hook)
+            "TUNEQ_FAULTS": "{}",
+            "TUNEQ_MAX_ATTEMPTS": "1",
         }
 
 
@@ -138,15 +141,10 @@ def seed_jobs(stack: DashboardStack) -> dict[str, str]:
         specs["prompted"] = specs["causal_lm"] | {
             "training_file": upload(api, "prompts.jsonl", PROMPTS), "suffix": "prompted"
         }  # fmt: skip
-        # One that fails in the worker: half of two examples held out leaves a label unseen.
-        pair = upload(api, "two-reviews.jsonl", [REVIEWS[0], REVIEWS[3]])
-        specs["failed"] = {
-            "model": "tiny-bert",
-            "task": "seq_classification",
-            "training_file": pair,
-            "validation_split": 0.5,
-            "suffix": "doomed",
-        }
+        # One that fails in the worker: its only attempt crashes at its first step.
+        specs["failed"] = specs["seq_classification"] | {
+            "suffix": "doomed", "metadata": {"fault": "raise", "fault_step": "1"}
+        }  # fmt: skip
         ids = {}
         for task, spec in specs.items():
             created = api.post("/jobs", json=spec)

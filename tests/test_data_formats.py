@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from peft_engine.data.examples import Example
 from peft_engine.data.formats import DataFormat, read_examples
 from peft_engine.errors import DataError
+from peft_engine.prepare import _classes, split_validation
 from tests.conftest import chat, write_jsonl
 
 
@@ -113,3 +115,28 @@ def test_missing_file_names_the_parameter(tmp_path):
         read_examples(tmp_path / "nope.jsonl", param="validation_file")
     assert caught.value.param == "validation_file"
     assert caught.value.code == "invalid_validation_file"
+
+
+def test_a_held_out_split_leaves_no_label_or_tag_unseen_in_training():
+    # A rare label (one example of "neutral") or tag held out would score the model on a
+    # class it was never given: such an example stays in training, whatever the seed.
+    rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(20)]
+    rows.append({"text": "meh", "label": "neutral"})
+    labelled = [Example(i + 1, DataFormat.CLASSIFICATION, r) for i, r in enumerate(rows)]
+    tagged = [
+        Example(i + 1, DataFormat.TOKEN_CLASSIFICATION, {"tokens": ["a", "b"], "tags": tags})
+        for i, tags in enumerate([["O", "O"]] * 20 + [["B-PER", "O"]])
+    ]
+    for examples in (labelled, tagged):
+        held_rare = 0
+        for seed in range(40):
+            train, validation = split_validation(examples, 0.25, seed=seed)
+            assert len(train) + len(validation) == len(examples) and validation
+            trained = {c for e in train for c in _classes(e)}
+            assert all(_classes(e) <= trained for e in validation), seed
+            held_rare += examples[-1] in train  # the rare one, always in training
+        assert held_rare == 40
+    # chat examples have no classes: the split is the plain seeded one
+    chats = [Example(i + 1, DataFormat.CHAT, chat(f"q{i}", "a")) for i in range(20)]
+    train, validation = split_validation(chats, 0.25, seed=1)
+    assert (len(train), len(validation)) == (15, 5)
