@@ -30,9 +30,10 @@ Each run's expectation is in its function's docstring. Columns:
 - `checkpoint steps lost`: the most, in one run, of the steps trained again because a
   later attempt started behind where an earlier one had got (≤ the checkpoint interval,
   10 here, where a worker is killed; 0 for a handover);
-- `time to recover`: the median over the runs of the seconds from the fault to every
-  job it hit training a new step or ending (from the submission for the faults a job's
-  own hook makes, 3 and 14, or in how a job is sent, 7 and 8; none for 12).
+- `time to recover`: the median over the runs of the seconds from the fault until every
+  job it hit trained again (a step of a new attempt where the fault ends an attempt: 1,
+  5, 10, 13, 14) or ended; for 3 and 11, until the jobs ended; for 7 and 8, from the
+  submission to the first step; for 9, from the upload that met the outage; none for 12.
 
 Nothing here is asserted; tests/test_faults.py runs each fault once and asserts. The last
 line is one JSON object: `faults`, `runs`, `lost`, `duplicates`, `unexpected` (sums) and

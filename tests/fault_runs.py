@@ -55,15 +55,25 @@ def spec(fs: FaultStack, steps: int, *, checkpoint_every: int = 1000, **changes:
 
 
 class RecoveryClock:
-    """Seconds from a fault until each job it hit trained a step after it or ended.
+    """Seconds from a fault until each job it hit recovered, watched from a thread.
 
-    Started at the fault (or at `since`, a time.monotonic()), it watches the database from
-    a thread: the job's newest training-metric row, and its state."""
+    Started at the fault (or at `since`, a time.monotonic()). What counts as recovered,
+    besides the job ending: `"step"`, a training step written after the start; `"attempt"`,
+    a step of a later attempt than the job's at the start (the old attempt may write a
+    step or two before it stops); `"end"`, only the job's end."""
 
-    def __init__(self, fs: FaultStack, job_ids: Iterable[str], since: float | None = None):
+    def __init__(
+        self,
+        fs: FaultStack,
+        job_ids: Iterable[str],
+        *,
+        since: float | None = None,
+        until: str = "step",
+    ) -> None:
         self.fs = fs
+        self.until = until
         self.start = time.monotonic() if since is None else since
-        self.marks = {job_id: self._newest(job_id)[0] for job_id in job_ids}
+        self.marks = {job_id: self._newest(job_id) for job_id in job_ids}
         self.recovered: dict[str, float] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -77,21 +87,28 @@ class RecoveryClock:
             return None
         return round(max(self.recovered.values(), default=0.0), 2)
 
-    def _newest(self, job_id: str) -> tuple[int, str]:
+    def _newest(self, job_id: str) -> tuple[int, int, str]:
+        """The job's newest training-metric row, its attempt then, and its state."""
         row = self.fs.sql(
             "SELECT (SELECT coalesce(max(id), 0) FROM job_metrics WHERE job_id = :job "
-            "AND kind = 'train'), (SELECT state FROM jobs WHERE id = :job)",
+            "AND kind = 'train'), attempt, state FROM jobs WHERE id = :job",
             job=job_id,
         )[0]
-        return int(row[0]), str(row[1])
+        return int(row[0]), int(row[1]), str(row[2])
+
+    def _recovered(self, job_id: str) -> bool:
+        row, attempt, _ = self.marks[job_id]
+        if self.until == "attempt":
+            later = "SELECT count(*) FROM job_metrics WHERE job_id = :job AND attempt > :a"
+            if self.fs.sql(later, job=job_id, a=attempt)[0][0]:
+                return True
+        newest, _, state = self._newest(job_id)
+        return state in TERMINAL or (self.until == "step" and newest > row)
 
     def _watch(self) -> None:
         while not self._done.wait(0.05):
-            for job_id, mark in self.marks.items():
-                if job_id in self.recovered:
-                    continue
-                newest, state = self._newest(job_id)
-                if newest > mark or state in TERMINAL:
+            for job_id in self.marks.keys() - self.recovered.keys():
+                if self._recovered(job_id):
                     self.recovered[job_id] = time.monotonic() - self.start
             if len(self.recovered) == len(self.marks):
                 return

@@ -3,8 +3,10 @@ bench/faults.py. Each injects its fault into a running FaultStack, waits for the
 hit to end, and returns a FaultRun: whether they ended as expected (the checks each
 function names), with the history checker's verdict on every lease write.
 
-Recovery is timed from the fault; where a job's own hook is the fault (3, 14) or the fault
-is in how the job is sent (7, 8), from its submission; max_runtime (12) has none.
+Recovery is timed from the fault until each job it hit trained again or ended
+(RecoveryClock): for a poison job (3) and a cancel (11), until it ended; where the fault
+is in how the job is sent (7, 8), from its submission to its first step; from the upload
+that met the outage (9); from the disk-full event (14); max_runtime (12) has none.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def worker_killed(fs: FaultStack, rng: random.Random) -> FaultRun:
     fs.use_workers({}, {})
     job_id = fs.submit(spec(fs, 120, checkpoint_every=10))
     fs.wait_step(job_id, rng.randint(11, 60))
-    clock = RecoveryClock(fs, [job_id])
+    clock = RecoveryClock(fs, [job_id], until="attempt")
     fs.kill(fs.owner(job_id))
     job = fs.settle([job_id])[job_id]
     checks = {"succeeded": job["status"] == "succeeded", "attempt 2": job["attempt"] == 2}
@@ -89,7 +91,7 @@ def poison_job(fs: FaultStack, rng: random.Random) -> FaultRun:
     max_attempts, and no claim after that."""
     fs.use_workers({}, {}, {}, {})  # three to lose, one to be offered the job once more
     job_id = fs.submit(spec(fs, 40, metadata={"fault": "exit", "fault_step": "2"}))
-    clock = RecoveryClock(fs, [job_id])
+    clock = RecoveryClock(fs, [job_id], until="end")
     job = fs.settle([job_id])[job_id]
     recover_s = clock.seconds()
     survivors = [w for w in fs.workers if w.alive()]
@@ -137,7 +139,7 @@ def worker_partitioned_from_db(fs: FaultStack, rng: random.Random) -> FaultRun:
     job_id = fs.submit(spec(fs, 200, checkpoint_every=10))
     fs.wait_step(job_id, 12)
     owner = fs.owner(job_id)
-    clock = RecoveryClock(fs, [job_id])
+    clock = RecoveryClock(fs, [job_id], until="attempt")
     owner.db_proxy.fail(DOWN)
     stopped = _stopped_by_itself(fs, owner, job_id)
     _until(lambda: len(_claims(fs, job_id)) > 1, "a second attempt")
@@ -240,7 +242,6 @@ def store_failing(fs: FaultStack, rng: random.Random) -> FaultRun:
         fs.wait_step(job_id, at_step)
         seen = count_events(fs, job_id, "transient_fault")
         fs.store_proxy.fail(DOWN)
-        outages.append(RecoveryClock(fs, [job_id]))
         _until(
             lambda seen=seen: (
                 count_events(fs, job_id, "transient_fault") > seen
@@ -248,6 +249,7 @@ def store_failing(fs: FaultStack, rng: random.Random) -> FaultRun:
             ),
             "an upload to meet the outage",
         )
+        outages.append(RecoveryClock(fs, [job_id]))  # from the upload that met it
         fs.store_proxy.fail(0)
     job = fs.settle([job_id])[job_id]
     times = [clock.seconds() for clock in outages]
@@ -285,7 +287,7 @@ def rolling_deploy(fs: FaultStack, rng: random.Random) -> FaultRun:
     jobs = [fs.submit(spec(fs, 150)) for _ in range(2)]
     for job_id in jobs:
         fs.wait_step(job_id, 3)
-    clock = RecoveryClock(fs, jobs)
+    clock = RecoveryClock(fs, jobs, until="attempt")
     statuses = [fs.stop(fs.owner(job_id)) for job_id in jobs]
     ended = fs.settle(jobs)
     checks = {
@@ -307,13 +309,13 @@ def cancel_everywhere(fs: FaultStack, rng: random.Random) -> FaultRun:
     running = fs.submit(spec(fs, 3000))
     fs.wait_step(running, 2)
     queued = fs.submit(spec(fs, 3000))
-    clock = RecoveryClock(fs, [running, queued])
+    clock = RecoveryClock(fs, [running, queued], until="end")
     answers = [_cancel(fs, queued), _cancel(fs, running)]
     jobs = fs.settle([running, queued])
     recover = [clock.seconds()]
     partitioned = fs.submit(spec(fs, 3000))
     fs.wait_step(partitioned, 2)
-    clock = RecoveryClock(fs, [partitioned])
+    clock = RecoveryClock(fs, [partitioned], until="end")
     worker.db_proxy.fail(DOWN)
     answers.append(_cancel(fs, partitioned))
     jobs |= fs.settle([partitioned])
@@ -358,7 +360,7 @@ def two_reapers_skewed_clocks(fs: FaultStack, rng: random.Random) -> FaultRun:
         fs.wait_step(job_id, 12)
     fs.add_worker()  # to take the job of the worker killed below
     victim, survivor = jobs
-    clock = RecoveryClock(fs, [victim])
+    clock = RecoveryClock(fs, [victim], until="attempt")
     fs.kill(fs.owner(victim))
     ended = fs.settle(jobs)
     fs.replace_beats(1)
@@ -375,17 +377,22 @@ def disk_full(fs: FaultStack, rng: random.Random) -> FaultRun:
     """14. No space left on the device while writing the first checkpoint: the attempt
     ends cleanly with an event that says so, and the retry succeeds."""
     fs.use_workers({})
-    since = time.monotonic()
     metadata = {"fault": "disk_full", "fault_attempts": "1"}
     job_id = fs.submit(spec(fs, 20, checkpoint_every=5, metadata=metadata))
-    clock = RecoveryClock(fs, [job_id], since=since)
+    _until(lambda: _disk_full_told(fs, job_id), "the disk-full event")
+    clock = RecoveryClock(fs, [job_id], until="attempt")
     job = fs.settle([job_id])[job_id]
-    told = [m for m in messages(fs, job_id) if "No space left on device" in m]
+    told = _disk_full_told(fs, job_id)
     checks = {
         "succeeded on attempt 2": job["status"] == "succeeded" and job["attempt"] == 2,
         "an event that says the disk is full": bool(told),
     }
     return conclude(fs, 14, {job_id: job}, checks, clock.seconds())
+
+
+def _disk_full_told(fs: FaultStack, job_id: str) -> bool:
+    query = "SELECT count(*) FROM job_events WHERE job_id = :job AND message LIKE :text"
+    return bool(fs.sql(query, job=job_id, text="%No space left on device%")[0][0])
 
 
 Scenario = Callable[[FaultStack, random.Random], FaultRun]
