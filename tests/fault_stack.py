@@ -23,7 +23,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,20 +112,6 @@ class RedisServer:
             return False
 
 
-class ResettingProxy(FlakyProxy):
-    """A FlakyProxy whose `fail` also shuts the dropped connections down. Closing a socket
-    that another thread is reading (the proxy's pump) leaves the connection open: the
-    database would keep a cut-off worker's session, and the row locks of its open
-    transaction, with nothing left to end it (seen: a cancel blocked behind them)."""
-
-    def fail(self, connections: int) -> None:
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes the pump; the peer sees the end
-        super().fail(connections)
-
-
 @dataclass
 class Worker:
     name: str
@@ -198,7 +183,7 @@ class FaultStack:
         self.started += 1
         name = f"worker-{self.started}"
         database = make_url(self.stack.overrides["database_url"])
-        proxy = ResettingProxy((database.host or "127.0.0.1", database.port or 5432))
+        proxy = FlakyProxy((database.host or "127.0.0.1", database.port or 5432))
         settings = {k: v for k, v in kind.items() if k != "faults"}
         env = _env(kind.get("faults", {}), settings)
         env["TUNEQ_DATABASE_URL"] = database.set(port=proxy.port).render_as_string(False)
@@ -347,7 +332,7 @@ def fault_stack(home: Path, registry: Path, **overrides: Any) -> Iterator[FaultS
         cleanup.callback(server.stop)
         s3_client(endpoint).create_bucket(Bucket=BUCKET)
         s3 = urlparse(endpoint)
-        store_proxy = ResettingProxy((s3.hostname or "127.0.0.1", s3.port or 80))
+        store_proxy = FlakyProxy((s3.hostname or "127.0.0.1", s3.port or 80))
         cleanup.callback(store_proxy.close)
         broker = RedisServer(home)
         broker.start()

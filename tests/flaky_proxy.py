@@ -29,6 +29,11 @@ class FlakyProxy:
         with self._lock:
             self._failing = connections
             for sock in self._open:
+                # Shut down before the close: closing a socket that a pump thread is still
+                # reading leaves the connection open, and the server would keep the
+                # client's session (and the row locks of its open transaction).
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 _reset(sock)
             self._open.clear()
 

@@ -13,8 +13,8 @@ import threading
 from urllib.parse import urlparse
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from tests.flaky_proxy import FlakyProxy
 from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
@@ -27,7 +27,7 @@ from worker.heartbeat import Heartbeat
 from worker.history import History
 from worker.journal import Journal, LeaseLapsed
 from worker.outcomes import crash_class
-from worker.retry import RetryPolicy
+from worker.retry import RetryPolicy, is_transient
 
 TTL = 3.0
 POLICY = RetryPolicy(attempts=5, base_seconds=0.1, cap_seconds=0.3)
@@ -164,3 +164,25 @@ def test_faults_are_classed_by_cause():
     assert crash_class(MemoryError()) == ("out_of_memory", False)
     assert crash_class(KeyError("a bug")) == ("internal_error", True)
     assert crash_class(OSError(errno.EACCES, "Permission denied")) == ("internal_error", True)
+
+
+def test_a_transaction_left_open_by_a_vanished_worker_does_not_hold_its_job(database):
+    # A partition sends no reset: the server sees a worker's session idle in an open
+    # transaction that holds the job's row lock, and a cancel (or the reaper) waits behind
+    # it. The worker's engine has the server end such a session after a while.
+    worker_engine = make_engine(database, idle_in_transaction_seconds=1.0)
+    direct = make_sessionmaker(make_engine(database))
+    job_id = insert_job(direct, max_attempts=3)
+    vanished = worker_engine.connect()
+    vanished.execute(update(Job).where(Job.id == job_id).values(pause_requested=True))
+    # ... and the worker is gone, its transaction open. A cancel comes in:
+    with transaction(direct) as db:
+        db.execute(text("SET LOCAL lock_timeout = '30s'"))  # far longer than the timeout
+        db.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    with direct() as db:
+        job = db.get(Job, job_id)
+    assert job.cancel_requested and not job.pause_requested  # the vanished write rolled back
+    with pytest.raises(DBAPIError) as ended:  # the server ended the vanished session
+        vanished.execute(select(1))
+    assert is_transient(ended.value)  # a worker that was only slow retries its write
+    worker_engine.dispose()

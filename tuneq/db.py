@@ -106,7 +106,9 @@ def set_clock_skew(seconds: float) -> None:
     _clock_skew = timedelta(seconds=seconds)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_seconds: float = 60.0) -> Engine:
+    """An engine on `url`. On PostgreSQL a session left idle inside a transaction for
+    `idle_in_transaction_seconds` is ended by the server, its locks released."""
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":  # a fresh TUNEQ_HOME: create it
@@ -121,9 +123,27 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(
+    engine = create_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=_PG_NETWORK
     )
+    event.listen(
+        engine, "connect", partial(_pg_session, idle_ms=int(idle_in_transaction_seconds * 1000))
+    )
+    return engine
+
+
+def _pg_session(dbapi_connection: Any, _record: Any, *, idle_ms: int) -> None:
+    """The server's side of a client that vanished mid-transaction (a partition sends no
+    reset): the server ends the session once it sits idle in its transaction too long, or
+    once its keepalives go unanswered, and the transaction's row locks go with it; else a
+    cut-off worker's open transaction would hold its job's row, and every cancel and the
+    reaper behind it, for as long as the server's TCP stack waits (hours)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+    for name, value in (("idle", 10), ("interval", 5), ("count", 3)):
+        cursor.execute(f"SET tcp_keepalives_{name} = {value}")
+    cursor.close()
+    dbapi_connection.commit()  # SET is transactional: keep it past the first rollback
 
 
 # A database that vanishes without a word (a host gone, a partition that drops packets)

@@ -69,13 +69,26 @@ def _transient_itself(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _TRANSIENT_DATABASE):
         return True
-    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, sa.DBAPIError) and (
+        exc.connection_invalidated or _transient_sqlstate(getattr(exc.orig, "sqlstate", None))
+    ):
         return True
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or error.get("Code") in _TRANSIENT_CODES
     return False
+
+
+def _transient_sqlstate(state: str | None) -> bool:
+    """PostgreSQL's codes for faults that pass: the connection's (08), serialization and
+    deadlock (40001, 40P01), the server shutting down or starting (57P01-57P03), too many
+    connections (53300), a session ended for idling in its transaction (25P03)."""
+    if state is None:
+        return False
+    return state.startswith("08") or state in {
+        "40001", "40P01", "57P01", "57P02", "57P03", "53300", "25P03"
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,12 @@ class WorkerContext:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.resolved_database_url)
+        # A cut-off worker's open transaction must not hold its job's row (and the cancel
+        # and the reaper behind it) past a third of the lease.
+        self.engine = make_engine(
+            settings.resolved_database_url,
+            idle_in_transaction_seconds=max(1.0, settings.lease_ttl_seconds / 3),
+        )
         self.sessions = make_sessionmaker(self.engine)
         self.shutting_down = threading.Event()
 
