@@ -650,3 +650,10 @@ def test_the_api_image_has_everything_the_control_plane_imports(tmp_path, tiny_r
     assert result.returncode == 0, result.stderr[-3000:]
     imported = {_canonical(d) for d in json.loads(result.stdout.strip().splitlines()[-1])}
     assert "fastapi" in imported and "tokenizers" in imported and imported <= image
+
+
+def test_production_refuses_fault_injection():
+    # TUNEQ_FAULTS lets a job's metadata kill a worker: the fault tests' only
+    with pytest.raises(ValidationError, match="TUNEQ_FAULTS is for the fault tests only"):
+        Settings(environment="production", faults={})
+    assert Settings(faults={}).faults == {}  # development: the tests arm it

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEQ_", extra="ignore", frozen=True)
 
     environment: Literal["development", "production"] = Field(
-        "development", description="production refuses placeholder secrets"
+        "development",
+        description="production refuses placeholder secrets and fault injection",
     )
     home: Path = Field(Path(".tuneq"), description="state directory of the embedded stack")
 
@@ -278,6 +279,8 @@ class Settings(BaseSettings):
             secret = self.s3_secret_access_key
             if secret is not None and secret.get_secret_value() in {"", "changeme", "minioadmin"}:
                 raise ValueError("TUNEQ_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret")
+            if self.faults is not None:  # with it, a job's metadata could kill a worker
+                raise ValueError("TUNEQ_FAULTS is for the fault tests only; unset it")
         return self
 
     @cached_property
