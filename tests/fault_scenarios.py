@@ -21,7 +21,15 @@ from typing import Any
 
 import httpx
 
-from tests.fault_runs import FaultRun, RecoveryClock, conclude, count_events, messages, spec
+from tests.fault_runs import (
+    ROWS,
+    FaultRun,
+    RecoveryClock,
+    conclude,
+    count_events,
+    messages,
+    spec,
+)
 from tests.fault_stack import DOWN, TERMINAL, FaultStack, Worker
 from tests.service_fixtures import auth
 from tests.stack import wait_for
@@ -66,20 +74,31 @@ def worker_killed(fs: FaultStack, rng: random.Random) -> FaultRun:
 
 def redelivered_past_visibility(fs: FaultStack, rng: random.Random) -> FaultRun:
     """2. A job longer than the broker's visibility timeout: the copy the broker offers
-    again is dropped at the claim; one attempt."""
+    again is dropped at the claim; one attempt. (The job is long, 40,000 steps, and is
+    cancelled once the copy was dropped: however fast the machine, it outlasts the
+    timeout and the second worker's start.)"""
     visibility = {"broker_visibility_timeout_seconds": 3.0}
     (first,) = fs.use_workers(visibility)
-    job_id = fs.submit(spec(fs, 400))
+    body = spec(fs, 4000)
+    body["training_file"] = fs.upload(ROWS * 10)  # 400 rows, batch 1, 100 epochs
+    job_id = fs.submit(body)
     fs.wait_step(job_id, 1)
     claimed = _claims(fs, job_id)[0]["db_time"]
     _until(lambda: fs.db_time() > claimed + 3.5, "the visibility timeout to pass")
     clock = RecoveryClock(fs, [job_id])
     second = fs.add_worker(visibility)  # its first poll offers the unacked message again
+    dropped = _until(
+        lambda: f"job {job_id}: not claimed" in fs.log(first) + fs.log(second),
+        "the redelivered copy to be dropped",
+        timeout=60,
+    )
+    was = fs.job(job_id)["status"]
+    _cancel(fs, job_id)
     job = fs.settle([job_id])[job_id]
-    dropped = f"job {job_id}: not claimed" in fs.log(first) + fs.log(second)
     started = [m for m in messages(fs, job_id) if m.startswith("attempt ")]
     checks = {
-        "succeeded": job["status"] == "succeeded",
+        "still running when the copy came": was == "running",
+        "cancelled": job["status"] == "cancelled",
         "attempt 1": job["attempt"] == 1 and len(started) == 1,
         "the redelivered message dropped at the claim": dropped,
     }
@@ -87,28 +106,36 @@ def redelivered_past_visibility(fs: FaultStack, rng: random.Random) -> FaultRun:
 
 
 def poison_job(fs: FaultStack, rng: random.Random) -> FaultRun:
-    """3. A job that kills its worker on every attempt: failed `worker_lost` after exactly
-    max_attempts, and no claim after that."""
+    """3. Poison jobs: one that kills its worker on every attempt fails `worker_lost`, one
+    whose every attempt raises fails `internal_error`, each after exactly max_attempts,
+    each attempt handed back with a backoff, and no claim after the end."""
     fs.use_workers({}, {}, {}, {})  # three to lose, one to be offered the job once more
-    job_id = fs.submit(spec(fs, 40, metadata={"fault": "exit", "fault_step": "2"}))
-    clock = RecoveryClock(fs, [job_id], until="end")
-    job = fs.settle([job_id])[job_id]
+    killer = fs.submit(spec(fs, 40, metadata={"fault": "exit", "fault_step": "2"}))
+    raiser = fs.submit(spec(fs, 40, metadata={"fault": "raise", "fault_step": "3"}))
+    clock = RecoveryClock(fs, [killer, raiser], until="end")
+    jobs = fs.settle([killer, raiser])
     recover_s = clock.seconds()
     survivors = [w for w in fs.workers if w.alive()]
     celery = make_celery(fs.stack.settings)
-    publish_run_job(celery, job_id)  # a late copy of its message: dropped
+    publish_run_job(celery, killer)  # a late copy of its message: dropped
     celery.close()
     dropped = _until(
-        lambda: any(f"job {job_id}: not claimed" in fs.log(w) for w in survivors),
+        lambda: any(f"job {killer}: not claimed" in fs.log(w) for w in survivors),
         "the late message to be dropped",
     )
+    handed_back = count_events(fs, raiser, "handed_back")
     checks = {
-        "failed worker_lost": job["status"] == "failed"
-        and (job["error"] or {}).get("code") == "worker_lost",
-        "exactly 3 attempts": job["attempt"] == 3 and len(_claims(fs, job_id)) == 3,
+        "failed worker_lost": jobs[killer]["status"] == "failed"
+        and (jobs[killer]["error"] or {}).get("code") == "worker_lost",
+        "failed internal_error": jobs[raiser]["status"] == "failed"
+        and (jobs[raiser]["error"] or {}).get("code") == "internal_error",
+        "exactly 3 attempts": all(
+            jobs[j]["attempt"] == 3 and len(_claims(fs, j)) == 3 for j in (killer, raiser)
+        ),
+        "handed back twice, then failed": handed_back == 2,
         "a message after the end dropped": dropped,
     }
-    return conclude(fs, 3, {job_id: job}, checks, recover_s)
+    return conclude(fs, 3, jobs, checks, recover_s)
 
 
 def broker_restarted_and_flushed(fs: FaultStack, rng: random.Random) -> FaultRun:
@@ -355,13 +382,12 @@ def two_reapers_skewed_clocks(fs: FaultStack, rng: random.Random) -> FaultRun:
     slow: no job reaped while its worker lives, and one new attempt after a SIGKILL."""
     fs.replace_beats(2)
     fs.use_workers(*SKEWED)
-    jobs = [fs.submit(spec(fs, 150, checkpoint_every=10)) for _ in range(2)]
-    for job_id in jobs:
-        fs.wait_step(job_id, 12)
-    fs.add_worker()  # to take the job of the worker killed below
+    jobs = [fs.submit(spec(fs, 1000, checkpoint_every=10)) for _ in range(2)]
     victim, survivor = jobs
+    fs.wait_step(victim, 12)
     clock = RecoveryClock(fs, [victim], until="attempt")
-    fs.kill(fs.owner(victim))
+    fs.kill(fs.owner(victim))  # at once: a fast machine would finish the job first
+    fs.add_worker()  # to take the job of the worker killed
     ended = fs.settle(jobs)
     fs.replace_beats(1)
     reaped = sum(m.startswith("worker lost on attempt") for m in messages(fs, victim))
