@@ -59,8 +59,24 @@ class FlakyProxy:
                     _reset(client)
                     continue
                 self._open += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            pumps = [threading.Thread(target=_pump, args=pair, daemon=True)
+                     for pair in ((client, upstream), (upstream, client))]  # fmt: skip
+            for pump in pumps:
+                pump.start()
+            threading.Thread(target=self._close_after, args=(pumps, client, upstream),
+                             daemon=True).start()  # fmt: skip
+
+    def _close_after(self, pumps: list[threading.Thread], *sockets: socket.socket) -> None:
+        """Close a connection's two sockets once both directions ended (else every
+        connection the proxy ever carried would keep two descriptors open)."""
+        for pump in pumps:
+            pump.join()
+        with self._lock:
+            for sock in sockets:
+                with contextlib.suppress(ValueError):
+                    self._open.remove(sock)
+                with contextlib.suppress(OSError):
+                    sock.close()
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
