@@ -382,7 +382,7 @@ def two_reapers_skewed_clocks(fs: FaultStack, rng: random.Random) -> FaultRun:
     slow: no job reaped while its worker lives, and one new attempt after a SIGKILL."""
     fs.replace_beats(2)
     fs.use_workers(*SKEWED)
-    jobs = [fs.submit(spec(fs, 1000, checkpoint_every=10)) for _ in range(2)]
+    jobs = [fs.submit(spec(fs, 150, checkpoint_every=10)) for _ in range(2)]
     victim, survivor = jobs
     fs.wait_step(victim, 12)
     clock = RecoveryClock(fs, [victim], until="attempt")

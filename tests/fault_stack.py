@@ -317,7 +317,9 @@ class FaultStack:
 
 def _env(faults: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
     env = {f"TUNEQ_{k.upper()}": str(v) for k, v in settings.items()}
-    return env | {"TUNEQ_FAULTS": json.dumps(faults)}
+    # one thread each: several processes share the cores, and a tiny model gains nothing
+    # from more (oversubscribed, a job took minutes on a busy CI machine)
+    return env | {"TUNEQ_FAULTS": json.dumps(faults), "OMP_NUM_THREADS": "1"}
 
 
 @contextmanager
