@@ -1,7 +1,8 @@
 """Real data, a real pretrained encoder: all-MiniLM-L6-v2 learns SST-2 and CoNLL-2003 slices.
 
-Small slices so each test takes a minute or two on a CPU: sentiment well above the
-majority class, entities well above zero F1 (seqeval semantics). The data sets live in
+Small slices, evaluated only before and after training, so each test takes well under a
+minute on a CPU: sentiment well above the majority class, entities well above zero F1
+(seqeval semantics). The data sets live in
 ../shared/data beside the repository; without them these tests skip, naming the file.
 """
 
@@ -51,14 +52,16 @@ def _train_minilm(tmp_path, cache_dir, dataset, task, slices, **hyperparameters)
 
 
 def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir):
+    # One epoch of 1500 sentences, evaluated before and after: 0.82 accuracy when tried
+    # (the majority class is about 0.5); more epochs or evaluations only cost the suite time.
     hyperparameters = {
-        "n_epochs": 2,
+        "n_epochs": 1,
         "batch_size": 32,
-        "learning_rate": 1e-3,
-        "eval_every_steps": 25,
+        "learning_rate": 2e-3,
+        "eval_every_steps": 1000,
     }
     validation, result = _train_minilm(
-        tmp_path, cache_dir, "sst2", "seq_classification", (1500, 400), **hyperparameters
+        tmp_path, cache_dir, "sst2", "seq_classification", (1500, 300), **hyperparameters
     )
     labels = [json.loads(line)["label"] for line in validation.read_text().splitlines()]
     majority = max(labels.count(label) for label in set(labels)) / len(labels)
@@ -69,18 +72,20 @@ def test_sst2_slice_is_learned_well_above_the_majority_class(tmp_path, cache_dir
     assert best["accuracy"] >= majority + 0.15, (best, majority)
     assert best["macro_f1"] >= 0.6
     matrix = report["report"]["confusion_matrix"]
-    assert sum(map(sum, matrix)) == 400
+    assert sum(map(sum, matrix)) == 300
 
 
 def test_conll_slice_finds_entities(tmp_path, cache_dir):
+    # Two epochs of 600 sentences, evaluated before and after: entity F1 0.04 -> 0.72 when
+    # tried (PER 0.86).
     hyperparameters = {
-        "n_epochs": 3,
+        "n_epochs": 2,
         "batch_size": 16,
-        "learning_rate": 2e-3,
-        "eval_every_steps": 50,
+        "learning_rate": 3e-3,
+        "eval_every_steps": 1000,
     }
     _, result = _train_minilm(
-        tmp_path, cache_dir, "conll2003", "token_classification", (800, 300), **hyperparameters
+        tmp_path, cache_dir, "conll2003", "token_classification", (600, 200), **hyperparameters
     )
     best = result.result["metrics"]["best"]
     assert best["entity_f1"] >= 0.4, best
