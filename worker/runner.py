@@ -24,6 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import peft_engine
@@ -42,13 +43,14 @@ from tuneq.db import transaction
 from tuneq.faults import JobFault, job_fault
 from tuneq.files.models import File
 from tuneq.files.service import local_copy
-from tuneq.jobs.lease import Claim, claim_job, fenced_update
+from tuneq.jobs.lease import Claim, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.jobs.retention import prune_checkpoints
 from tuneq.jobs.schemas import (
     CheckpointPublic,
     checkpoint_artifact_name,
 )
+from tuneq.quotas.fair_share import claim_next, wake_waiting
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.webhooks.schemas import JOB_CHECKPOINT
@@ -90,6 +92,8 @@ class JobRunner:
     shutting_down: threading.Event = field(default_factory=threading.Event)
     # Base models kept in memory between this process's jobs (none: load every job).
     resident: ResidentModels = field(default_factory=lambda: ResidentModels(max_models=0))
+    # A job held back at its team's quota, published again when this run's job stopped.
+    woke: str | None = None
 
     @cached_property
     def policy(self) -> RetryPolicy:
@@ -117,17 +121,30 @@ class JobRunner:
                 raise ClaimUnavailable(f"{type(err).__name__}: {err}") from err
             raise
         if claim is None:
-            return "not claimed (already running, finished, cancelled, or unknown)"
+            return "not claimed (nothing due: running, finished, cancelled, or at its quota)"
         if isinstance(claim, str):
             return claim
-        workdir = self.settings.resolved_work_dir / "jobs" / job_id / f"attempt-{claim.attempt}"
+        ran = claim.job_id
+        workdir = self.settings.resolved_work_dir / "jobs" / ran / f"attempt-{claim.attempt}"
         heartbeat = Heartbeat(self.sessions, claim, lease_ttl=self.settings.lease_ttl_seconds,
                               claimed_at=claimed_at, history=self.history)  # fmt: skip
         try:
             with heartbeat:
-                return _Attempt(self, claim, heartbeat, workdir).run()
+                outcome = _Attempt(self, claim, heartbeat, workdir).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+            self._wake_waiting(ran)
+        return outcome if ran == job_id else f"ran {ran} (fair share, for this message): {outcome}"
+
+    def _wake_waiting(self, job_id: str) -> None:
+        """The job stopped running: a job its team held back at its quota may start now."""
+        try:
+            with transaction(self.sessions) as db:
+                team_id = db.scalar(select(Job.team_id).where(Job.id == job_id))
+                if team_id is not None:
+                    self.woke = wake_waiting(db, self.settings, team_id)
+        except Exception:  # noqa: BLE001 - beat republishes a job left waiting long
+            log.warning("could not wake a waiting job after %s", job_id, exc_info=True)
 
     def _claim(self, job_id: str) -> Claim | str | None:
         with transaction(self.sessions) as db:
@@ -136,8 +153,10 @@ class JobRunner:
                 # worker, and have the relay send it again now rather than after a timeout.
                 db.add(OutboxMessage(job_id=job_id))
                 return "worker shutting down; the job is left for another worker"
-            claim = claim_job(db, job_id=job_id, owner=worker_identity(),
-                              lease_ttl=self.settings.lease_ttl_seconds)  # fmt: skip
+            # the claim decides which job runs, not the message's order (fair share)
+            claim = claim_next(db, job_id=job_id, owner=worker_identity(),
+                               lease_ttl=self.settings.lease_ttl_seconds,
+                               settings=self.settings)  # fmt: skip
             if claim is not None:
                 self.history.note(db, "claim", claim, expires=claim.expires_at)
             return claim

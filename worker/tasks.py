@@ -34,9 +34,11 @@ from tuneq.queue import (
     kick_webhook_delivery,
     make_celery,
     purge_sent,
+    relay_now,
     relay_outbox,
     republish_stale_queued,
 )
+from tuneq.quotas.fair_share import wake_teams_of
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore, open_store
 from tuneq.webhooks.delivery import deliver_due
@@ -110,6 +112,8 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
             log.warning("job %s: could not claim (%s); message requeued", job_id, err)
             raise Reject(str(err), requeue=True) from err
         log.info("job %s: %s", job_id, outcome)
+        if runner.woke is not None:  # a job its team's quota held back: publish it now
+            relay_now(context.sessions, app)
         kick_webhook_delivery(app)  # the job's end, if it ended, is owed to its webhooks
         return outcome
 
@@ -131,6 +135,8 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     def reap() -> int:
         with transaction(context.sessions) as db:
             moved = reap_expired_leases(db, first_delay=settings.handback_delay_seconds)
+            # each job reaped freed its team's slot: a job its quota held back may start
+            wake_teams_of(db, settings, [job_id for job_id, _ in moved])
             republish_stale_queued(db, older_than=timedelta(seconds=settings.requeue_after_seconds))
             purge_sent(db, older_than=timedelta(days=1))
             purge_expired(db, older_than=timedelta(hours=settings.idempotency_ttl_hours))
