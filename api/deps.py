@@ -24,12 +24,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
+from tuneq.audit.service import Actor
 from tuneq.db import make_sessionmaker
 from tuneq.errors import Unauthorized
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
-from tuneq.teams.service import VerifiedKeys, authenticate
+from tuneq.teams.service import VerifiedKeys, authenticate, key_prefix
 
 T = TypeVar("T")
 
@@ -95,15 +96,16 @@ async def get_inference_results(request: Request) -> Backend:
     return request.app.state.inference_results
 
 
-class _TeamOfKey(HTTPBearer):
+class _KeyHolder(HTTPBearer):
     """The caller's team, from the keys this process verified lately, else the database.
 
     The bearer scheme and the team in one dependency (OpenAPI still shows the scheme): a
-    dependency of a dependency is a level of FastAPI's solving on every request.
+    dependency of a dependency is a level of FastAPI's solving on every request. A key
+    that cannot be one (its checksum does not match) is refused before the database.
     """
 
-    async def __call__(self, request: Request) -> Team:  # type: ignore[override]
-        credentials = await super().__call__(request)
+    async def _team_and_key(self, request: Request) -> tuple[Team, str]:
+        credentials = await HTTPBearer.__call__(self, request)
         if credentials is None:
             raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
         key = credentials.credentials
@@ -111,14 +113,38 @@ class _TeamOfKey(HTTPBearer):
         team = verified.team_for(key)
         if team is None:
             reads: Reads = request.app.state.reads
-            team = await reads.run(lambda db: authenticate(db=db, key=key))
-            verified.remember(key, team)
+            found = await reads.run(lambda db: authenticate(db=db, key=key))
+            verified.remember(key, found.team, expires_at=found.expires_at)
+            team = found.team
+        return team, key
+
+
+class _TeamOfKey(_KeyHolder):
+    async def __call__(self, request: Request) -> Team:  # type: ignore[override]
+        team, _ = await self._team_and_key(request)
         return team
 
 
-get_team = _TeamOfKey(
-    auto_error=False, scheme_name="HTTPBearer", description="an API key: tuneq admin create-key"
-)
+@dataclass(frozen=True)
+class Caller:
+    """Who sends a request that changes something: the key's team, and the actor the
+    audit trail records (the team, the key's prefix, the request's X-Request-ID)."""
+
+    team: Team
+    actor: Actor
+
+
+class _CallerOfKey(_KeyHolder):
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]
+        team, key = await self._team_and_key(request)
+        request_id = getattr(request.state, "request_id", None)  # api.request_ids
+        return Caller(team, Actor(team.id, key_prefix=key_prefix(key), request_id=request_id))
+
+
+# One scheme in the OpenAPI document, whichever of the two a route takes.
+_SCHEME, _DESCRIPTION = "HTTPBearer", "an API key: tuneq admin create-key"
+get_team = _TeamOfKey(auto_error=False, scheme_name=_SCHEME, description=_DESCRIPTION)
+get_caller = _CallerOfKey(auto_error=False, scheme_name=_SCHEME, description=_DESCRIPTION)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -129,3 +155,4 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 InferenceResultsDep = Annotated[Backend, Depends(get_inference_results)]
 TeamDep = Annotated[Team, Depends(get_team)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -213,6 +213,21 @@ def sqlite_settings(tmp_path: Path):
     return settings
 
 
+@pytest.fixture
+def postgres_settings(tmp_path: Path):
+    """Embedded settings under tmp_path on a fresh PostgreSQL database, migrated."""
+    from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
+    from tests.service_fixtures import make_settings, migrate
+
+    url = fresh_postgres_database(require(postgres_url))
+    try:
+        settings = make_settings(tmp_path, database_url=url)
+        migrate(settings)
+        yield settings
+    finally:
+        drop_postgres_database(url)
+
+
 @pytest.fixture(scope="module")
 def api(stack):
     """An HTTP client of the module's `stack`, a deployment of real processes (tests/stack.py).

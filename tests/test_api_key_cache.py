@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import delete, update
 
-from tests.infra import drop_postgres_database, fresh_postgres_database, postgres_url, require
-from tests.service_fixtures import api_client, auth, make_settings, migrate, new_team_key
+from tests.service_fixtures import api_client, auth, new_team_key
 from tuneq.db import make_engine, make_sessionmaker, transaction
 from tuneq.settings import Settings
 from tuneq.teams.models import ApiKey, Team
@@ -27,17 +23,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
-    url = fresh_postgres_database(require(postgres_url))
-    try:
-        settings = make_settings(tmp_path, database_url=url)
-        migrate(settings)
-        yield settings
-    finally:
-        drop_postgres_database(url)
 
 
 def _revise_keys(settings: Settings, statement: Any) -> None:

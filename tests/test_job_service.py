@@ -69,7 +69,7 @@ def env(request, tmp_path_factory, tiny_registry_file) -> Iterator[Env]:
         key = new_team_key(settings, "team-service")
         with api_client(settings) as client:
             with client.app.state.sessions() as db:
-                team = authenticate(db=db, key=key)
+                team = authenticate(db=db, key=key).team
             yield Env(client, team, upload(client, key, TRAIN_ROWS))
 
 

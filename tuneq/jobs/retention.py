@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneq.audit.service import Actor, record
 from tuneq.db import transaction
 from tuneq.errors import Conflict
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint
@@ -28,7 +29,12 @@ def job_prefix(job_id: str) -> str:
 
 
 def delete_job(
-    *, sessions: sessionmaker[Session], store: ObjectStore, team: Team, job_id: str
+    *,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    team: Team,
+    job_id: str,
+    actor: Actor | None = None,
 ) -> str:
     """Delete a terminal job: its stored objects (adapter, checkpoints, diagnostics), then its
     row with its events, metrics, checkpoints and artifacts. 409 while it can still run."""
@@ -44,6 +50,7 @@ def delete_job(
         job = db.get(Job, job_id)
         if job is not None:  # a concurrent delete may have gone first
             db.delete(job)  # its children go by ON DELETE CASCADE
+            record(db, actor, "job.delete", job_id)
     return job_id
 
 

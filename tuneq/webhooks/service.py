@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneq.audit.service import Actor, record
 from tuneq.db import db_now, transaction, utcnow
 from tuneq.errors import NotFound
 from tuneq.idempotency.service import idempotent, request_hash
@@ -37,6 +38,7 @@ def create_webhook(
     team: Team,
     body: WebhookCreate,
     idempotency_key: str | None,
+    actor: Actor | None = None,
 ) -> dict[str, Any]:
     """Register an endpoint after checking its target (SSRF); the answer, as JSON, is the
     only one that shows the signing secret (a retry under the same Idempotency-Key gets
@@ -63,6 +65,7 @@ def create_webhook(
             )
             db.add(endpoint)
             db.flush()
+            record(db, actor, "webhook.create", endpoint.id)
             created = WebhookCreated.of(endpoint).model_dump(mode="json")
             request.record(db, 201, created)
     return created
@@ -84,10 +87,13 @@ def get_webhook(*, db: Session, team: Team, webhook_id: str) -> WebhookEndpoint:
     return endpoint
 
 
-def delete_webhook(*, db: Session, team: Team, webhook_id: str) -> WebhookEndpoint:
+def delete_webhook(
+    *, db: Session, team: Team, webhook_id: str, actor: Actor | None = None
+) -> WebhookEndpoint:
     """Delete the endpoint and, with it, every delivery still owed to it."""
     endpoint = get_webhook(db=db, team=team, webhook_id=webhook_id)
     db.delete(endpoint)
+    record(db, actor, "webhook.delete", endpoint.id)
     return endpoint
 
 
