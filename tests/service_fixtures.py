@@ -29,8 +29,12 @@ from tuneq.teams.service import create_key, create_team
 
 
 def make_settings(home: Path, **overrides: Any) -> Settings:
-    """Embedded settings under `home` (SQLite, filesystem broker, local store), overridable."""
-    values: dict[str, Any] = {"home": home, "lease_ttl_seconds": 3.0} | overrides
+    """Embedded settings under `home` (SQLite, filesystem broker, local store), overridable.
+
+    No rate limit: tests poll faster than any client, and a module's app keeps its buckets
+    from test to test (tests/test_ratelimit.py turns it on)."""
+    values: dict[str, Any] = {"home": home, "lease_ttl_seconds": 3.0, "rate_limit_per_second": 0}
+    values |= overrides
     return Settings(**values)
 
 

@@ -54,6 +54,7 @@ class Stack:
                 env[f"TUNEQ_{key.upper()}"] = str(value)
         env.setdefault("TUNEQ_LEASE_TTL_SECONDS", "3")
         env.setdefault("TUNEQ_HANDBACK_DELAY_SECONDS", "0.5")  # a lost job back in seconds
+        env.setdefault("TUNEQ_RATE_LIMIT_PER_SECOND", "0")  # as make_settings: tests poll fast
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

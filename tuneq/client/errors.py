@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class TuneqAPIError(Exception):
 
     @classmethod
     def unreachable(cls, url: str, cause: Exception) -> TuneqAPIError:
-        return cls(None, "connection_error", f"cannot reach {url}: {cause or type(cause).__name__}")
+        # A presigned URL's query is its credential: name the place, never the signature.
+        place = urlsplit(url)._replace(query="", fragment="").geturl()
+        reason = cause or type(cause).__name__
+        return cls(None, "connection_error", f"cannot reach {place}: {reason}")
 
 
 class MissingSetting(ValueError):
