@@ -20,9 +20,15 @@ from peft_engine.methods import METHODS
 from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
 from peft_engine.rates import auto_learning_rate, head_learning_rate
+from peft_engine.spec_errors import (
+    METADATA_KEY_PATTERN,
+    METADATA_MAX_KEYS,
+    METADATA_MAX_VALUE_CHARS,
+    spec_error_from,
+)
 
 Auto = Literal["auto"]
-MetadataKey = Annotated[str, Field(pattern=r"^[\w.:-]{1,64}$")]
+MetadataKey = Annotated[str, Field(pattern=METADATA_KEY_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -52,7 +58,6 @@ def _method_type(value: Any) -> Any:
 
 
 # Every registered method's spec, told apart by "type".
-METHOD_TYPES = tuple(METHODS)
 Method = Annotated[
     Union[tuple(Annotated[m.spec, Tag(m.type)] for m in METHODS.values())],  # noqa: UP007
     Discriminator(_method_type),
@@ -116,20 +121,32 @@ class JobSpec(_Strict):
     # checkpoint, not the lost steps after it); then it stops and keeps its best weights.
     max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    # Keys are filterable (`GET /jobs?metadata[k]=v`): letters, digits and `_ . : -` only.
-    metadata: dict[MetadataKey, Annotated[str, Field(max_length=512)]] = Field(
-        default_factory=dict, max_length=64
+    metadata: dict[MetadataKey, Annotated[str, Field(max_length=METADATA_MAX_VALUE_CHARS)]] = Field(
+        default_factory=dict, max_length=METADATA_MAX_KEYS
     )
 
 
 def parse_spec(data: Any) -> JobSpec:
     """Validate a decoded JSON spec; the first problem becomes a SpecError naming its field."""
     try:
-        spec = JobSpec.model_validate(data)
+        # Strict: "16" is not 16, nor 1 true. A spec means what its JSON types say, as the
+        # API's schema shows it (a lax parse would accept what the schema calls invalid).
+        spec = JobSpec.model_validate(_whole_floats_as_ints(data), strict=True)
     except ValidationError as exc:
         raise spec_error_from(exc) from None
     check_spec(spec)
     return spec
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    """JSON does not tell 3 from 3.0 (JSON Schema's integer is either); strict pydantic does."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -202,53 +219,6 @@ def check_preference_spec(spec: JobSpec) -> None:
             "cannot be packed; set packing to false",
             param="hyperparameters.packing",
         )
-
-
-def spec_error_from(exc: ValidationError) -> SpecError:
-    # pydantic reports one error per union member tried; keep the most telling one per field.
-    by_field: dict[str, str] = {}
-    for err in exc.errors():
-        loc = err["loc"]
-        if loc[:1] == ("method",) and len(loc) > 1:
-            loc = ("method", *loc[2:])  # drop the union tag pydantic inserts ("lora")
-        if loc[:2] == ("method", "objective") and len(loc) > 2:
-            loc = ("method", "objective", *loc[3:])  # and the objective's ("dpo")
-        field = ".".join(str(p) for p in loc if not _is_union_branch(p))
-        message = _friendly_message(err)
-        if field not in by_field or by_field[field].startswith("Input should be 'auto'"):
-            by_field[field] = message
-    field, message = next(iter(by_field.items()))
-    if len(by_field) > 1:
-        message += f" (and {len(by_field) - 1} more: {', '.join(list(by_field)[1:4])})"
-    return SpecError(message, param=field or None)
-
-
-def _friendly_message(err: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown field"
-    if err["loc"][-1:] == ("objective",):
-        return _objective_message(err)
-    if err["type"] == "union_tag_invalid":
-        return f"unknown method {err['input'].get('type')!r}; supported: {', '.join(METHOD_TYPES)}"
-    if err["type"] == "union_tag_not_found":
-        return 'must be an object such as {"type": "lora", "r": 16}'
-    return err["msg"]
-
-
-def _objective_message(err: Any) -> str:
-    if err["type"] == "union_tag_invalid":
-        return f"unknown objective {err['input'].get('type')!r}; supported: sft, dpo"
-    if err["type"] == "union_tag_not_found":
-        return 'must be an object such as {"type": "dpo", "beta": 0.1}'
-    return err["msg"]
-
-
-def _is_union_branch(part: Any) -> bool:
-    # pydantic names the union member it tried ("int", "literal['auto']"): not a field.
-    return isinstance(part, str) and (
-        part in {"int", "float", "str", "bool", "list[str]", "constrained-float"}
-        or part.startswith(("literal[", "list[", "function-", "constrained-"))
-    )
 
 
 # ---------------------------------------------------------------------------------------

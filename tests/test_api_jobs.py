@@ -189,6 +189,27 @@ BAD_INPUT: dict[str, BadInput] = {
         "invalid_request",
         "suffix",
     ),
+    # metadata is capped as Stripe caps it: 50 keys, keys of 40 characters, values of 500
+    "metadata with 51 keys": (
+        lambda env: job_spec(env.train_a, metadata={f"k{i}": "v" for i in range(51)}),
+        "invalid_request",
+        "metadata",
+    ),
+    "metadata key of 41 characters": (
+        lambda env: job_spec(env.train_a, metadata={"k" * 41: "v"}),
+        "invalid_request",
+        "metadata." + "k" * 41,
+    ),
+    "metadata value of 501 characters": (
+        lambda env: job_spec(env.train_a, metadata={"team": "v" * 501}),
+        "invalid_request",
+        "metadata.team",
+    ),
+    "r as a string": (  # a spec's JSON types are what they say: "4" is no number
+        lambda env: job_spec(env.train_a, method={"type": "lora", "r": "4"}),
+        "invalid_request",
+        "method.r",
+    ),
 }
 
 

@@ -21,6 +21,10 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
+# The largest integer SQLite's INTEGER and PostgreSQL's BIGINT hold: a row id, a cursor. A
+# number past it given in a request is refused as invalid, never sent to the database.
+MAX_ROW_ID = 2**63 - 1
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",

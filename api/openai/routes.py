@@ -15,6 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from starlette.responses import StreamingResponse
 
 from api.deps import (
+    CallerDep,
     CeleryDep,
     DbDep,
     RegistryDep,
@@ -35,7 +36,8 @@ from api.openai.objects import (
     page,
 )
 from api.openai.requests import JobCreate, renamed, translate
-from api.routes.files import UPLOAD_BODY, download_file, receive_upload
+from api.openapi_docs import openai_responses
+from api.routes.files import UPLOAD_BODY, UPLOAD_REFUSALS, download_file, receive_upload
 from api.routes.jobs import metadata_filter
 from tuneq.errors import NotFound, TuneqError, field_error
 from tuneq.files import service as files
@@ -49,15 +51,30 @@ router = APIRouter(prefix=PREFIX, tags=["openai"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 IdempotencyKey = Annotated[str | None, Header()]
+NO_FILE = (404, "no such file (another team's file does not exist for you)")
+NO_JOB = (404, "no such job (another team's job does not exist for you)")
+# The cursors `after` takes: an id as the list gives it, or its number (see _cursor).
+CURSOR_DIGITS = 18  # any such number is a row id (tuneq.db.MAX_ROW_ID has 19 digits)
+EVENT_CURSOR = Query(
+    json_schema_extra={"pattern": f"^({EVENT_ID_PREFIX})?[0-9]{{1,{CURSOR_DIGITS}}}$"}
+)
+CHECKPOINT_CURSOR = Query(
+    json_schema_extra={"pattern": f"^({CHECKPOINT_ID_PREFIX})?[0-9]{{1,{CURSOR_DIGITS}}}$"}
+)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-@router.post("/files", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+@router.post(
+    "/files",
+    response_model=FileObject,
+    openapi_extra=UPLOAD_BODY,
+    responses=openai_responses(*[(400 if s == 422 else s, why) for s, why in UPLOAD_REFUSALS]),
+)
 async def create_file(
     request: Request,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -65,7 +82,7 @@ async def create_file(
 ) -> FileObject:
     native = await receive_upload(
         request,
-        team=team,
+        caller=caller,
         sessions=sessions,
         store=store,
         settings=settings,
@@ -81,7 +98,7 @@ def list_files(
     after: str | None = None,
     limit: Limit = 100,
     purpose: str | None = None,
-    order: str = "desc",
+    order: Annotated[str, Query(json_schema_extra={"enum": ["desc"]})] = "desc",
 ) -> dict[str, Any]:
     if order != "desc":
         raise field_error("order", "files are listed newest first only: 'desc'")
@@ -91,14 +108,20 @@ def list_files(
     return page([_file(row) for row in rows], has_more=has_more)
 
 
-@router.get("/files/{file_id}", response_model=FileObject)
+@router.get("/files/{file_id}", response_model=FileObject, responses=openai_responses(NO_FILE))
 def retrieve_file(file_id: str, team: TeamDep, db: DbDep) -> FileObject:
     return _file(files.get_file(db=db, team=team, file_id=file_id))
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> FileDeleted:
-    file = files.delete_file(db=db, store=store, team=team, file_id=file_id)
+@router.delete(
+    "/files/{file_id}",
+    response_model=FileDeleted,
+    responses=openai_responses(NO_FILE, (409, "a job that can still run uses the file")),
+)
+def delete_file(file_id: str, caller: CallerDep, db: DbDep, store: StoreDep) -> FileDeleted:
+    file = files.delete_file(
+        db=db, store=store, team=caller.team, file_id=file_id, actor=caller.actor
+    )
     return FileDeleted(id=file.id)
 
 
@@ -108,7 +131,11 @@ router.add_api_route(
     download_file,
     methods=["GET"],
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
+    responses={
+        200: {"description": "the file's bytes", "content": {"application/octet-stream": {}}},
+        307: {"description": "redirect=true on S3: a short-lived presigned URL in Location"},
+        **openai_responses(NO_FILE, (503, "the object store did not answer")),
+    },
 )
 
 
@@ -119,10 +146,21 @@ def _file(row: Any) -> FileObject:
 # ----------------------------------------------------------------------------- jobs
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJob)
+@router.post(
+    "/fine_tuning/jobs",
+    response_model=FineTuningJob,
+    responses=openai_responses(
+        (400, "a request it cannot honour, as OpenAI answers it: an invalid field, a model "
+              "not in the registry, a file that is not the team's or not a valid dataset "
+              "(`param` names the field)"),
+        (409, "a request with the same Idempotency-Key is still in progress"),
+        (429, "over the key's rate limit, or the team's queued-jobs or GPU-seconds quota"),
+        (503, "the object store did not answer"),
+    ),
+)  # fmt: skip
 def create_job(
     body: JobCreate,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -140,14 +178,15 @@ def create_job(
             settings=settings,
             registry=registry,
             broker=celery,
-            team=team,
+            team=caller.team,
             body=translation.body,
             idempotency_key=idempotency_key,
             defer=background.add_task,
+            actor=caller.actor,
         )
     except TuneqError as err:
         raise renamed(err, translation) from None
-    return _job(submitted.body, team)
+    return _job(submitted.body, caller.team)
 
 
 @router.get("/fine_tuning/jobs")
@@ -160,7 +199,9 @@ async def list_jobs(
     return page([_job(job, team) for job in native["data"]], has_more=native["has_more"])
 
 
-@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
+@router.get(
+    "/fine_tuning/jobs/{job_id}", response_model=FineTuningJob, responses=openai_responses(NO_JOB)
+)
 async def retrieve_job(job_id: str, request: Request, team: TeamDep) -> FineTuningJob:
     # What clients poll: the native road's reader (api.job_reads), then OpenAI's shape.
     job_reads: JobReads = request.app.state.job_reads
@@ -170,20 +211,34 @@ async def retrieve_job(job_id: str, request: Request, team: TeamDep) -> FineTuni
     return _job(json.loads(document), team)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> FineTuningJob:
-    return _job(jobs.cancel_job(sessions=sessions, team=team, job_id=job_id), team)
+@router.post(
+    "/fine_tuning/jobs/{job_id}/cancel",
+    response_model=FineTuningJob,
+    responses=openai_responses(NO_JOB, (409, "the job has ended: it cannot be cancelled")),
+)
+def cancel_job(job_id: str, caller: CallerDep, sessions: SessionsDep) -> FineTuningJob:
+    team, actor = caller.team, caller.actor
+    return _job(jobs.cancel_job(sessions=sessions, team=team, job_id=job_id, actor=actor), team)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJob)
-def pause_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> FineTuningJob:
-    return _job(jobs.pause_job(sessions=sessions, team=team, job_id=job_id), team)
+@router.post(
+    "/fine_tuning/jobs/{job_id}/pause",
+    response_model=FineTuningJob,
+    responses=openai_responses(NO_JOB, (409, "the job has ended or is being cancelled")),
+)
+def pause_job(job_id: str, caller: CallerDep, sessions: SessionsDep) -> FineTuningJob:
+    team, actor = caller.team, caller.actor
+    return _job(jobs.pause_job(sessions=sessions, team=team, job_id=job_id, actor=actor), team)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob)
+@router.post(
+    "/fine_tuning/jobs/{job_id}/resume",
+    response_model=FineTuningJob,
+    responses=openai_responses(NO_JOB, (409, "the job is not paused")),
+)
 def resume_job(
     job_id: str,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
@@ -193,16 +248,21 @@ def resume_job(
         sessions=sessions,
         settings=settings,
         broker=celery,
-        team=team,
+        team=caller.team,
         job_id=job_id,
         defer=background.add_task,
+        actor=caller.actor,
     )
-    return _job(resumed, team)
+    return _job(resumed, caller.team)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events")
+@router.get("/fine_tuning/jobs/{job_id}/events", responses=openai_responses(NO_JOB))
 def list_events(
-    job_id: str, team: TeamDep, db: DbDep, after: str | None = None, limit: Limit = 20
+    job_id: str,
+    team: TeamDep,
+    db: DbDep,
+    after: Annotated[str | None, EVENT_CURSOR] = None,
+    limit: Limit = 20,
 ) -> dict[str, Any]:
     job = jobs.get_job(db=db, team=team, job_id=job_id)
     before = _cursor(after, EVENT_ID_PREFIX)
@@ -213,9 +273,13 @@ def list_events(
     return page([FineTuningJobEvent.of(event) for event in native], has_more=has_more)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", responses=openai_responses(NO_JOB))
 def list_checkpoints(
-    job_id: str, team: TeamDep, db: DbDep, after: str | None = None, limit: Limit = 10
+    job_id: str,
+    team: TeamDep,
+    db: DbDep,
+    after: Annotated[str | None, CHECKPOINT_CURSOR] = None,
+    limit: Limit = 10,
 ) -> dict[str, Any]:
     """Newest first. A job keeps few checkpoints: the page is cut from the whole list."""
     job = jobs.get_job(db=db, team=team, job_id=job_id)
@@ -251,6 +315,7 @@ def _cursor(after: str | None, prefix: str) -> int | None:
     if after is None:
         return None
     number = after.removeprefix(prefix)
-    if not number.isdigit():
+    # ASCII digits only (int() takes "²"), few enough for the database's integers
+    if not (number.isascii() and number.isdigit() and len(number) <= CURSOR_DIGITS):
         raise field_error("after", f"not an id this list gave: expected {prefix}<number>")
     return int(number)

@@ -13,18 +13,29 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response
 
-from api.deps import DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
+from api.deps import Caller, CallerDep, DbDep, SessionsDep, SettingsDep, StoreDep, TeamDep
 from api.downloads import Redirect, stored_object_response
+from api.openapi_docs import responses
 from api.uploads import MultipartUpload, read_upload
 from tuneq.files import service
 from tuneq.files.schemas import FileDeleted, FilePublic, FilesPublic
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
-from tuneq.teams.models import Team
 
 router = APIRouter(prefix="/files", tags=["files"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+NO_FILE = (404, "no such file (another team's file does not exist for you)")
+STORE = (503, "the object store did not answer")
+# What an upload can be refused for (the facade's upload too, in OpenAI's shape).
+UPLOAD_REFUSALS = (
+    (403, "the team's stored bytes would pass its quota (the problem names it)"),
+    (409, "a request with the same Idempotency-Key is still in progress"),
+    (413, "the file is over TUNEQ_MAX_UPLOAD_BYTES; refused before it is read whole"),
+    (422, "the body is not multipart/form-data with one `file`, or the file is not a valid "
+          "dataset: `errors[]` names each line at fault (invalid_training_file)"),
+    STORE,
+)  # fmt: skip
 
 # The upload's multipart body in OpenAPI (read by api.uploads, not by FastAPI); the
 # facade's upload (api/openai) takes the same body.
@@ -47,10 +58,16 @@ UPLOAD_BODY = {
 }
 
 
-@router.post("", status_code=201, response_model=FilePublic, openapi_extra=UPLOAD_BODY)
+@router.post(
+    "",
+    status_code=201,
+    response_model=FilePublic,
+    openapi_extra=UPLOAD_BODY,
+    responses=responses(*UPLOAD_REFUSALS),
+)
 async def upload_file(
     request: Request,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -58,7 +75,7 @@ async def upload_file(
 ) -> JSONResponse:
     public = await receive_upload(
         request,
-        team=team,
+        caller=caller,
         sessions=sessions,
         store=store,
         settings=settings,
@@ -70,7 +87,7 @@ async def upload_file(
 async def receive_upload(
     request: Request,
     *,
-    team: Team,
+    caller: Caller,
     sessions: sessionmaker[Session],
     store: ObjectStore,
     settings: Settings,
@@ -84,9 +101,10 @@ async def receive_upload(
             sessions=sessions,
             store=store,
             settings=settings,
-            team=team,
+            team=caller.team,
             upload=upload,
             idempotency_key=idempotency_key,
+            actor=caller.actor,
         )
 
     # Reading, validating and storing are blocking work: all of it off the event loop.
@@ -99,7 +117,7 @@ def list_files(team: TeamDep, db: DbDep, limit: Limit = 20, after: str | None = 
     return FilesPublic(data=[FilePublic.of(f) for f in files], has_more=has_more)
 
 
-@router.get("/{file_id}", response_model=FilePublic)
+@router.get("/{file_id}", response_model=FilePublic, responses=responses(NO_FILE))
 def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
     return FilePublic.of(service.get_file(db=db, team=team, file_id=file_id))
 
@@ -107,7 +125,11 @@ def get_file(file_id: str, team: TeamDep, db: DbDep) -> Any:
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
+    responses={
+        200: {"description": "the file's bytes", "content": {"application/octet-stream": {}}},
+        307: {"description": "redirect=true on S3: a short-lived presigned URL in Location"},
+        **responses(NO_FILE, STORE),
+    },
 )
 def download_file(
     file_id: str, team: TeamDep, db: DbDep, store: StoreDep, redirect: Redirect = True
@@ -123,7 +145,13 @@ def download_file(
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> Any:
-    file = service.delete_file(db=db, store=store, team=team, file_id=file_id)
+@router.delete(
+    "/{file_id}",
+    response_model=FileDeleted,
+    responses=responses(NO_FILE, (409, "a job that can still run uses the file"), STORE),
+)
+def delete_file(file_id: str, caller: CallerDep, db: DbDep, store: StoreDep) -> Any:
+    file = service.delete_file(
+        db=db, store=store, team=caller.team, file_id=file_id, actor=caller.actor
+    )
     return FileDeleted(id=file.id)

@@ -18,7 +18,26 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+# What /readyz answers, ready (200) or not (503): each dependency "ok" or its error.
+READINESS = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "database, broker and store answered", "content": {
+            "application/json": {"schema": READINESS}}},
+        503: {"description": "one of them did not: `checks` says which", "content": {
+            "application/json": {"schema": READINESS}}},
+    },
+)  # fmt: skip
 def readyz(sessions: SessionsDep, store: StoreDep, celery: CeleryDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:

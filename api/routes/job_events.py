@@ -34,11 +34,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import DbDep, Reads, TeamDep
-from api.routes.jobs import Limit, list_page
+from api.openapi_docs import responses
+from api.routes.jobs import NO_JOB, Limit, list_page
+from tuneq.db import MAX_ROW_ID
 from tuneq.errors import NotFound
 from tuneq.jobs import service
 from tuneq.jobs.models import JobEvent
-from tuneq.jobs.schemas import EventPublic, JobPublic
+from tuneq.jobs.schemas import EventPublic, EventsPublic, JobPublic
 from tuneq.jobs.states import TERMINAL
 from tuneq.settings import Settings
 from tuneq.teams.models import Team
@@ -51,9 +53,13 @@ PAGE = 100  # events read per poll; a page that is full is followed by the next 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=EventsPublic, responses=responses(NO_JOB))
 def list_events(
-    job_id: str, team: TeamDep, db: DbDep, after: int | None = None, limit: Limit = 100
+    job_id: str,
+    team: TeamDep,
+    db: DbDep,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID)] = None,
+    limit: Limit = 100,
 ) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
     events, has_more = service.list_events(db=db, job=job, after=after, limit=limit)
@@ -63,14 +69,21 @@ def list_events(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}},
+    responses={
+        200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}},
+        **responses(NO_JOB),
+    },
 )
 async def stream_events(
     job_id: str,
     request: Request,
     team: TeamDep,
-    after: Annotated[int | None, Query(description="resume after this event id")] = None,
-    last_event_id: Annotated[int | None, Header(description="resume after it (wins)")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_ROW_ID, description="resume after this event id")
+    ] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_ROW_ID, description="resume after it (wins)")
+    ] = None,
 ) -> StreamingResponse:
     """The job's events with id > Last-Event-ID (or `after`), then the ones to come."""
     reads: Reads = request.app.state.reads

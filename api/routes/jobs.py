@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from api.deps import (
+    CallerDep,
     CeleryDep,
     DbDep,
     InferenceResultsDep,
@@ -22,31 +23,52 @@ from api.deps import (
 )
 from api.downloads import Redirect, stored_object_response
 from api.job_reads import JobQuery, JobReads
+from api.openapi_docs import json_body, responses
 from tuneq.errors import NotFound
 from tuneq.inference import service as inference
 from tuneq.inference.schemas import GenerateRequest, Generation
 from tuneq.jobs import retention, service
 from tuneq.jobs.schemas import (
     ArtifactPublic,
+    ArtifactsPublic,
     CheckpointPublic,
+    CheckpointsPublic,
     DryRunPublic,
     JobDeleted,
     JobPublic,
+    JobsPublic,
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+NO_JOB = (404, "no such job (another team's job does not exist for you)")
+STORE = (503, "the object store did not answer")
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {}}}
-
-
-@router.post("", status_code=201, response_model=JobPublic | DryRunPublic)
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    openapi_extra=json_body("JobSpec"),
+    responses={
+        200: {"model": DryRunPublic, "description": "dry_run=true: the spec resolved, with "
+              "the tokens, steps and time it would take; nothing is created"},
+        **responses(
+            (409, "a request with the same Idempotency-Key is still in progress"),
+            (422, "the spec is invalid, or does not suit its model or its files: `param` "
+                  "names the field (model_not_found, invalid_training_file with the lines at "
+                  "fault, invalid_hyperparameters); a file id that is not the team's; the "
+                  "same Idempotency-Key with another body"),
+            (429, "over the key's rate limit, or the team's queued-jobs or GPU-seconds quota "
+                  "(the problem names the quota, its limit and use)"),
+            STORE,
+        ),
+    },
+)  # fmt: skip
 def create_job(
     body: Annotated[dict[str, Any], Body(description="a job spec (DESIGN §5)")],
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -64,16 +86,17 @@ def create_job(
         settings=settings,
         registry=registry,
         broker=celery,
-        team=team,
+        team=caller.team,
         body=body,
         dry_run=dry_run,
         idempotency_key=idempotency_key,
         defer=background.add_task,
+        actor=caller.actor,
     )
     return JSONResponse(submitted.body, status_code=submitted.status)
 
 
-@router.get("")
+@router.get("", response_model=JobsPublic)
 async def list_jobs(
     request: Request,
     team: TeamDep,
@@ -99,7 +122,7 @@ def metadata_filter(request: Request) -> dict[str, str]:
     }
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=responses(NO_JOB))
 async def get_job(job_id: str, request: Request, team: TeamDep) -> Response:
     # The most polled route: on the event loop with PostgreSQL, no ORM (api.job_reads), and
     # the reader taken from the app rather than through a dependency (a tenth of the CPU).
@@ -110,20 +133,34 @@ async def get_job(job_id: str, request: Request, team: TeamDep) -> Response:
     return Response(document, media_type="application/json")
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> JobPublic:
-    return service.cancel_job(sessions=sessions, team=team, job_id=job_id)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses=responses(NO_JOB, (409, "the job has ended: it cannot be cancelled")),
+)
+def cancel_job(job_id: str, caller: CallerDep, sessions: SessionsDep) -> JobPublic:
+    return service.cancel_job(
+        sessions=sessions, team=caller.team, job_id=job_id, actor=caller.actor
+    )
 
 
-@router.post("/{job_id}/pause", response_model=JobPublic)
-def pause_job(job_id: str, team: TeamDep, sessions: SessionsDep) -> JobPublic:
-    return service.pause_job(sessions=sessions, team=team, job_id=job_id)
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    responses=responses(NO_JOB, (409, "the job has ended or is being cancelled")),
+)
+def pause_job(job_id: str, caller: CallerDep, sessions: SessionsDep) -> JobPublic:
+    return service.pause_job(sessions=sessions, team=caller.team, job_id=job_id, actor=caller.actor)
 
 
-@router.post("/{job_id}/resume", response_model=JobPublic)
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    responses=responses(NO_JOB, (409, "the job is not paused")),
+)
 def resume_job(
     job_id: str,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
@@ -133,43 +170,58 @@ def resume_job(
         sessions=sessions,
         settings=settings,
         broker=celery,
-        team=team,
+        team=caller.team,
         job_id=job_id,
         defer=background.add_task,
+        actor=caller.actor,
     )
 
 
 @router.delete(
     "/{job_id}",
     response_model=JobDeleted,
-    responses={409: _problem("the job can still run (queued, running, paused): cancel it first")},
+    responses=responses(
+        NO_JOB, (409, "the job can still run (queued, running, paused): cancel it first"), STORE
+    ),
 )
-def delete_job(job_id: str, team: TeamDep, sessions: SessionsDep, store: StoreDep) -> JobDeleted:
+def delete_job(
+    job_id: str, caller: CallerDep, sessions: SessionsDep, store: StoreDep
+) -> JobDeleted:
     """Delete a finished job and everything it stored: the adapter, every checkpoint, the
     diagnostics, its events and metrics. It is gone: its address is a 404 afterwards."""
-    return JobDeleted(
-        id=retention.delete_job(sessions=sessions, store=store, team=team, job_id=job_id)
+    deleted = retention.delete_job(
+        sessions=sessions, store=store, team=caller.team, job_id=job_id, actor=caller.actor
     )
+    return JobDeleted(id=deleted)
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", responses=responses(NO_JOB))
 def get_metrics(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     return service.metrics_series(db=db, job=service.get_job(db=db, team=team, job_id=job_id))
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic, responses=responses(NO_JOB))
 def list_checkpoints(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
     return list_page(map(CheckpointPublic.of, service.list_checkpoints(db=db, job=job)))
 
 
-@router.get("/{job_id}/artifacts")
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=responses(NO_JOB))
 def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
     return list_page(map(ArtifactPublic.of, service.list_artifacts(db=db, job=job)))
 
 
-@router.get("/{job_id}/artifacts/{name}", response_model=None)
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_model=None,
+    responses={
+        200: {"description": "the artifact (local store)",
+              "content": {"application/gzip": {}, "application/x-ndjson": {}}},
+        307: {"description": "redirect=true on S3: a short-lived presigned URL in Location"},
+        **responses((404, "no such job, or no artifact of that name"), STORE),
+    },
+)  # fmt: skip
 def download_artifact(
     job_id: str, name: str, team: TeamDep, db: DbDep, store: StoreDep, redirect: Redirect = True
 ) -> Response:
@@ -185,7 +237,12 @@ def download_artifact(
     )
 
 
-@router.get("/{job_id}/diagnostics")
+@router.get(
+    "/{job_id}/diagnostics",
+    responses=responses(
+        NO_JOB, (409, "job_not_finished, or diagnostics_unavailable (see below)"), STORE
+    ),
+)
 def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> dict[str, Any]:
     """The worst validation examples, the hardest training examples and the most confused
     label pairs of a finished job (409 job_not_finished before it has a result, 409
@@ -198,12 +255,14 @@ def get_diagnostics(job_id: str, team: TeamDep, db: DbDep, store: StoreDep) -> d
     "/{job_id}/generate",
     response_model=Generation,
     responses={
-        404: _problem("no such job (another team's job does not exist for you)"),
-        409: _problem("adapter_not_ready: the job has no adapter yet (ask for a checkpoint)"),
-        422: _problem("an input the job's task does not take, or over a limit; a checkpoint "
-                      "the job does not have (the field is named)"),
-        503: _problem("inference_unavailable: no worker took the request in time, or its "
-                      "answer did not come in time"),
+        **responses(
+            NO_JOB,
+            (409, "adapter_not_ready: the job has no adapter yet (ask for a checkpoint)"),
+            (422, "an input the job's task does not take, or over a limit; a checkpoint "
+                  "the job does not have (the field is named)"),
+            (503, "inference_unavailable: no worker took the request in time, or its "
+                  "answer did not come in time"),
+        ),
     },
 )  # fmt: skip
 async def generate(

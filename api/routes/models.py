@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import RegistryDep, SettingsDep, TeamDep
+from api.openapi_docs import responses
 from tuneq import catalog
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -18,7 +19,7 @@ def list_models(_: TeamDep, registry: RegistryDep, settings: SettingsDep) -> dic
     return {"object": "list", "data": data, "has_more": False}
 
 
-@router.get("/{model_id}")
+@router.get("/{model_id}", responses=responses((404, "no model of that name in the registry")))
 def get_model(
     model_id: str, _: TeamDep, registry: RegistryDep, settings: SettingsDep
 ) -> dict[str, Any]:

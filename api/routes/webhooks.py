@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
-from api.deps import DbDep, SessionsDep, SettingsDep, TeamDep
+from api.deps import CallerDep, DbDep, SessionsDep, SettingsDep, TeamDep
+from api.openapi_docs import responses
 from tuneq.webhooks import service
 from tuneq.webhooks.schemas import (
     DeliveriesPublic,
@@ -23,12 +24,22 @@ from tuneq.webhooks.schemas import (
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+NO_WEBHOOK = (404, "no such webhook (another team's does not exist for you)")
 
 
-@router.post("", status_code=201, response_model=WebhookCreated)
+@router.post(
+    "",
+    status_code=201,
+    response_model=WebhookCreated,
+    responses=responses(
+        (409, "a request with the same Idempotency-Key is still in progress"),
+        (422, "an invalid field (`param` names it): a URL that is not http(s), or whose host "
+              "is private or not allowed (TUNEQ_WEBHOOK_ALLOWED_HOSTS), an unknown event"),
+    ),
+)  # fmt: skip
 def create_webhook(
     body: WebhookCreate,
-    team: TeamDep,
+    caller: CallerDep,
     sessions: SessionsDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header()] = None,
@@ -37,9 +48,10 @@ def create_webhook(
     created = service.create_webhook(
         sessions=sessions,
         settings=settings,
-        team=team,
+        team=caller.team,
         body=body,
         idempotency_key=idempotency_key,
+        actor=caller.actor,
     )
     return JSONResponse(created, status_code=201)
 
@@ -50,18 +62,22 @@ def list_webhooks(team: TeamDep, db: DbDep, limit: Limit = 20, after: str | None
     return WebhooksPublic(data=[WebhookPublic.of(e) for e in endpoints], has_more=has_more)
 
 
-@router.get("/{webhook_id}", response_model=WebhookPublic)
+@router.get("/{webhook_id}", response_model=WebhookPublic, responses=responses(NO_WEBHOOK))
 def get_webhook(webhook_id: str, team: TeamDep, db: DbDep) -> Any:
     return WebhookPublic.of(service.get_webhook(db=db, team=team, webhook_id=webhook_id))
 
 
-@router.delete("/{webhook_id}", response_model=WebhookDeleted)
-def delete_webhook(webhook_id: str, team: TeamDep, db: DbDep) -> Any:
-    endpoint = service.delete_webhook(db=db, team=team, webhook_id=webhook_id)
+@router.delete("/{webhook_id}", response_model=WebhookDeleted, responses=responses(NO_WEBHOOK))
+def delete_webhook(webhook_id: str, caller: CallerDep, db: DbDep) -> Any:
+    endpoint = service.delete_webhook(
+        db=db, team=caller.team, webhook_id=webhook_id, actor=caller.actor
+    )
     return WebhookDeleted(id=endpoint.id)
 
 
-@router.get("/{webhook_id}/deliveries", response_model=DeliveriesPublic)
+@router.get(
+    "/{webhook_id}/deliveries", response_model=DeliveriesPublic, responses=responses(NO_WEBHOOK)
+)
 def list_deliveries(
     webhook_id: str, team: TeamDep, db: DbDep, limit: Limit = 20, after: str | None = None
 ) -> Any:

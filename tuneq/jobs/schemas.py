@@ -4,7 +4,7 @@ job's table also makes the polled reads' SELECT and encoder (api/job_reads.py)."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -44,8 +44,13 @@ JOB_DOCUMENT = (
     Field("progress", dict[str, Any] | None, Job.progress, shown=JSON_OR_NULL),
     Field("attempt", int, Job.attempt),
     Field("max_attempts", int, Job.max_attempts),
-    Field("max_runtime_seconds", int | None, Job.spec, member="max_runtime_seconds",
-          shown=JSON_OR_NULL),  # fmt: skip
+    Field(
+        "max_runtime_seconds",
+        int | None,
+        Job.spec,
+        member="max_runtime_seconds",
+        shown=JSON_OR_NULL,
+    ),  # fmt: skip
     Field("trained_tokens", int | None, Job.trained_tokens),
     Field("error", dict[str, Any] | None, Job.error, shown=JSON_OR_NULL),
     Field("result", dict[str, Any] | None, Job.result, shown=JSON_OR_NULL),
@@ -99,6 +104,30 @@ ArtifactPublic = public_model(
     ),
     module=__name__,
 )
+
+
+class JobsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]  # type: ignore[valid-type]
+    has_more: bool
+
+
+class EventsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventPublic]  # type: ignore[valid-type]
+    has_more: bool
+
+
+class CheckpointsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]  # type: ignore[valid-type]
+    has_more: bool
+
+
+class ArtifactsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactPublic]  # type: ignore[valid-type]
+    has_more: bool
 
 
 class JobDeleted(BaseModel):
