@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
+import psycopg
 from fastapi import FastAPI, Request, routing
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -68,9 +71,13 @@ def add_style(app: FastAPI, prefix: str, style: ErrorStyle) -> None:
     app.state.error_styles = (*getattr(app.state, "error_styles", ()), (prefix, style))
 
 
-def _render(request: Request, exc: TuneqError, headers: dict[str, str] | None = None) -> Response:
+def render(request: Request, exc: TuneqError, headers: dict[str, str] | None = None) -> Response:
+    """The error in its road's style; also for the middlewares that refuse a request before
+    any route sees it (api/ratelimit.py, api/limits.py)."""
     if exc.status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    elif exc.status == 413:  # the rest of the body is unread: the server must not read it on
+        headers = {**(headers or {}), "Connection": "close"}
     path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
     for prefix, style in getattr(request.app.state, "error_styles", ()):
         if path == prefix or path.startswith(prefix + "/"):
@@ -87,7 +94,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 async def _tuneq_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TuneqError)
-    return _render(request, exc)
+    return render(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -101,7 +108,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     ]
     first = items[0]
     detail = f"{first.field}: {first.message}" if first.field else first.message
-    return _render(request, InvalidRequest(detail, errors=items, param=first.field or None))
+    return render(request, InvalidRequest(detail, errors=items, param=first.field or None))
 
 
 class _HttpError(TuneqError):
@@ -121,7 +128,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # Starlette names the methods of the first route that matched the path; RFC 9110
         # wants every method the resource has, and each of ours is a route of its own.
         headers["Allow"] = ", ".join(sorted(_methods_for(request)))
-    return _render(request, _HttpError(exc.status_code, str(exc.detail)), headers or None)
+    return render(request, _HttpError(exc.status_code, str(exc.detail)), headers or None)
 
 
 def _methods_for(request: Request) -> set[str]:
@@ -136,12 +143,25 @@ def _methods_for(request: Request) -> set[str]:
     return methods
 
 
+async def _unstorable(request: Request, exc: Exception) -> Response:
+    """A value the database refuses to hold or compare (PostgreSQL: a NUL character in a
+    string, in a path, a query or a body) is the request's fault, not a server error; its
+    transaction is rolled back with the request's, so nothing is half-written."""
+    assert isinstance(exc, DataError | psycopg.DataError | asyncpg.DataError)
+    cause = str(getattr(exc, "orig", None) or "").strip().splitlines()[:1]
+    detail = "the request holds a value the database cannot store or compare"
+    return render(request, InvalidRequest(f"{detail}: {cause[0]}" if cause else detail))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    return _render(request, TuneqError("an unexpected error occurred"))
+    return render(request, TuneqError("an unexpected error occurred"))
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(TuneqError, _tuneq_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _unstorable)
+    app.add_exception_handler(psycopg.DataError, _unstorable)
+    app.add_exception_handler(asyncpg.DataError, _unstorable)  # the job reads' own driver
     app.add_exception_handler(Exception, _unexpected)
