@@ -7,10 +7,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import dashboard, metrics, openai, problems
+from api import (
+    dashboard,
+    limits,
+    metrics,
+    openai,
+    openapi_docs,
+    problems,
+    ratelimit,
+    request_ids,
+)
 from api.deps import Reads
 from api.job_reads import open_job_reads
-from api.routes import files, health, job_events, jobs, models, webhooks
+from api.routes import audit, files, health, job_events, jobs, keys, models, quota, webhooks
 from peft_engine.models import load_registry
 from tuneq import __version__, faults
 from tuneq.db import make_engine, make_sessionmaker
@@ -54,9 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    request_ids.install(app)  # around everything: every response (a 500 too) names its id
+    openapi_docs.install(app, settings)  # the document's errors and the statuses of every layer
+    limits.install(app, settings)  # a body over the cap: 413 before it is read whole
+    ratelimit.install(app, settings)  # a token bucket per API key: 429 past it
     metrics.install(app)
     # Routes are matched in order: the jobs routes, which clients poll, are tried first.
-    for module in (jobs, job_events, files, models, webhooks, health):
+    for module in (jobs, job_events, files, models, webhooks, keys, audit, quota, health):
         app.include_router(module.router)
     openai.install(app)  # the OpenAI-compatible facade, under /openai/v1
     dashboard.install(app)  # the page at /, its files under /ui/

@@ -33,6 +33,7 @@ PUBLIC_PATHS = frozenset(
 MISSING_FILE = "file-" + "0" * 26
 MISSING_JOB = "job-" + "0" * 26
 MISSING_WEBHOOK = "wh-" + "0" * 26
+MISSING_KEY = "tq_0000000"
 # A public address, so registration passes the SSRF checks without resolving a name.
 WEBHOOK_URL = "https://8.8.8.8/hook"
 
@@ -79,6 +80,11 @@ ENDPOINTS = [
     Endpoint("GET", "/webhooks/{webhook_id}", "object", 200),
     Endpoint("GET", "/webhooks/{webhook_id}/deliveries", "object", 200),
     Endpoint("DELETE", "/webhooks/{webhook_id}", "object"),
+    Endpoint("POST", "/keys", "collection"),
+    Endpoint("GET", "/keys", "collection"),
+    Endpoint("DELETE", "/keys/{prefix}", "object"),
+    Endpoint("GET", "/audit", "collection"),
+    Endpoint("GET", "/quota", "collection"),
 ]
 BY_ID = {str(e): e for e in ENDPOINTS}
 
@@ -123,12 +129,19 @@ class World:
     webhook_a: str
 
     def path(
-        self, endpoint: Endpoint, *, file_id: str = "", job_id: str = "", webhook_id: str = ""
+        self,
+        endpoint: Endpoint,
+        *,
+        file_id: str = "",
+        job_id: str = "",
+        webhook_id: str = "",
+        prefix: str = "",
     ) -> str:
         return endpoint.path.format(
             file_id=file_id or self.file_a,
             job_id=job_id or self.job_a,
             webhook_id=webhook_id or self.webhook_a,
+            prefix=prefix or self.key_a[:10],
             model_id="tiny-llama",
             name="adapter.tar.gz",
         )
@@ -157,6 +170,8 @@ class World:
         assert content.status_code == 200 and content.content == jsonl(TRAIN_ROWS)
         webhooks = self.client.get("/webhooks", headers=a).json()["data"]
         assert [w["id"] for w in webhooks] == [self.webhook_a]
+        keys = self.client.get("/keys", headers=a).json()["data"]
+        assert [(k["prefix"], k["status"]) for k in keys] == [(self.key_a[:10], "active")]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -183,6 +198,7 @@ CALLERS = {
     "no key": lambda world: {},
     "bad key": lambda world: auth("tq_" + secrets.token_urlsafe(32)),
     "not bearer": lambda world: {"Authorization": f"Basic {world.key_a}"},
+    "mistyped key": lambda world: auth(world.key_a[:20] + "!" + world.key_a[21:]),
 }
 
 
@@ -202,11 +218,13 @@ OBJECTS = [e for e in ENDPOINTS if e.kind == "object"]
 @pytest.mark.parametrize("endpoint", OBJECTS, ids=str)
 def test_another_teams_object_is_a_404_like_one_that_never_existed(world, endpoint):
     b = auth(world.key_b)
-    kind = next(k for k in ("file_id", "job_id", "webhook_id") if f"{{{k}}}" in endpoint.path)
+    kinds = ("file_id", "job_id", "webhook_id", "prefix")
+    kind = next(k for k in kinds if f"{{{k}}}" in endpoint.path)
     owned_id, missing_id = {
         "file_id": (world.file_a, MISSING_FILE),
         "job_id": (world.job_a, MISSING_JOB),
         "webhook_id": (world.webhook_a, MISSING_WEBHOOK),
+        "prefix": (world.key_a[:10], MISSING_KEY),
     }[kind]
     theirs = world.call(endpoint, b)
     missing = world.call(endpoint, b, **{kind: missing_id})
@@ -289,6 +307,56 @@ def test_another_teams_webhook_goes_to_its_own_team(world):
     world.assert_team_a_untouched()
 
 
+def test_another_team_lists_only_its_own_keys(world):
+    response = world.client.get("/keys", headers=auth(world.key_b))
+
+    assert response.status_code == 200
+    assert world.key_b[:10] in {k["prefix"] for k in response.json()["data"]}
+    assert world.key_a[:10] not in response.text
+
+
+def test_another_teams_new_key_is_its_own_teams(world):
+    created = world.call(BY_ID["POST /keys"], auth(world.key_b))
+
+    assert created.status_code == 201, created.text
+    new_b = created.json()["key"]
+    assert created.json()["prefix"] in {
+        k["prefix"] for k in world.client.get("/keys", headers=auth(world.key_b)).json()["data"]
+    }
+    assert (
+        world.client.get("/files", headers=auth(new_b)).json()["data"]
+        == world.client.get("/files", headers=auth(world.key_b)).json()["data"]
+    )
+    assert_problem(world.client.get(f"/files/{world.file_a}", headers=auth(new_b)), 404)
+    world.assert_team_a_untouched()
+
+
+def test_another_team_sees_only_its_own_audit_trail(world):
+    ours = world.client.get("/audit", headers=auth(world.key_a)).json()["data"]
+    theirs = world.client.get("/audit", headers=auth(world.key_b))
+
+    assert theirs.status_code == 200
+    assert {r["object_id"] for r in ours} >= {world.file_a, world.job_a, world.webhook_a}
+    for owned in (world.file_a, world.job_a, world.webhook_a, world.key_a[:10]):
+        assert owned not in theirs.text
+
+
+def test_a_team_sees_only_its_own_quota_and_usage(world):
+    ours = world.client.get("/quota", headers=auth(world.key_a)).json()
+    theirs = world.client.get("/quota", headers=auth(world.key_b)).json()
+
+    assert ours["team"] != theirs["team"]
+    assert ours["usage"]["queued_jobs"] >= 1 and ours["usage"]["stored_bytes"] > 0
+    # each team's use is what its own lists show, whatever the other holds
+    for key, quota in ((world.key_a, ours), (world.key_b, theirs)):
+        files = world.client.get("/files", headers=auth(key)).json()["data"]
+        jobs = world.client.get("/jobs", headers=auth(key)).json()["data"]
+        waiting = sum(job["status"] in ("queued", "paused") for job in jobs)
+        assert quota["usage"]["stored_bytes"] == sum(f["bytes"] for f in files), quota
+        assert quota["usage"]["queued_jobs"] == waiting, quota
+    world.assert_team_a_untouched()
+
+
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.kind == "catalogue"], ids=str)
 def test_the_model_catalogue_is_the_same_for_every_team(world, endpoint):
     theirs = world.call(endpoint, auth(world.key_b))
@@ -310,4 +378,8 @@ def test_every_collection_endpoint_has_an_other_team_test():
         "GET /models/{model_id}",
         "POST /webhooks",
         "GET /webhooks",
+        "POST /keys",
+        "GET /keys",
+        "GET /audit",
+        "GET /quota",
     }

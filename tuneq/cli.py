@@ -9,7 +9,12 @@
                                        between jobs)
     tuneq beat                         the periodic relay, reaper and webhook deliveries (one)
     tuneq admin create-team NAME
-    tuneq admin create-key --team NAME   prints the new key alone on its last line
+    tuneq admin create-key --team NAME [--name N] [--expires-in 30d | --expires-at TIME]
+                                       prints the new key alone on its last line
+    tuneq admin list-keys --team NAME    tuneq admin revoke-key PREFIX
+    tuneq admin set-quota --team NAME [--running-jobs N] [--queued-jobs N] [--stored-bytes
+                          SIZE] [--gpu-seconds N --gpu-window 7d]     (`default`: clear one)
+    tuneq admin show-quota --team NAME
 
 A user's commands (TUNEQ_URL, TUNEQ_API_KEY; `--json` on each; `tuneq jobs -h`):
     tuneq files upload|list|get|delete     tuneq models list
@@ -29,7 +34,10 @@ from typing import Any
 
 from tuneq.client.cli import register_user_commands
 from tuneq.errors import TuneqError
+from tuneq.logs import configure_logging, with_request_ids
+from tuneq.quotas import cli as quota_commands
 from tuneq.settings import Settings
+from tuneq.teams import cli as key_commands
 
 # The parts above the shared package, named "module:function" and imported only when their
 # command runs: tuneq/ never imports api/ or worker/ (tests/test_import_contracts.py).
@@ -45,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The servers log what they do; the commands a person runs print only their results.
     level = logging.INFO if args.run in (_api, _worker, _beat) else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(level, request_ids=args.run is _api)  # the API's lines name their request
     settings = Settings()
     try:
         return int(args.run(settings, args) or 0)
@@ -97,9 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     team = admin_commands.add_parser("create-team", help="create a team")
     team.add_argument("name")
     team.set_defaults(run=_create_team)
-    key = admin_commands.add_parser("create-key", help="create an API key for a team")
-    key.add_argument("--team", required=True)
-    key.set_defaults(run=_create_key)
+    key_commands.register(admin_commands)
+    quota_commands.register(admin_commands)
 
     register_user_commands(commands)
     return parser
@@ -177,6 +184,7 @@ def serve_http(app: Any, *, host: str, port: int, factory: bool = False) -> None
         port=port,
         proxy_headers=True,
         log_level="info",
+        log_config=with_request_ids(uvicorn.config.LOGGING_CONFIG),
         # On SIGTERM, requests still running this long after are cancelled: an open event
         # stream never ends by itself (its client reconnects elsewhere with Last-Event-ID).
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
@@ -216,18 +224,6 @@ def _create_team(settings: Settings, args: argparse.Namespace) -> None:
     with transaction(make_sessionmaker(engine)) as db:
         team = create_team(db=db, name=args.name)
         print(f"created team {team.name} ({team.id})")
-
-
-def _create_key(settings: Settings, args: argparse.Namespace) -> None:
-    from tuneq.db import make_engine, make_sessionmaker, transaction
-    from tuneq.teams.service import create_key, get_team_by_name
-
-    engine = make_engine(settings.resolved_database_url)
-    with transaction(make_sessionmaker(engine)) as db:
-        team = get_team_by_name(db=db, name=args.team)
-        _, key = create_key(db=db, team=team)
-    print(f"API key for team {team.name} (shown once; only its hash is stored):")
-    print(key)
 
 
 def _ensure_home(settings: Settings) -> None:

@@ -111,3 +111,16 @@ class Unavailable(TuneqError):
 
 class InferenceUnavailable(Unavailable):
     code, title = "inference_unavailable", "No worker answered"
+
+
+class QuotaExceeded(TuneqError):
+    """A team's quota would be passed: 429, since the same request succeeds once the team's
+    use falls (jobs finish, the GPU window rolls on)."""
+
+    status, code, title = 429, "quota_exceeded", "Quota exceeded"
+
+
+class StorageQuotaExceeded(QuotaExceeded):
+    """A hard cap on what a team stores: 403, since only deleting files frees it."""
+
+    status, code, title = 403, "storage_quota_exceeded", "Storage quota exceeded"

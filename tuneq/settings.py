@@ -143,6 +143,27 @@ class Settings(BaseSettings):
         description="checkpoints a succeeded job keeps: the last N and the best one (its kept "
         "weights' step); the others are deleted from the store. Unset: every one is kept",
     )
+    quota_running_jobs: int | None = Field(
+        None,
+        ge=0,
+        description="default quota: a team's jobs running at once; more wait while other "
+        "teams' jobs start (unset: no limit)",
+    )
+    quota_queued_jobs: int | None = Field(
+        None, ge=0, description="default quota: a team's jobs waiting (queued or paused); "
+        "POST /jobs answers 429 at the limit (unset: no limit)",
+    )  # fmt: skip
+    quota_stored_bytes: int | None = Field(
+        None, ge=0, description="default quota: bytes a team stores (files and artifacts); "
+        "POST /files answers 403 past it (unset: no limit)",
+    )  # fmt: skip
+    quota_gpu_seconds: int | None = Field(
+        None, ge=0, description="default quota: GPU-seconds a team's jobs may use in the "
+        "rolling window; POST /jobs answers 429 past it (unset: no limit)",
+    )  # fmt: skip
+    quota_gpu_window_seconds: int = Field(
+        7 * 86400, gt=0, description="the rolling window of the GPU-seconds quota"
+    )
     resident_models: int = Field(
         1, ge=0, description="base models a worker keeps in memory between jobs (0: none)"
     )
@@ -206,6 +227,25 @@ class Settings(BaseSettings):
         ge=0,
         description="an API process trusts a verified key this long; a revoked key is refused "
         "within it (0: check every request)",
+    )
+    # What one client may send (api/ratelimit.py, api/limits.py).
+    rate_limit_per_second: float = Field(
+        20.0,
+        ge=0,
+        description="requests an API key (a client address, for requests without one) may "
+        "send per second, sustained; over it, 429 with Retry-After (0: no limit)",
+    )
+    rate_limit_burst: int = Field(
+        100,
+        ge=1,
+        description="requests an API key may send at once before the sustained rate applies "
+        "(the size of its token bucket)",
+    )
+    max_body_bytes: int = Field(
+        1024**2,
+        ge=1,
+        description="largest request body other than an upload's (a job spec, a webhook); "
+        "413 above, refused before it is read whole",
     )
 
     # Server-Sent Events: GET /jobs/{id}/events/stream (api/routes/job_events.py)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneq.audit.service import Actor, record
 from tuneq.db import transaction
 from tuneq.errors import Conflict, ErrorItem, InvalidRequest, NotFound
 from tuneq.files.ingest import ingest_upload
@@ -24,6 +25,7 @@ from tuneq.idempotency.service import idempotent, request_hash
 from tuneq.ids import new_id
 from tuneq.jobs.models import Job
 from tuneq.jobs.states import TERMINAL
+from tuneq.quotas.service import check_storage
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
@@ -56,6 +58,7 @@ def upload_file(
     team: Team,
     upload: IncomingUpload,
     idempotency_key: str | None,
+    actor: Actor | None = None,
 ) -> dict[str, Any]:
     """Read, validate and keep an upload; the new file as the API shows it (`FilePublic`).
 
@@ -65,6 +68,8 @@ def upload_file(
     InvalidRequest (purpose) and the idempotency errors; whatever fails, nothing is left
     behind, neither in the store nor in the database, and the key may be used again.
     """
+    with sessions() as db:  # a team at its cap is refused before the body is read
+        check_storage(db, settings, team, incoming=1, lock=False)
     with ingest_upload(chunks=upload.file_chunks(), settings=settings) as ingested:
         purpose = DEFAULT_PURPOSE if upload.purpose is None else upload.purpose
         # The content's hash is known only now, so the key is claimed after reading the
@@ -84,6 +89,7 @@ def upload_file(
             key = f"files/{team.id}/{file_id}"
             try:
                 with transaction(sessions) as db:
+                    check_storage(db, settings, team, incoming=ingested.bytes)
                     # The temporary file is the store's now (or gone).
                     store.move_file(key, ingested.path)
                     file = File(
@@ -100,6 +106,7 @@ def upload_file(
                     )
                     db.add(file)
                     db.flush()
+                    record(db, actor, "file.upload", file.id)
                     public = FilePublic.of(file).model_dump(mode="json")
                     request.record(db, 201, public)
             except BaseException:
@@ -139,7 +146,9 @@ def get_file(*, db: Session, team: Team, file_id: str) -> File:
     return file
 
 
-def delete_file(*, db: Session, store: ObjectStore, team: Team, file_id: str) -> File:
+def delete_file(
+    *, db: Session, store: ObjectStore, team: Team, file_id: str, actor: Actor | None = None
+) -> File:
     """Delete the row, then the object; refused while an unfinished job uses the file."""
     file = get_file(db=db, team=team, file_id=file_id)
     job = db.scalar(
@@ -157,6 +166,7 @@ def delete_file(*, db: Session, store: ObjectStore, team: Team, file_id: str) ->
             param="file_id",
         )
     db.delete(file)
+    record(db, actor, "file.delete", file.id)
     db.flush()
     store.delete(file.storage_key)
     return file

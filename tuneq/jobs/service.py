@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from peft_engine.models import ModelRegistry
 from tuneq import faults
+from tuneq.audit.service import Action, Actor, record
 from tuneq.db import db_now, transaction
 from tuneq.errors import Conflict, DiagnosticsUnavailable, JobNotFinished, NotFound
 from tuneq.idempotency.service import idempotent, request_hash
@@ -30,6 +31,7 @@ from tuneq.jobs.planning import Plan, estimate_of, plan_job, resolved_view
 from tuneq.jobs.schemas import DIAGNOSTICS_ARTIFACT, JobPublic
 from tuneq.jobs.states import JobState, move_to
 from tuneq.queue import relay_now
+from tuneq.quotas import service as quotas
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
 from tuneq.teams.models import Team
@@ -63,6 +65,7 @@ def submit_job(
     dry_run: bool = False,
     idempotency_key: str | None = None,
     defer: Defer,
+    actor: Actor | None = None,
 ) -> Submission:
     """Validate and estimate a job spec, then (unless a dry run) create the job under the
     Idempotency-Key and publish it after the commit."""
@@ -88,7 +91,9 @@ def submit_job(
             return Submission(request.replay.status, request.replay.body)
         planned = plan()
         with transaction(sessions) as db:
+            quotas.check_submit(db, settings, team)  # under the team's lock: no two slip past
             job = _create_job(db=db, settings=settings, team=team, plan=planned)
+            record(db, actor, "job.create", job.id)
             public = JobPublic.of(job).model_dump(mode="json")
             request.record(db, 201, public)
     faults.exit_point("exit_after_commit")  # a crash here leaves the publishing to the relay
@@ -140,14 +145,18 @@ def get_job(*, db: Session, team: Team, job_id: str) -> Job:
     return job
 
 
-def cancel_job(*, sessions: sessionmaker[Session], team: Team, job_id: str) -> JobPublic:
+def cancel_job(
+    *, sessions: sessionmaker[Session], team: Team, job_id: str, actor: Actor | None = None
+) -> JobPublic:
     """A queued or paused job is cancelled at once; a running one is asked to stop."""
-    return _steer(sessions, team, job_id, _cancel)
+    return _steer(sessions, team, job_id, _cancel, (actor, "job.cancel"))
 
 
-def pause_job(*, sessions: sessionmaker[Session], team: Team, job_id: str) -> JobPublic:
+def pause_job(
+    *, sessions: sessionmaker[Session], team: Team, job_id: str, actor: Actor | None = None
+) -> JobPublic:
     """A queued job is paused at once; a running one stops at its next heartbeat."""
-    return _steer(sessions, team, job_id, _pause)
+    return _steer(sessions, team, job_id, _pause, (actor, "job.pause"))
 
 
 def resume_job(
@@ -158,20 +167,28 @@ def resume_job(
     team: Team,
     job_id: str,
     defer: Defer,
+    actor: Actor | None = None,
 ) -> JobPublic:
     """A paused job is queued again, and published after the commit."""
-    resumed = _steer(sessions, team, job_id, partial(_resume, settings=settings))
+    resume = partial(_resume, settings=settings)
+    resumed = _steer(sessions, team, job_id, resume, (actor, "job.resume"))
     defer(relay_now, sessions, broker)
     return resumed
 
 
 def _steer(
-    sessions: sessionmaker[Session], team: Team, job_id: str, change: Callable[[Session, Job], None]
+    sessions: sessionmaker[Session],
+    team: Team,
+    job_id: str,
+    change: Callable[[Session, Job], None],
+    audit: tuple[Actor | None, Action],
 ) -> JobPublic:
-    """One transaction: find the team's job, change it, and show it as it is now."""
+    """One transaction: find the team's job, change it, record who did, and show it as it
+    is now."""
     with transaction(sessions) as db:
         job = get_job(db=db, team=team, job_id=job_id)
         change(db, job)
+        record(db, *audit, job.id)
         db.flush()
         db.refresh(job)
         return JobPublic.of(job)
