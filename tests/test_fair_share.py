@@ -27,20 +27,13 @@ from tuneq.quotas.fair_share import claim_next, wake_teams_of, wake_waiting
 from tuneq.quotas.service import set_quota
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    url = None
-    if request.param == "postgresql":
-        url = fresh_postgres_database(require(postgres_url))
-        settings = make_settings(tmp_path, database_url=url)
-    else:
-        settings = make_settings(tmp_path)
-    migrate(settings)
+@pytest.fixture(params=["sqlite_settings", "postgres_settings"])
+def db(request):
+    """A migrated database (tests/conftest.py), its sessions and its settings."""
+    settings = request.getfixturevalue(request.param)
     engine = make_engine(settings.resolved_database_url)
     yield make_sessionmaker(engine), settings
     engine.dispose()
-    if url is not None:
-        drop_postgres_database(url)
 
 
 def _team(sessions, name: str, **quota) -> str:
