@@ -121,15 +121,12 @@ class Heartbeat:
     def _recovered_event(self) -> JobEvent:
         """The outage the lease rode out, told once the database answers again."""
         seconds = time.monotonic() - (self._failing_since or time.monotonic())
-        n = self.failed_renewals
+        n, cause = self.failed_renewals, self._last_failure or "unknown"
         message = (
             f"lease renewal failed {n} time{'s' if n != 1 else ''} over {seconds:.1f} s "
-            f"({self._last_failure}); renewed, the job goes on"
+            f"({cause}); renewed, the job goes on"
         )
-        data = {"code": "transient_fault", "cause": self._last_failure, "retries": n,
-                "seconds": round(seconds, 1)}  # fmt: skip
-        return JobEvent(job_id=self.claim.job_id, type="message", level="warning",
-                        message=message, data=data)  # fmt: skip
+        return outage_event(self.claim.job_id, message, cause=cause, retries=n, seconds=seconds)
 
     def _run(self) -> None:
         interval = self.lease_ttl / 3
@@ -139,3 +136,13 @@ class Heartbeat:
             if self.lapsed():
                 return
             reached = self.beat()
+
+
+def outage_event(
+    job_id: str, message: str, *, cause: str, retries: int, seconds: float
+) -> JobEvent:
+    """A database outage the attempt rode out (a renewal's, or a journal write's), as the
+    `transient_fault` event a user reads."""
+    data = {"code": "transient_fault", "cause": cause, "retries": retries,
+            "seconds": round(seconds, 1)}  # fmt: skip
+    return JobEvent(job_id=job_id, type="message", level="warning", message=message, data=data)

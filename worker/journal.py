@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneq.db import transaction
 from tuneq.jobs.models import JobEvent
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Heartbeat, outage_event
 from worker.retry import RetryPolicy, is_transient
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,10 @@ class Journal:
                     raise LeaseLapsed(f"{what}: {failures[-1]}") from exc
 
     def _outage_event(self, what: str, failures: list[str], seconds: float) -> JobEvent:
-        data: dict[str, Any] = {
-            "code": "transient_fault",
-            "cause": failures[-1],
-            "retries": len(failures),
-            "seconds": round(seconds, 1),
-        }
         message = (
             f"the database was unreachable for {seconds:.1f} s ({failures[-1]}); "
             f"{what} went through after {len(failures)} "
             f"retr{'y' if len(failures) == 1 else 'ies'}"
         )
-        return JobEvent(
-            job_id=self.heartbeat.claim.job_id,
-            type="message",
-            level="warning",
-            message=message,
-            data=data,
-        )
+        return outage_event(self.heartbeat.claim.job_id, message, cause=failures[-1],
+                            retries=len(failures), seconds=seconds)  # fmt: skip
