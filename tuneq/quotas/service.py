@@ -106,18 +106,23 @@ def usage_of(db: Session, team_id: str, *, window_seconds: int) -> Usage:
             .group_by(Job.state)
         ).all()
     )
+    return Usage(
+        running_jobs=sum(counts.get(state, 0) for state in LEASED),
+        queued_jobs=sum(counts.get(state, 0) for state in WAITING),
+        stored_bytes=_stored_bytes(db, team_id),
+        gpu_seconds=_gpu_seconds(db, team_id, window_seconds),
+    )
+
+
+def _stored_bytes(db: Session, team_id: str) -> int:
+    """The team's files plus every artifact of its jobs."""
     files = db.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.team_id == team_id))
     artifacts = db.scalar(
         select(func.coalesce(func.sum(JobArtifact.bytes), 0))
         .join(Job, Job.id == JobArtifact.job_id)
         .where(Job.team_id == team_id)
     )
-    return Usage(
-        running_jobs=sum(counts.get(state, 0) for state in LEASED),
-        queued_jobs=sum(counts.get(state, 0) for state in WAITING),
-        stored_bytes=int(files or 0) + int(artifacts or 0),
-        gpu_seconds=_gpu_seconds(db, team_id, window_seconds),
-    )
+    return int(files or 0) + int(artifacts or 0)
 
 
 def _gpu_seconds(db: Session, team_id: str, window_seconds: int) -> int:
@@ -192,7 +197,7 @@ def check_storage(
     limits = limits_for(db, settings, team.id)
     if limits.stored_bytes is None:
         return
-    used = usage_of(db, team.id, window_seconds=limits.gpu_window_seconds).stored_bytes
+    used = _stored_bytes(db, team.id)  # an upload needs no job counts nor GPU time
     if used + incoming > limits.stored_bytes:
         raise _exceeded(
             StorageQuotaExceeded,
