@@ -30,13 +30,18 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/tuneq demo $(if $(KEEP),--keep)
 
-# The whole suite, slow tests included.
+# The whole suite, slow tests included, in TEST_WORKERS processes (pytest-xdist), each
+# taking whole files; each process's torch uses one thread, so two never fight for cores.
+# make test TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PARALLEL := $(filter-out 0,$(TEST_WORKERS))
+PYTEST := $(if $(PARALLEL),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}) $(PY) -m pytest $(if $(PARALLEL),-n $(TEST_WORKERS) --dist loadfile)
 test: venv
-	$(PY) -m pytest
+	$(PYTEST)
 
 # Unit tests only: no real model training.
 test-fast: venv
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .tuneq .pytest_cache

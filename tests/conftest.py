@@ -18,6 +18,36 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The files that take longest, longest first (their share of a full run on 2 cores).
+# `make test` deals whole files to its pytest-xdist workers in collection order, so these
+# start first and the many short files fill in behind them; otherwise the demo, started
+# last, would run alone at the end. Only the order matters: a file missing here runs after.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_e2e.py",
+    "test_real_data_classification.py",
+    "test_smollm2_dolly.py",
+    "test_faults.py",
+    "test_methods.py",
+    "test_openapi_contract.py",
+    "test_dashboard_browser.py",
+    "test_user_cli.py",
+    "test_webhooks_e2e.py",
+    "test_models_registry.py",
+    "test_generate.py",
+    "test_event_stream_e2e.py",
+    "test_fair_share.py",
+    "test_store_faults.py",
+    "test_eval_budget.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest files first; a stable sort keeps each file's own order and the others'."""
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France? Paris is the capital of France.",

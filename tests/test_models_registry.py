@@ -374,3 +374,39 @@ def test_dequantised_model_matches_the_gguf_model(smollm2_dir: Path, smollm2_ggu
     torch.testing.assert_close(
         _logits(model, TOKENS), _logits(gguf_model, TOKENS), atol=1e-5, rtol=0
     )
+
+
+def test_processes_converting_at_once_take_turns_and_convert_once(tmp_path, monkeypatch):
+    """Two converters started together: one builds, the other waits and finds its result.
+
+    flock locks belong to an open file, so two threads each opening the lock file contend as
+    two processes would. The conversion itself is replaced by a slow stand-in that counts.
+    """
+    import threading
+    import time
+
+    from peft_engine.models import gguf
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF stand-in")
+    builds: list[Path] = []
+
+    def slow_build(gguf_path: Path, out_dir: Path) -> None:
+        builds.append(out_dir)
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "_write_dequantized", slow_build)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(dequantized_dir(source, tmp_path / "c")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(builds) == 1
+    assert results[0] == results[1] and (results[0] / "config.json").exists()
+    assert [p.name for p in results[0].parent.iterdir() if p.name.endswith(".tmp")] == []

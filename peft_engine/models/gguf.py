@@ -7,6 +7,7 @@ saved; rebuilding the model from its config without the quantizer gives a plain 
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -28,19 +29,25 @@ def dequantized_dir(gguf_path: Path, cache_dir: Path) -> Path:
     """`cache_dir/gguf/<digest>/` with config.json, float32 model.safetensors and the tokenizer.
 
     Built on first use into a private sibling directory and renamed into place, so readers
-    never see a half-written one; of processes racing to build it, the first rename wins.
+    never see a half-written one. Processes that start at once take turns on a lock file,
+    so one converts and the others find its result (a minute of CPU each, not repeated);
+    where locks do not work, the first rename wins.
     """
     target = cached_dequantized_dir(gguf_path, cache_dir)
     if target.is_dir():
         return target
     root = target.parent
-    building = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    building.mkdir()
-    try:
-        _write_dequantized(gguf_path, building)
-        _publish(building, target)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+    with open(root / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if target.is_dir():
+            return target
+        building = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        building.mkdir()
+        try:
+            _write_dequantized(gguf_path, building)
+            _publish(building, target)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return target
 
 
