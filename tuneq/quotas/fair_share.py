@@ -29,10 +29,12 @@ from tuneq.db import db_now
 from tuneq.jobs.lease import Claim, claim_job
 from tuneq.jobs.models import Job, OutboxMessage
 from tuneq.jobs.states import LEASED, JobState
-from tuneq.quotas.service import limits_for, lock_team
+from tuneq.quotas.models import TeamQuota
+from tuneq.quotas.service import defaults, limits_for, lock_team
 from tuneq.settings import Settings
 
-CANDIDATES = 20  # tried in order until one claim succeeds (others may be claiming too)
+CANDIDATES = 20  # read at a time, tried in order until one claim succeeds
+ROUNDS = 5  # reads at most: workers claiming at once may have taken the first candidates
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,29 @@ def claim_next(
         claim = claim_job(db, job_id=job_id, owner=owner, lease_ttl=lease_ttl)
         if claim is not None:
             return claim
-    for candidate in _candidates(db, settings, queue):
-        if candidate.limited and not _has_room(db, settings, candidate.team_id):
-            continue
-        claim = claim_job(db, job_id=candidate.job_id, owner=owner, lease_ttl=lease_ttl)
-        if claim is not None:
-            return claim
+    tried: list[str] = []
+    for _ in range(ROUNDS):
+        candidates = _candidates(db, settings, queue, tried)
+        for candidate in candidates:
+            tried.append(candidate.job_id)
+            if not _lock_if_free(db, candidate.job_id):
+                continue  # another worker claims it now, or has
+            if candidate.limited and not _has_room(db, settings, candidate.team_id):
+                continue
+            claim = claim_job(db, job_id=candidate.job_id, owner=owner, lease_ttl=lease_ttl)
+            if claim is not None:
+                return claim
+        if len(candidates) < CANDIDATES:
+            break
     return None
+
+
+def _lock_if_free(db: Session, job_id: str) -> bool:
+    """Lock the job's row if it is still claimable and no other transaction holds it.
+    Workers that claim at once read the same candidates: without SKIP LOCKED each waited
+    for the one before it to commit, and the claims ran one at a time."""
+    free = select(Job.id).where(Job.id == job_id, *_claimable())
+    return db.scalar(free.with_for_update(skip_locked=True)) is not None
 
 
 def _running_by_team(db: Session, team_ids: list[str] | None = None) -> dict[str, int]:
@@ -76,27 +94,27 @@ def _running_by_team(db: Session, team_ids: list[str] | None = None) -> dict[str
 def _claimable() -> list[Any]:
     """A queued job a worker may start now: not cancelled, attempts left, and not held
     back by a hand-back's delay (its outbox row not yet due)."""
-    held_back = exists().where(
-        OutboxMessage.job_id == Job.id,
-        OutboxMessage.sent_at.is_(None),
-        OutboxMessage.not_before > db_now(),
+    # The few held back, read once: a correlated NOT EXISTS with the clock in it is not
+    # made a join, and probed the outbox once for every queued job of every claim.
+    held_back = select(OutboxMessage.job_id).where(
+        OutboxMessage.sent_at.is_(None), OutboxMessage.not_before > db_now()
     )
     return [
         Job.state == JobState.QUEUED,
         Job.cancel_requested.is_(False),
         Job.attempt < Job.max_attempts,
-        not_(held_back),
+        Job.id.not_in(held_back),
     ]
 
 
-def _candidates(db: Session, settings: Settings, queue: str) -> list[_Candidate]:
+def _candidates(db: Session, settings: Settings, queue: str, tried: list[str]) -> list[_Candidate]:
     waiting = db.scalars(
         select(Job.team_id).where(Job.queue == queue, *_claimable()).distinct()
     ).all()
     if not waiting:
         return []
     running = _running_by_team(db, list(waiting))
-    limits = {team: limits_for(db, settings, team).running_jobs for team in waiting}
+    limits = _running_limits(db, settings, list(waiting))
     open_teams = [t for t in waiting if limits[t] is None or running.get(t, 0) < limits[t]]
     if not open_teams:
         return []
@@ -110,10 +128,22 @@ def _candidates(db: Session, settings: Settings, queue: str) -> list[_Candidate]
         select(Job.id, Job.team_id)
         .outerjoin(load, load.c.team_id == Job.team_id)
         .where(Job.queue == queue, Job.team_id.in_(open_teams), *_claimable())
+        .where(Job.id.not_in(tried))
         .order_by(func.coalesce(load.c.running, 0), Job.created_at, Job.id)
         .limit(CANDIDATES)
     ).all()
     return [_Candidate(job, team, limits[team] is not None) for job, team in rows]
+
+
+def _running_limits(db: Session, settings: Settings, team_ids: list[str]) -> dict[str, int | None]:
+    """Each team's running-jobs limit, as limits_for gives it, in one query for all of
+    them, not one a team: a claim's round trips grew with the teams waiting."""
+    statement = select(TeamQuota.team_id, TeamQuota.max_running_jobs).where(
+        TeamQuota.team_id.in_(team_ids), TeamQuota.max_running_jobs.is_not(None)
+    )
+    own: dict[str, int] = dict(db.execute(statement).all())  # type: ignore[arg-type]
+    default = defaults(settings)["running_jobs"]
+    return {team: own.get(team, default) for team in team_ids}
 
 
 def _has_room(db: Session, settings: Settings, team_id: str) -> bool:
