@@ -9,8 +9,9 @@ A checkpoint directory holds:
 - `method_state.safetensors`: what a method keeps besides weights (AdaLoRA's importance
   scores), when it keeps anything;
 - `tuneq_model.json`: the task head, labels and method spec (what rebuilds the model);
-- `trainer_state.json`: step, data position, scheduler, early-stopping state, Python and
-  NumPy RNG states, counters. Written last: a directory without it is not a checkpoint.
+- `trainer_state.json`: step, data position, scheduler, fp16's loss scale, early-stopping
+  state, Python and NumPy RNG states, counters. Written last: a directory without it is
+  not a checkpoint.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class TrainerState:
     last_report: dict[str, Any] = field(default_factory=dict)
     best_report: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    grad_scaler: dict[str, Any] = field(default_factory=dict)  # fp16's loss scale; else {}
     # reduce_on_plateau: the learning-rate scale, the best eval loss, evaluations without gain
     plateau: dict[str, Any] = field(
         default_factory=lambda: {"scale": 1.0, "best": None, "bad_evals": 0}
@@ -143,8 +145,22 @@ def save_checkpoint(
 
 
 def spec_fingerprint(job: PreparedJob) -> str:
-    """What must not change for a checkpoint to resume: the settings and the data order."""
-    data = job.spec.model_dump_json(exclude={"training_file", "validation_file", "metadata"})
+    """What must not change for a checkpoint to resume: the settings and the data order.
+
+    Gradient checkpointing changes no figure, only memory, so it is left out; so is
+    `precision` at its default, "auto", which keeps the fingerprints of checkpoints made
+    before the field existed (they trained under "auto")."""
+    hyperparameters: set[str] = {"gradient_checkpointing"}
+    if job.spec.hyperparameters.precision == "auto":
+        hyperparameters.add("precision")
+    data = job.spec.model_dump_json(
+        exclude={
+            "training_file": True,
+            "validation_file": True,
+            "metadata": True,
+            "hyperparameters": hyperparameters,
+        }
+    )
     order = ",".join(str(e.line) for e in job.train.examples)
     return hashlib.sha256(f"{data}|{order}".encode()).hexdigest()[:16]
 

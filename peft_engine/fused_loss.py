@@ -65,7 +65,10 @@ def linear_cross_entropy(
 
     `hidden` is (n, d), `weight` (vocab, d), `targets` (n,). Logits are computed in float32.
     """
-    loss, correct, rows = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, per_row)
+    with torch.autocast(hidden.device.type, enabled=False):  # under a job's autocast too
+        loss, correct, rows = _LinearCrossEntropy.apply(
+            hidden, weight, targets, ignore_index, per_row
+        )
     return loss, int(correct), rows if per_row else None
 
 

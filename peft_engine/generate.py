@@ -24,6 +24,7 @@ import torch
 
 from peft_engine.errors import UserError
 from peft_engine.models import ModelRegistry, load_causal_lm, load_tokenizer, model_dir
+from peft_engine.precision import autocast_to
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainedModel:
         self.task: str = info["task"]
         self.labels: tuple[str, ...] = tuple(info.get("labels") or ())
         self.device = torch.device(device)
+        self.dtype = dtype  # weights in bf16/fp16 compute under autocast to it, as in training
         self.tokenizer = load_tokenizer(base_dir)
         # Prompts longer than the model has positions for would fail or run off its training.
         self.context = read_model_info(base_dir).max_position_embeddings
@@ -100,7 +102,8 @@ class TrainedModel:
         _check_length(len(ids), _tightest(max_input_tokens, room), param)
         if not ids:
             raise UserError("the input made no tokens", param=param)
-        new = greedy(self.model, self.tokenizer, ids, max_new_tokens, self.device)
+        with autocast_to(self.device, self.dtype):
+            new = greedy(self.model, self.tokenizer, ids, max_new_tokens, self.device)
         stops = _stop_ids(self.model, self.tokenizer)
         finish = "stop" if new and new[-1] in stops else "length"
         content = self.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -149,7 +152,8 @@ class TrainedModel:
             for name in ("input_ids", "attention_mask", "token_type_ids")
             if name in encoded
         }
-        logits = self.model(**inputs).logits.float()[0]
+        with autocast_to(self.device, self.dtype):
+            logits = self.model(**inputs).logits.float()[0]
         return logits.softmax(dim=-1).cpu()
 
 

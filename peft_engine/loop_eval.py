@@ -45,7 +45,8 @@ def timed_evaluate(
 ) -> tuple[dict[str, float], dict[str, Any], list[ExampleResult]]:
     """`evaluate` on `examples` (default: the whole validation set), counted in the timings."""
     started = time.monotonic()
-    metrics, report, results = evaluate(run.model, run.job, run.task, run.device, examples)
+    with run.precision.autocast():  # as the training steps compute
+        metrics, report, results = evaluate(run.model, run.job, run.task, run.device, examples)
     examples = run.job.validation.examples if examples is None else examples
     state.timings.eval_seconds += time.monotonic() - started
     state.timings.eval_tokens += sum(e.n_tokens for e in examples)

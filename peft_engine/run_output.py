@@ -21,6 +21,7 @@ def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
     """A checkpoint of everything a resume needs, timed into the state's timings."""
     started = time.monotonic()
     state.scheduler = scheduler_state(run.scheduler)
+    state.grad_scaler = run.precision.scaler_state()
     state.timings.checkpoints += 1
     state.timings.wall_seconds = run.wall_seconds()
     path = ckpt.save_checkpoint(

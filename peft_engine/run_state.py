@@ -18,6 +18,7 @@ from peft_engine import outputs
 from peft_engine.hooks import Hooks
 from peft_engine.methods.common import MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
+from peft_engine.precision import Precision
 from peft_engine.prepare import PreparedJob
 from peft_engine.schedule import PlateauScale
 from peft_engine.tasks.base import Task
@@ -42,6 +43,7 @@ class Run:
     workdir: Path
     model_info: dict[str, Any]  # tuneq_model.json, in every checkpoint and the output
     started: float  # time.monotonic() when this process began the job
+    precision: Precision  # the compute mode every forward pass runs in, and fp16's GradScaler
     best_weights: dict[str, torch.Tensor] | None = None  # of the best evaluation so far
     wall_before: float = 0.0  # wall seconds of earlier attempts, to the resumed checkpoint
     eval_examples: list[Any] = field(default_factory=list)  # of the periodic evaluations

@@ -91,6 +91,13 @@ class Hyperparameters(_Strict):
     eval_budget: float = Field(0.15, gt=0.0, le=1.0)
     checkpoint_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(42, ge=0, le=2**32 - 1)
+    # The compute mode (peft_engine/precision.py): "auto" is bf16 autocast on a CUDA device
+    # with bf16, fp16 with a GradScaler on an older one, fp32 on a CPU. The device refuses a
+    # mode it cannot run when the job starts.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Recompute activations in the backward pass (peft_engine/activation_checkpointing.py):
+    # less memory for one more forward pass; "auto" is off until jobs have a memory estimate.
+    gradient_checkpointing: bool | Auto = "auto"
     # seq_classification: how the head pools the body ("auto": as the model was trained),
     # and per-class loss weights ("balanced", or {label: weight}, others 1).
     pooling: Literal["auto", "mean", "cls", "pooler", "last"] = "auto"

@@ -34,6 +34,7 @@ import torch
 
 from peft_engine import checkpoint as ckpt
 from peft_engine import outputs, run_output
+from peft_engine.activation_checkpointing import enable_gradient_checkpointing, wants_checkpointing
 from peft_engine.data.steps import step_micro_batches
 from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
 from peft_engine.errors import TrainingDivergedError
@@ -45,6 +46,7 @@ from peft_engine.methods.common import TASK_HEAD, MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.attention import use_packed_attention
+from peft_engine.precision import COMPUTE_DTYPES, auto_mode, place_weights, resolve_precision
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job, prepared_events
 from peft_engine.run_state import Run, StepSums
 from peft_engine.schedule import (
@@ -147,11 +149,16 @@ def _new_run(
 
     # 2. Model: the base weights and the task's head, then the method (seeded init).
     task = task_of(job.spec)
-    device, dtype = select_device()
+    device, _ = select_device()
+    precision = resolve_precision(hp.precision, device)
+    hooks.on_event(Event("info", precision.describe()))
+    dtype = precision.load_dtype(job.spec.method.type)
     model, weights, method_trainer = _build_model(job, task, device, dtype)
 
-    # 3. Optimizer and learning-rate schedule (reduce_on_plateau scales it after evaluations).
+    # 3. Optimizer and learning-rate schedule (reduce_on_plateau scales it after evaluations);
+    # what it trains in float32, the frozen rest in the compute dtype
     optimizer = _optimizer(model, method_trainer, hp)
+    place_weights(model, optimizer, precision)
     plateau = PlateauScale()
     run = Run(
         job=job,
@@ -169,6 +176,7 @@ def _new_run(
         workdir=workdir,
         model_info=_model_info(job, task),
         started=started,
+        precision=precision,
     )
     if job.validation is not None:
         run.eval_examples = periodic_examples(job)
@@ -194,6 +202,8 @@ def _build_model(
         if method.trainer
         else MethodTrainer()
     )
+    if wants_checkpointing(hp.gradient_checkpointing):
+        enable_gradient_checkpointing(model, job.spec.method.type)
     model.train()
     return model, method.weights, method_trainer
 
@@ -233,6 +243,7 @@ def _resume(run: Run, path: Path) -> ckpt.TrainerState:
     run.weights.restore(run.model, loaded.trained_weights)
     run.method_trainer.load_state(loaded.method_state)
     run.plateau.scale = loaded.state.plateau["scale"]
+    run.precision.load_scaler_state(loaded.state.grad_scaler)
     load_scheduler_state(run.scheduler, loaded.state.scheduler)
     run.best_weights = loaded.best_weights
     run.metrics_log.truncate_after(loaded.state.step)
@@ -294,12 +305,13 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
     # forward + backward per micro-batch; loss normalised by the step's loss tokens
     loss_sum = 0.0
     for batch in micro:
-        result = run.task.loss(run.model, batch.to(run.device), run.job)
-        (result.loss / loss_tokens).backward()
+        with run.precision.autocast():
+            result = run.task.loss(run.model, batch.to(run.device), run.job)
+        run.precision.backward(result.loss / loss_tokens)  # fp16: scaled by its GradScaler
         loss_sum += float(result.loss.detach())
         train_losses.record(result.examples)
     if (extra := run.method_trainer.extra_loss()) is not None:
-        extra.backward()  # a method's regulariser (AdaLoRA's orthogonality), once a step
+        run.precision.backward(extra)  # a method's regulariser (AdaLoRA's orthogonality)
     if not math.isfinite(loss_sum):  # stop before the step applies it to the weights
         raise TrainingDivergedError(
             f"the training loss was {loss_sum} at step {step}: training diverged; a lower "
@@ -311,9 +323,10 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
     # clip, step, schedule
     max_grad_norm = run.job.spec.hyperparameters.max_grad_norm
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.precision.unscale(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
     learning_rate = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+    run.precision.step(run.optimizer)  # fp16: skipped when a gradient overflowed
     run.scheduler.step()
     run.method_trainer.after_optimizer_step(step)
     run.optimizer.zero_grad(set_to_none=True)
@@ -336,10 +349,11 @@ def _count_step(
     state.trained_loss_tokens += sums.loss_tokens
     state.timings.train_seconds += step_seconds
     state.timings.train_tokens += sums.tokens
+    grad_norm = float(sums.grad_norm)  # inf on an fp16 step the GradScaler skipped: left out
     return {
         "train_loss": sums.loss_sum / sums.loss_tokens,
         "learning_rate": sums.learning_rate,
-        "grad_norm": float(sums.grad_norm),
+        **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),  # JSON has no inf
         "tokens_per_second": sums.tokens / step_seconds,
         "epoch": step / hp.steps_per_epoch,
         "total_steps": hp.total_steps,
@@ -363,10 +377,9 @@ def default_tokens_per_forward(device: torch.device) -> int:
 
 
 def select_device() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
+    """The device, and the dtype its frozen weights take in "auto" precision (precision.py)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, COMPUTE_DTYPES[auto_mode(device)]
 
 
 def _model_info(job: PreparedJob, task: Task) -> dict[str, Any]:

@@ -17,6 +17,8 @@ token of `lora_A`'s output; the backward recomputes `x * mask`. Whatever this do
 variants, a trained base weight, another dtype) goes through peft's own forward, unchanged,
 and is counted in `FALLBACKS` by reason; a reason a training job should not meet (another
 dtype, extra arguments, a trained base weight) also warns, once, since the job runs slower.
+Under a mixed-precision job's autocast the dtypes may differ: the fused path casts its
+inputs to the autocast dtype, as autocast would, and runs outside it.
 `fuse_lora` relies on peft's LoRA layer internals (tested with peft 0.21) and raises
 `PeftInternalsChanged` when those it reads are gone, rather than fusing nothing.
 
@@ -138,7 +140,12 @@ class DropoutLinear(nn.Linear):
         if not self.training or self.p == 0.0:
             return F.linear(x, self.weight)
         threshold = round(self.p * _LEVELS)
-        return _DropoutMatmul.apply(x, self.weight, threshold, _LEVELS / (_LEVELS - threshold))
+        scale, device = _LEVELS / (_LEVELS - threshold), x.device.type
+        if not torch.is_autocast_enabled(device):
+            return _DropoutMatmul.apply(x, self.weight, threshold, scale)
+        dtype = torch.get_autocast_dtype(device)  # as in _fused_forward
+        with torch.autocast(device, enabled=False):
+            return _DropoutMatmul.apply(x.to(dtype), self.weight.to(dtype), threshold, scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.p}"
@@ -209,7 +216,8 @@ def _peft_reason(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str 
         return "lora_B has a bias"
     if not isinstance(layer.lora_dropout[name], nn.Identity):
         return "a dropout module"
-    if not (x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+    mixed = torch.is_autocast_enabled(x.device.type)  # _fused_forward casts them all
+    if not mixed and not (x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
         return "the input, base and adapter dtypes differ"
     return None
 
@@ -237,9 +245,17 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     p = getattr(lora_a, "p", 0.0) if lora_a.training else 0.0
     threshold = round(p * _LEVELS)
     scale = self.scaling[name] * (_LEVELS / (_LEVELS - threshold))
-    return _LoraLinear.apply(
-        x, base.weight, base.bias, lora_a.weight, lora_b.weight, threshold, scale
-    )
+    tensors = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _LoraLinear.apply(*tensors, threshold, scale)
+    # Mixed precision: autocast does not reach an autograd function's backward, so cast here
+    # as autocast would (float32 adapters get their gradients back in float32) and run the
+    # function outside it.
+    dtype = torch.get_autocast_dtype(device)
+    cast = (t.to(dtype) if t is not None else None for t in tensors)
+    with torch.autocast(device, enabled=False):
+        return _LoraLinear.apply(*cast, threshold, scale)
 
 
 def _check_peft_layer(layer: Any) -> None:
