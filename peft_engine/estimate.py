@@ -44,6 +44,7 @@ from peft_engine.data.formats import (
 from peft_engine.errors import SpecError
 from peft_engine.eval_plan import EVAL_COST_PER_TOKEN, periodic_evaluations
 from peft_engine.jsonfile import read_json_object
+from peft_engine.memory import job_memory
 from peft_engine.models.loading import model_dir, read_model_info
 from peft_engine.models.registry import ModelRegistry
 from peft_engine.prepare import DataPaths, check_support, read_job_examples
@@ -142,6 +143,7 @@ class Estimate:
     checkpoints: int  # written, the output included
     seconds_by_phase: dict[str, float]  # PHASES
     basis: str  # where the throughput figures come from
+    memory: dict[str, Any] | None = None  # peak training memory (peft_engine/memory.py)
 
     @property
     def estimated_seconds(self) -> float:
@@ -162,6 +164,7 @@ class Estimate:
             "estimated_seconds": round(self.estimated_seconds, 1),
             "seconds_by_phase": {k: round(v, 1) for k, v in self.seconds_by_phase.items()},
             "basis": self.basis,
+            "memory": self.memory,
         }
 
 
@@ -221,6 +224,7 @@ def estimate_job(
         checkpoints=checkpoints,
         seconds_by_phase=seconds,
         basis=throughput.basis,
+        memory=job_memory(path, resolved, longest_sequence=stats.max_tokens),
     )
 
 

@@ -69,13 +69,17 @@ class Stack:
         return api_client(self.settings)
 
     def start(
-        self, command: str, log_name: str | None = None, env: dict[str, str] | None = None
+        self,
+        command: str,
+        log_name: str | None = None,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start `tuneq <command>`; `env` adds to (or overrides) this process's environment
-        only: one worker partitioned from the database, one beat relaying twice."""
+        """Start `tuneq <command> <args...>`; `env` adds to (or overrides) this process's
+        environment only: one worker partitioned from the database, one beat relaying twice."""
         log = (self.home / f"{log_name or command}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "tuneq.cli", command],
+            [sys.executable, "-m", "tuneq.cli", command, *args],
             cwd=REPO,
             env=self.env() | (env or {}),
             stdout=log,

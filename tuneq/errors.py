@@ -77,6 +77,10 @@ class ModelNotFound(InvalidRequest):
     code, title = "model_not_found", "Unknown model"
 
 
+class InsufficientGpuMemory(InvalidRequest):
+    code, title = "insufficient_gpu_memory", "No GPU queue has the memory for this job"
+
+
 class PayloadTooLarge(TuneqError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 

@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     )
 
     model_registry: Path | None = Field(None, description="operator registry file (YAML/JSON)")
+    gpu_queue_memory_gib: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        description='GPU queues and their device memory in GiB, a JSON object ({"l4": 24, '
+        '"a100": 80}): a job goes to the smallest listed queue its estimated peak memory '
+        "fits, in place of its model's registry queue, and one that fits none is refused at "
+        "submit (unset: the registry's queue)",
+    )
     cache_dir: Path | None = Field(None, description="dequantised base models; unset: home/cache")
     work_dir: Path | None = Field(
         None, description="workers' scratch space and file copies; unset: home/work"

@@ -58,8 +58,9 @@ STORE = (503, "the object store did not answer")
             (409, "a request with the same Idempotency-Key is still in progress"),
             (422, "the spec is invalid, or does not suit its model or its files: `param` "
                   "names the field (model_not_found, invalid_training_file with the lines at "
-                  "fault, invalid_hyperparameters); a file id that is not the team's; the "
-                  "same Idempotency-Key with another body"),
+                  "fault, invalid_hyperparameters; insufficient_gpu_memory when no GPU queue of "
+                  "TUNEQ_GPU_QUEUE_MEMORY_GIB holds the estimated peak); a file id that is "
+                  "not the team's; the same Idempotency-Key with another body"),
             (429, "over the key's rate limit, or the team's queued-jobs or GPU-seconds quota "
                   "(the problem names the quota, its limit and use)"),
             STORE,

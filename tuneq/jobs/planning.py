@@ -27,6 +27,7 @@ from tuneq.errors import (
 )
 from tuneq.files.models import File
 from tuneq.files.service import get_file, local_copy
+from tuneq.jobs.routing import queue_for
 from tuneq.jobs.schemas import DryRunPublic
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore
@@ -95,7 +96,10 @@ def plan_job(
         )
     except UserError as err:
         raise as_tuneq_error(err) from None
-    return Plan(spec, estimate, training, validation, registry.get(spec.model).queue)
+    queue = queue_for(
+        settings.gpu_queue_memory_gib, registry.get(spec.model).queue, estimate.memory
+    )
+    return Plan(spec, estimate, training, validation, queue)
 
 
 def bounded_runtime(spec: JobSpec, settings: Settings) -> JobSpec:
