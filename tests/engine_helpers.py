@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from peft_engine import Hooks
 from peft_engine.data.formats import DataFormat, Example
 from peft_engine.data.tokenize import IGNORE, tokenize_dataset
 from peft_engine.models.attention import use_packed_attention
@@ -58,3 +59,13 @@ def token_losses(logits, batch):
     return F.cross_entropy(
         logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none"
     ).view(batch.targets.shape)
+
+
+def stop_after(steps: int) -> Hooks:
+    """Hooks that stop a run once it has trained `steps` steps, as a worker told to stop
+    does: the run checkpoints there and ends "stopped", to be resumed."""
+    trained: list[int] = []
+    return Hooks(
+        on_metrics=lambda step, m: trained.append(step) if "train_loss" in m else None,
+        should_stop=lambda: len(trained) >= steps,
+    )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peft_engine import DataPaths, Hooks, train
+from peft_engine import DataPaths, train
 from peft_engine.data.formats import DataFormat, Example, read_examples
 from peft_engine.data.tokenize import IGNORE
 from peft_engine.errors import DataError, SpecError
@@ -28,7 +28,7 @@ from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 from peft_engine.tasks import task_of
 from peft_engine.tasks.preference import PREFERENCE, sequence_log_probs, tokenize_pairs
 from tests.conftest import chat, write_jsonl
-from tests.engine_helpers import randomise_lora_b
+from tests.engine_helpers import randomise_lora_b, stop_after
 from tests.preference_helpers import PAIRS, preference
 
 DPO = {"type": "dpo", "beta": 0.1}
@@ -425,12 +425,7 @@ def test_dpo_trains_from_log_2_and_raises_the_held_out_margin_against_a_fixed_ba
 @pytest.mark.slow
 def test_dpo_resumes_exactly(tmp_path, tiny_registry, cache_dir):
     whole = _train(tmp_path, tiny_registry, cache_dir, "whole")
-    steps: list[int] = []
-    stop_after_4 = Hooks(
-        on_metrics=lambda step, m: steps.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps) >= 4,
-    )
-    assert _train(tmp_path, tiny_registry, cache_dir, "split", stop_after_4).status == "stopped"
+    assert _train(tmp_path, tiny_registry, cache_dir, "split", stop_after(4)).status == "stopped"
     checkpoint = tmp_path / "split/checkpoints/checkpoint-4"
     resumed = _train(tmp_path, tiny_registry, cache_dir, "split", resume_from=checkpoint)
 

@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from peft_engine import DataPaths, Hooks, train
+from peft_engine import DataPaths, train
 from peft_engine.eval_plan import EVAL_COST_PER_TOKEN, periodic_evaluations, plan_evaluation
 from peft_engine.evaluation import evaluate, sample_indices
 from peft_engine.prepare import prepare_job
 from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 from peft_engine.tasks import task_for
 from tests.conftest import chat, write_jsonl
+from tests.engine_helpers import stop_after
 
 SHAPES = list(
     itertools.product(
@@ -234,12 +235,7 @@ def test_resume_is_exact_with_a_sampled_evaluation(tmp_path, data, tiny_registry
     whole = _run(spec, tmp_path / "whole", data, tiny_registry, cache_dir)
     assert whole.result["spec"]["hyperparameters"]["eval_sample_size"] == 32
 
-    steps_seen = []
-    stop_after_9 = Hooks(
-        on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps_seen) >= 9,
-    )
-    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after_9)
+    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after(9))
     assert stopped.status == "stopped"
     resumed = _run(
         spec,

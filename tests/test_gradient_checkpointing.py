@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from peft_engine import DataPaths, Hooks, train
+from peft_engine import DataPaths, train
 from peft_engine.activation_checkpointing import enable_gradient_checkpointing
 from peft_engine.data.batching import collate
 from peft_engine.errors import SpecError
@@ -22,7 +22,7 @@ from peft_engine.methods import method_for
 from peft_engine.methods.full import FullMethod
 from peft_engine.methods.lora import LoraMethod
 from tests.conftest import write_jsonl
-from tests.engine_helpers import randomise_lora_b, sdpa_llama, tokenized_chat_examples
+from tests.engine_helpers import randomise_lora_b, sdpa_llama, stop_after, tokenized_chat_examples
 from tests.test_training import QUESTIONS, _spec, _train_losses
 
 
@@ -95,12 +95,7 @@ def test_a_run_with_checkpointing_trains_and_resumes_as_one_without(
     assert not _checkpointing_on(plain.model)
 
     spec = _spec(gradient_checkpointing=True, checkpoint_every_steps=3)
-    steps_seen = []
-    stop_after_7 = Hooks(
-        on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps_seen) >= 7,
-    )
-    assert run(spec, tmp_path / "split", stop_after_7).status == "stopped"
+    assert run(spec, tmp_path / "split", stop_after(7)).status == "stopped"
     resume_from = tmp_path / "split" / "checkpoints" / "checkpoint-6"
     resumed = run(spec, tmp_path / "split", resume_from=resume_from)
     assert resumed.status == "succeeded" and _checkpointing_on(resumed.model)

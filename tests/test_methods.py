@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_engine import DataPaths, Hooks, train
+from peft_engine import DataPaths, train
 from peft_engine.errors import SpecError
 from peft_engine.methods import METHODS
 from peft_engine.methods.common import TEXT_TASKS
@@ -34,6 +34,7 @@ from tests.conftest import (
     write_jsonl,
     write_registry,
 )
+from tests.engine_helpers import stop_after
 
 # ---------------------------------------------------------------------------------------
 # Tiny models and data
@@ -472,12 +473,7 @@ def test_method_resumes_exactly(case, task, tmp_path, registry, cache_dir):
         )
 
     whole = run(tmp_path / "whole")
-    steps: list[int] = []
-    stop_after_8 = Hooks(
-        on_metrics=lambda step, m: steps.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps) >= 8,
-    )
-    assert run(tmp_path / "split", stop_after_8).status == "stopped"
+    assert run(tmp_path / "split", stop_after(8)).status == "stopped"
     resumed = run(tmp_path / "split", resume_from=tmp_path / "split/checkpoints/checkpoint-6")
 
     def losses(workdir):

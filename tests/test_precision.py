@@ -24,6 +24,7 @@ from peft_engine.methods.lora_fused import FALLBACKS
 from peft_engine.precision import autocast_supported, resolve_precision
 from peft_engine.spec import parse_spec
 from tests.conftest import logits_from_plain_peft, write_jsonl
+from tests.engine_helpers import stop_after
 from tests.test_training import QUESTIONS, _run, _spec, _train_losses
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,12 +100,7 @@ def test_mixed_precision_trains_like_fp32_with_float32_master_weights(
 def test_resume_is_exact_within_the_mode(mode, tmp_path, data, tiny_registry, cache_dir):
     spec = _spec(precision=mode, checkpoint_every_steps=3)
     whole = _run(spec, tmp_path / "whole", data, tiny_registry, cache_dir)
-    steps_seen = []
-    stop_after_7 = Hooks(
-        on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps_seen) >= 7,
-    )
-    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after_7)
+    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after(7))
     assert stopped.status == "stopped"
     resumed = _run(
         spec,

@@ -12,6 +12,7 @@ from peft_engine import DataPaths, Hooks, train
 from peft_engine.errors import TrainingDivergedError
 from peft_engine.tasks.causal_lm import CausalLMTask
 from tests.conftest import chat, logits_from_plain_peft, write_jsonl
+from tests.engine_helpers import stop_after
 
 ADAPTER_FILE = "adapter_model.safetensors"
 QUESTIONS = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(48)]
@@ -94,12 +95,7 @@ def test_resume_continues_exactly(tmp_path, data, tiny_registry, cache_dir, pack
     spec = _spec(packing=packing, checkpoint_every_steps=3)
     whole = _run(spec, tmp_path / "whole", data, tiny_registry, cache_dir)
 
-    steps_seen = []
-    stop_after_7 = Hooks(
-        on_metrics=lambda step, m: steps_seen.append(step) if "train_loss" in m else None,
-        should_stop=lambda: len(steps_seen) >= 7,
-    )
-    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after_7)
+    stopped = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after(7))
     assert stopped.status == "stopped" and stopped.output_dir is None
     # the stop kept step 7 as a checkpoint; resuming from the older one must also be exact
     assert (tmp_path / "split" / "checkpoints" / "checkpoint-7" / "trainer_state.json").is_file()
