@@ -13,24 +13,54 @@ parameters inside a checkpointed layer whether or not its input requires a gradi
 adapter under frozen embeddings gets its gradients without peft's `enable_input_require_grads`
 hook (transformers adds that hook anyway for models fed `input_ids`; it is harmless).
 
-`gradient_checkpointing`: true turns it on, false off. "auto" is off: it should turn it on
-on a GPU when the job's estimated activation memory would not fit, and the engine has no
-per-job memory estimate yet (issue 19's memory estimate will give one); a CPU has the
-memory to spare and the time to lose, so "auto" stays off there in any case.
+`gradient_checkpointing`: true turns it on, false off. "auto" turns it on on a GPU when the
+job's estimated peak without it (peft_engine/memory.py, the dry run's `memory`) is over
+HEADROOM of the device's memory; on a CPU, which has the memory to spare and no time to lose,
+"auto" is off. (The GPU side has not run on a GPU here: `over_device_memory` is tested with
+the device's size given.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft_engine.errors import SpecError
+from peft_engine.memory import job_memory
+
+if TYPE_CHECKING:
+    import torch
+
+    from peft_engine.prepare import PreparedJob
 
 PARAM = "hyperparameters.gradient_checkpointing"
+# The share of a GPU's memory the estimate may fill before "auto" recomputes: the rest is the
+# CUDA context, the caching allocator's slack and what the estimate leaves out (bench/memory.py)
+HEADROOM = 0.85
 
 
-def wants_checkpointing(setting: bool | str) -> bool:
-    """Whether a job recomputes activations: true, or never for "auto" (see the module)."""
-    return setting is True
+def wants_checkpointing(job: PreparedJob, device: torch.device) -> bool:
+    """Whether the job recomputes activations: as the spec says, or for "auto" when it would
+    not fit the GPU otherwise (never on a CPU; never for prefix_tuning, which cannot)."""
+    setting = job.spec.hyperparameters.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda" or job.spec.method.type == "prefix_tuning":
+        return False
+    import torch
+
+    return over_device_memory(job, torch.cuda.get_device_properties(device).total_memory)
+
+
+def over_device_memory(job: PreparedJob, device_bytes: int) -> bool:
+    """Whether the job's estimated peak without checkpointing is over HEADROOM of a device
+    of `device_bytes` (False when the model has no estimate)."""
+    hp = job.spec.hyperparameters
+    longest = max((getattr(e, "n_tokens", 0) for e in job.train.examples), default=0)
+    longest = longest or hp.max_seq_length
+    memory = job_memory(job.model_path, job.spec, longest_sequence=longest)
+    if memory is None:
+        return False
+    return memory["peak_bytes_by_checkpointing"]["off"] > HEADROOM * device_bytes
 
 
 def enable_gradient_checkpointing(model: Any, method_type: str) -> None:

@@ -96,7 +96,7 @@ class Hyperparameters(_Strict):
     # mode it cannot run when the job starts.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Recompute activations in the backward pass (peft_engine/activation_checkpointing.py):
-    # less memory for one more forward pass; "auto" is off until jobs have a memory estimate.
+    # less memory for one more forward pass; "auto": on a GPU the job would not fit without it.
     gradient_checkpointing: bool | Auto = "auto"
     # seq_classification: how the head pools the body ("auto": as the model was trained),
     # and per-class loss weights ("balanced", or {label: weight}, others 1).

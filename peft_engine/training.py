@@ -202,7 +202,7 @@ def _build_model(
         if method.trainer
         else MethodTrainer()
     )
-    if wants_checkpointing(hp.gradient_checkpointing):
+    if wants_checkpointing(job, device):
         enable_gradient_checkpointing(model, job.spec.method.type)
     model.train()
     return model, method.weights, method_trainer

@@ -143,3 +143,38 @@ def test_the_resume_fingerprint_ignores_checkpointing_and_a_default_precision():
     assert fingerprint(learning_rate=1e-3) != fingerprint()
     dumped = JobSpec.model_validate({"model": "m", "task": "causal_lm", "training_file": "f"})
     assert "precision" in dumped.hyperparameters.model_dump()  # the field exists; left out above
+
+
+def test_auto_recomputes_only_a_job_that_would_not_fit_the_gpu(tmp_path, tiny_registry, cache_dir):
+    """ "auto" turns checkpointing on where the estimated peak without it is over the
+    device's memory (less headroom), and never on a CPU. The GPU's size is given here."""
+    import torch
+
+    from peft_engine.activation_checkpointing import (
+        HEADROOM,
+        over_device_memory,
+        wants_checkpointing,
+    )
+    from peft_engine.memory import job_memory
+    from peft_engine.prepare import prepare_job
+    from peft_engine.spec import JobSpec
+
+    data = DataPaths(write_jsonl(tmp_path / "train.jsonl", QUESTIONS))
+    job = prepare_job(
+        JobSpec.model_validate(_spec()), data, registry=tiny_registry, cache_dir=cache_dir
+    )
+    longest = max(e.n_tokens for e in job.train.examples)
+    peak = job_memory(job.model_path, job.spec, longest_sequence=longest)
+    off = peak["peak_bytes_by_checkpointing"]["off"]
+    assert off > peak["peak_bytes_by_checkpointing"]["on"] > 0
+
+    assert over_device_memory(job, int(off / HEADROOM) - 1)
+    assert not over_device_memory(job, int(off / HEADROOM) + 1)
+    assert not wants_checkpointing(job, torch.device("cpu"))  # auto: never on a CPU
+    forced = prepare_job(
+        JobSpec.model_validate(_spec(gradient_checkpointing=True)),
+        data,
+        registry=tiny_registry,
+        cache_dir=cache_dir,
+    )
+    assert wants_checkpointing(forced, torch.device("cpu"))
