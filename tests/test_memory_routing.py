@@ -61,7 +61,7 @@ def test_a_job_goes_to_the_smallest_gpu_queue_it_fits(tmp_path, tiny_registry_fi
     queues = {"large": 4 * peak / GIB, "small": 0.5 * peak / GIB, "medium": 1.5 * peak / GIB}
     deployment = Deployment(tmp_path, tiny_registry_file, queues)
 
-    created = deployment.submit()
+    created = deployment.submit(gradient_checkpointing=False)
 
     assert created.status_code == 201, created.text
     assert _messages(deployment.settings, "medium") == [[created.json()["id"]]]
@@ -85,7 +85,7 @@ def test_a_job_that_fits_no_queue_is_refused_with_the_numbers(tmp_path, tiny_reg
     assert deployment.jobs() == 0
 
 
-def test_a_job_that_fits_only_with_checkpointing_is_told_so_and_fits_with_it(
+def test_a_job_that_fits_only_with_checkpointing_is_told_so_and_fits_with_it_or_auto(
     tmp_path, tiny_registry_file, memory
 ):
     off, on = (
@@ -95,11 +95,17 @@ def test_a_job_that_fits_only_with_checkpointing_is_told_so_and_fits_with_it(
     assert on < off
     deployment = Deployment(tmp_path, tiny_registry_file, {"gpu": (on + off) / 2 / GIB})
 
-    body = assert_problem(deployment.submit(), 422)
+    body = assert_problem(deployment.submit(gradient_checkpointing=False), 422)
     assert body["param"] == "hyperparameters.gradient_checkpointing"
     assert f"with gradient_checkpointing true it needs {size(on)}" in body["detail"]
 
     created = deployment.submit(gradient_checkpointing=True)
     assert created.status_code == 201, created.text
     assert created.json()["estimate"]["memory"]["peak_bytes"] == on
-    assert _messages(deployment.settings, "gpu") == [[created.json()["id"]]]
+    # "auto" (the default): the worker turns it on on this GPU, so the job fits it too
+    automatic = deployment.submit()
+    assert automatic.status_code == 201, automatic.text
+    assert _messages(deployment.settings, "gpu") == [
+        [created.json()["id"]],
+        [automatic.json()["id"]],
+    ]

@@ -97,7 +97,11 @@ def plan_job(
     except UserError as err:
         raise as_tuneq_error(err) from None
     queue = queue_for(
-        settings.gpu_queue_memory_gib, registry.get(spec.model).queue, estimate.memory
+        settings.gpu_queue_memory_gib,
+        registry.get(spec.model).queue,
+        estimate.memory,
+        auto_checkpointing=spec.hyperparameters.gradient_checkpointing == "auto"
+        and spec.method.type != "prefix_tuning",
     )
     return Plan(spec, estimate, training, validation, queue)
 

@@ -1,6 +1,8 @@
 """Routing by memory: a job goes to the smallest GPU queue whose device memory holds the
 job's estimated peak (peft_engine/memory.py), when the deployment lists its GPU queues
 (TUNEQ_GPU_QUEUE_MEMORY_GIB); a job that fits none is refused at submit with the numbers.
+A job whose gradient_checkpointing is "auto" fits where it fits with checkpointing, which
+the worker then turns on when the device needs it.
 
 Without that setting, or without an estimate (a GGUF model not yet converted, an image
 task), the job goes to its model's registry queue, as before.
@@ -17,12 +19,21 @@ CHECKPOINTING = "hyperparameters.gradient_checkpointing"
 
 
 def queue_for(
-    queues_gib: dict[str, float] | None, registry_queue: str, memory: dict[str, Any] | None
+    queues_gib: dict[str, float] | None,
+    registry_queue: str,
+    memory: dict[str, Any] | None,
+    *,
+    auto_checkpointing: bool = False,
 ) -> str:
-    """The queue a job is published to (see the module docstring)."""
+    """The queue a job is published to (see the module docstring). With
+    `auto_checkpointing` (gradient_checkpointing "auto", a method that can) the job's need is
+    its peak with checkpointing: on a GPU too small for it without, the worker turns it on
+    (peft_engine/activation_checkpointing.py)."""
     if not queues_gib or memory is None:
         return registry_queue
-    fitting = [(gib, name) for name, gib in queues_gib.items() if gib * GIB >= memory["peak_bytes"]]
+    by_checkpointing = memory["peak_bytes_by_checkpointing"]
+    need = by_checkpointing["on"] if auto_checkpointing else memory["peak_bytes"]
+    fitting = [(gib, name) for name, gib in queues_gib.items() if gib * GIB >= need]
     if fitting:
         return min(fitting)[1]
     raise _too_large(queues_gib, memory)
