@@ -149,7 +149,9 @@ def spec_fingerprint(job: PreparedJob) -> str:
 
     Gradient checkpointing changes no figure, only memory, so it is left out; so is
     `precision` at its default, "auto", which keeps the fingerprints of checkpoints made
-    before the field existed (they trained under "auto")."""
+    before the field existed (they trained under "auto"). `resources` is left out too: the
+    same global batch on any number of ranks is the same run, so a checkpoint of 2 ranks
+    resumes on 1 and the other way round."""
     hyperparameters: set[str] = {"gradient_checkpointing"}
     if job.spec.hyperparameters.precision == "auto":
         hyperparameters.add("precision")
@@ -158,6 +160,7 @@ def spec_fingerprint(job: PreparedJob) -> str:
             "training_file": True,
             "validation_file": True,
             "metadata": True,
+            "resources": True,
             "hyperparameters": hyperparameters,
         }
     )

@@ -4,6 +4,10 @@
                                           --out DIR [--resume CHECKPOINT_DIR|latest]
     python -m peft_engine models
 
+Under torchrun (`python -m torch.distributed.run --nproc_per_node N -m peft_engine train
+...`) the job runs data parallel on N ranks (distributed.py); rank 0 prints the progress.
+`--report FILE --stop-file FILE` is how a worker drives such a run (report.py).
+
 Exit status: 0 done, 2 the user's fault (spec, data, model) with a one-line reason,
 130 interrupted, 1 a bug (with its traceback).
 """
@@ -65,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", help="checkpoint directory to continue from, or 'latest' (in OUT/checkpoints)"
     )
+    train.add_argument("--report", type=Path, help="write the run's progress as JSON lines here")
+    train.add_argument("--stop-file", type=Path, help="stop at the next step once this exists")
     train.set_defaults(run=_train)
 
     models = commands.add_parser("models", help="list the base models of the registry")
@@ -79,9 +85,66 @@ def _env_path(name: str) -> Path | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from peft_engine.distributed import close, world_from_env
+
+    world = world_from_env()
+    try:
+        return _train_rank(args, world)
+    finally:
+        close(world)
+
+
+def _train_rank(args: argparse.Namespace, world: Any) -> int:
+    from peft_engine.report import ReportWriter, die_with_parent, quiet_hooks
+
+    if args.report is None:
+        return _train_console(args, world)
+    if world.active:
+        die_with_parent()  # torchrun gone (its worker killed): this rank goes too
+    writer = ReportWriter(args.report, args.stop_file) if world.is_main else None
+    hooks = writer.hooks() if writer else quiet_hooks(args.stop_file)
+    try:
+        result = _run_train(args, hooks, world)
+    except UserError as err:
+        if writer:
+            writer.write({"type": "error", "code": err.code, "message": err.message,
+                          "param": err.param})  # fmt: skip
+        raise
+    except Exception as err:
+        if writer:
+            writer.write({"type": "crash", "error": f"{type(err).__name__}: {err}"})
+        raise
+    if writer:
+        out = str(result.output_dir) if result.output_dir else None
+        writer.write({"type": "result", "status": result.status, "output_dir": out,
+                      "result": result.result})  # fmt: skip
+        writer.close()
+    return 0
+
+
+def _train_console(args: argparse.Namespace, world: Any) -> int:
+    from peft_engine.progress import ConsoleProgress
+    from peft_engine.report import quiet_hooks
+
+    progress = ConsoleProgress()
+    hooks = progress.hooks() if world.is_main else quiet_hooks(args.stop_file)
+    with _stop_on_first_ctrl_c(progress):
+        result = _run_train(args, hooks, world)
+    if not world.is_main:
+        return 0
+    if result.status == "stopped":
+        latest = _latest_checkpoint(args.out)
+        hint = f"; resume with --resume {latest}" if latest else ""
+        print(f"stopped at step {result.result['steps']}{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _print_summary(result.output_dir, result.result)
+    return 0
+
+
+def _run_train(args: argparse.Namespace, hooks: Any, world: Any) -> Any:
     from peft_engine.models import load_registry
     from peft_engine.prepare import DataPaths
-    from peft_engine.progress import ConsoleProgress, quiet_library_output
+    from peft_engine.progress import quiet_library_output
     from peft_engine.spec import parse_spec
     from peft_engine.training import train
 
@@ -94,26 +157,16 @@ def _train(args: argparse.Namespace) -> int:
     spec = parse_spec(raw)
     data = DataPaths.from_spec(spec)
     resume = _resume_path(args.resume, args.out)
-    registry = load_registry(args.registry)
-
-    progress = ConsoleProgress()
-    with _stop_on_first_ctrl_c(progress):
-        result = train(
-            spec,
-            args.out,
-            progress.hooks(),
-            data=data,
-            resume_from=resume,
-            registry=registry,
-            cache_dir=args.cache_dir,
-        )
-    if result.status == "stopped":
-        latest = _latest_checkpoint(args.out)
-        hint = f"; resume with --resume {latest}" if latest else ""
-        print(f"stopped at step {result.result['steps']}{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    _print_summary(result.output_dir, result.result)
-    return 0
+    return train(
+        spec,
+        args.out,
+        hooks,
+        data=data,
+        resume_from=resume,
+        registry=load_registry(args.registry),
+        cache_dir=args.cache_dir,
+        world=world,
+    )
 
 
 def _models(args: argparse.Namespace) -> int:

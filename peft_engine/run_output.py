@@ -18,7 +18,10 @@ from peft_engine.schedule import scheduler_state
 
 
 def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
-    """A checkpoint of everything a resume needs, timed into the state's timings."""
+    """A checkpoint of everything a resume needs, timed into the state's timings; rank 0's
+    alone (every rank holds the same weights and optimizer state)."""
+    if not run.world.is_main:
+        return
     started = time.monotonic()
     state.scheduler = scheduler_state(run.scheduler)
     state.grad_scaler = run.precision.scaler_state()
@@ -38,9 +41,13 @@ def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
     run.hooks.on_checkpoint(path, state.step, dict(state.last_eval))
 
 
-def write_output(run: Run, result: dict[str, Any], diagnostics: list[dict[str, Any]]) -> Path:
+def write_output(
+    run: Run, result: dict[str, Any], diagnostics: list[dict[str, Any]]
+) -> Path | None:
     """The output directory: the trained weights, tokenizer, result.json, metrics and
-    per-example diagnostics."""
+    per-example diagnostics; rank 0's alone (None on the other ranks)."""
+    if not run.world.is_main:
+        return None
     output_dir = outputs.write_output(
         run.workdir,
         model=run.model,

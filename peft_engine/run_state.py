@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from peft_engine import outputs
+from peft_engine.distributed import SINGLE, World
 from peft_engine.hooks import Hooks
 from peft_engine.methods.common import MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
@@ -50,6 +51,7 @@ class Run:
     # tokens of one periodic evaluation, and of the kept weights' whole-set one (0: none)
     periodic_eval_tokens: int = 0
     final_eval_tokens: int = 0
+    world: World = SINGLE  # this process's rank among the job's (distributed.py)
 
     @property
     def sampled(self) -> bool:

@@ -111,6 +111,13 @@ class Hyperparameters(_Strict):
     ) = None
 
 
+class Resources(_Strict):
+    # The devices one job runs on: with more than 1 the worker runs the engine under torchrun,
+    # data parallel over that many GPUs of its machine (peft_engine/distributed.py); a CPU
+    # worker runs that many processes. The global batch, and so the result, stays the same.
+    gpus: int = Field(1, ge=1, le=64)
+
+
 TaskName = Literal[
     "causal_lm", "seq_classification", "token_classification", "image_classification"
 ]
@@ -124,6 +131,7 @@ class JobSpec(_Strict):
     validation_split: float = Field(0.1, ge=0.0, le=0.5)
     method: Method = LoraMethod()
     hyperparameters: Hyperparameters = Hyperparameters()
+    resources: Resources = Resources()
     # Seconds of training the job may take, over all its attempts (the time to each resumed
     # checkpoint, not the lost steps after it); then it stops and keeps its best weights.
     max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)

@@ -37,15 +37,17 @@ from peft_engine import outputs, run_output
 from peft_engine.activation_checkpointing import enable_gradient_checkpointing, wants_checkpointing
 from peft_engine.data.steps import step_micro_batches
 from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
+from peft_engine.distributed import SINGLE, World
 from peft_engine.errors import TrainingDivergedError
 from peft_engine.evaluation import early_stop_message, log_eval, periodic_examples
 from peft_engine.hooks import Event, Hooks
 from peft_engine.loop_eval import evaluate_kept, evaluate_step, seconds_left, timed_evaluate
 from peft_engine.methods import method_for
-from peft_engine.methods.common import TASK_HEAD, MethodTrainer
+from peft_engine.methods.common import MethodTrainer
 from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.attention import use_packed_attention
+from peft_engine.optim import build_optimizer
 from peft_engine.precision import COMPUTE_DTYPES, auto_mode, place_weights, resolve_precision
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job, prepared_events
 from peft_engine.run_state import Run, StepSums
@@ -81,15 +83,20 @@ def train(
     registry: ModelRegistry | None = None,
     cache_dir: Path | None = None,
     tokens_per_forward: int | None = None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Run a job to its end (or a stop on request); see the module's docstring.
 
     `tokens_per_forward` caps the tokens of one forward pass of a causal-LM step (default:
     `default_tokens_per_forward(device)`); it changes memory and speed, never the result.
+    `world`: this process's rank among a job's ranks (distributed.py); rank 0 alone reports,
+    checkpoints and writes the output, the others return without an output directory.
     """
     started = time.monotonic()
     hooks = hooks or Hooks()
     workdir = Path(workdir)
+    if not world.is_main:  # the metrics log of a rank that reports nothing stays apart
+        workdir = workdir / "ranks" / f"rank-{world.rank}"
     spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
 
     # 1. Spec, model files and data: every user error surfaces here, before weights load.
@@ -105,7 +112,8 @@ def train(
         hooks.on_event(event)
 
     # 2-3. Model (the base weights, the task's head, the method), optimizer and schedule.
-    run = _new_run(job, hooks, workdir, started=started, tokens_per_forward=tokens_per_forward)
+    run = _new_run(job, hooks, workdir, started=started, tokens_per_forward=tokens_per_forward,
+                   world=world)  # fmt: skip
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
@@ -142,6 +150,7 @@ def _new_run(
     *,
     started: float,
     tokens_per_forward: int | None,
+    world: World,
 ) -> Run:
     """The model built and everything the steps work with: optimizer, schedule, the metrics
     log, and the periodic evaluations' examples."""
@@ -154,10 +163,12 @@ def _new_run(
     hooks.on_event(Event("info", precision.describe()))
     dtype = precision.load_dtype(job.spec.method.type)
     model, weights, method_trainer = _build_model(job, task, device, dtype)
+    if world.active:  # equal weights from the shared seed; then each rank its own dropout
+        torch.manual_seed(hp.seed + 7919 * world.rank)
 
     # 3. Optimizer and learning-rate schedule (reduce_on_plateau scales it after evaluations);
     # what it trains in float32, the frozen rest in the compute dtype
-    optimizer = _optimizer(model, method_trainer, hp)
+    optimizer = build_optimizer(model, method_trainer, hp)
     place_weights(model, optimizer, precision)
     plateau = PlateauScale()
     run = Run(
@@ -177,6 +188,7 @@ def _new_run(
         model_info=_model_info(job, task),
         started=started,
         precision=precision,
+        world=world,
     )
     if job.validation is not None:
         run.eval_examples = periodic_examples(job)
@@ -206,15 +218,6 @@ def _build_model(
         enable_gradient_checkpointing(model, job.spec.method.type)
     model.train()
     return model, method.weights, method_trainer
-
-
-def _optimizer(model: Any, method_trainer: MethodTrainer, hp: Any) -> torch.optim.AdamW:
-    groups = method_trainer.param_groups(hp.weight_decay) or _param_groups(model, hp.weight_decay)
-    if hp.head_learning_rate is not None:
-        groups = _head_apart(model, groups, hp.head_learning_rate / hp.learning_rate)
-    for group in groups:  # a group's lr_scale (discriminative learning rates) scales the peak
-        group["lr"] = hp.learning_rate * group.get("lr_scale", 1.0)
-    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999))
 
 
 def _start(run: Run) -> ckpt.TrainerState:
@@ -260,9 +263,9 @@ def _train_steps(run: Run, state: ckpt.TrainerState) -> str:
     hp = run.job.spec.hyperparameters
     limit = run.job.spec.max_runtime_seconds
     while state.step < hp.total_steps:
-        if run.hooks.should_stop():
+        if run.world.any_(run.hooks.should_stop()):
             return "stopped"
-        if limit is not None and run.wall_seconds() >= limit:
+        if run.world.any_(limit is not None and run.wall_seconds() >= limit):
             message = f"max_runtime_seconds ({limit} s) reached at step {state.step}"
             run.hooks.on_event(Event("warning", message))
             return "out_of_time"
@@ -299,8 +302,11 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
     """Optimizer step `step`: forward, loss and backward for each of its micro-batches, then
     clip, step and schedule; each example's loss goes to `train_losses`."""
     run.method_trainer.before_step(step)
-    micro = step_micro_batches(run.job, step, run.task, tokens_per_forward=run.tokens_per_forward)
-    loss_tokens = sum(b.n_loss_tokens for b in micro)
+    micro = step_micro_batches(
+        run.job, step, run.task, tokens_per_forward=run.tokens_per_forward, world=run.world
+    )
+    # the whole step's loss tokens (over every rank's share) divide each micro-batch's loss
+    loss_tokens = int(run.world.sum_([sum(b.n_loss_tokens for b in micro)])[0])
 
     # forward + backward per micro-batch; loss normalised by the step's loss tokens
     loss_sum = 0.0
@@ -311,7 +317,11 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
         loss_sum += float(result.loss.detach())
         train_losses.record(result.examples)
     if (extra := run.method_trainer.extra_loss()) is not None:
-        run.precision.backward(extra)  # a method's regulariser (AdaLoRA's orthogonality)
+        # a method's regulariser (AdaLoRA's orthogonality), once for the step over the ranks
+        run.precision.backward(extra / run.world.size)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.world.reduce_gradients(trainable)  # each rank's share summed: the whole step's gradient
+    loss_sum, tokens = run.world.sum_([loss_sum, sum(b.n_tokens for b in micro)])
     if not math.isfinite(loss_sum):  # stop before the step applies it to the weights
         raise TrainingDivergedError(
             f"the training loss was {loss_sum} at step {step}: training diverged; a lower "
@@ -322,7 +332,6 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
 
     # clip, step, schedule
     max_grad_norm = run.job.spec.hyperparameters.max_grad_norm
-    trainable = [p for p in run.model.parameters() if p.requires_grad]
     run.precision.unscale(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
     learning_rate = run.scheduler.get_last_lr()[0]
@@ -330,8 +339,7 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
     run.scheduler.step()
     run.method_trainer.after_optimizer_step(step)
     run.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b.n_tokens for b in micro)
-    return StepSums(loss_sum, loss_tokens, tokens, grad_norm, learning_rate)
+    return StepSums(loss_sum, loss_tokens, int(tokens), grad_norm, learning_rate)
 
 
 def _count_step(
@@ -377,7 +385,8 @@ def default_tokens_per_forward(device: torch.device) -> int:
 
 
 def select_device() -> tuple[torch.device, torch.dtype]:
-    """The device, and the dtype its frozen weights take in "auto" precision (precision.py)."""
+    """The device, and the dtype its frozen weights take in "auto" precision (precision.py).
+    Under torchrun "cuda" is the rank's own GPU (distributed.world_from_env sets it)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, COMPUTE_DTYPES[auto_mode(device)]
 
@@ -389,39 +398,6 @@ def _model_info(job: PreparedJob, task: Task) -> dict[str, Any]:
         "base_model": job.entry.name,
         "method": job.spec.method.model_dump(mode="json"),
     }
-
-
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on biases and norm scales, as usual.
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def _head_apart(model: Any, groups: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
-    """`groups` with the task head's parameters in groups of their own, at `scale` times the
-    peak rate (in place of any scale their group had)."""
-    head = {
-        id(param)
-        for name, param in model.named_parameters()
-        if param.requires_grad and TASK_HEAD in name.split(".")
-    }
-    body_groups, head_groups = [], []
-    for group in groups:
-        params = list(group["params"])
-        options = {k: v for k, v in group.items() if k != "params"}
-        body = [p for p in params if id(p) not in head]
-        if body:
-            body_groups.append({**options, "params": body})
-        if len(body) < len(params):
-            head_params = [p for p in params if id(p) in head]
-            head_groups.append({**options, "params": head_params, "lr_scale": scale})
-    return body_groups + head_groups
 
 
 def _seed_everything(seed: int) -> None:

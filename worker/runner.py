@@ -57,6 +57,7 @@ from tuneq.webhooks.schemas import JOB_CHECKPOINT
 from tuneq.webhooks.service import enqueue_job_event
 from worker import outcomes
 from worker.artifacts import upload_tarball
+from worker.distributed import train_on_ranks
 from worker.heartbeat import Heartbeat
 from worker.history import History
 from worker.journal import Journal
@@ -232,15 +233,28 @@ class _Attempt:
     def _train(
         self, job: Job, data: DataPaths, resume_from: Path | None
     ) -> peft_engine.TrainResult:
+        hooks = Hooks(
+            on_event=self._on_event,
+            on_metrics=self._on_metrics,
+            on_checkpoint=self._on_checkpoint,
+            should_stop=self._should_stop,
+        )
+        gpus = int((job.spec.get("resources") or {}).get("gpus", 1))
+        if gpus > 1:  # the engine under torchrun, reporting through a file (distributed.py)
+            return train_on_ranks(
+                job.spec,
+                self.workdir,
+                hooks,
+                gpus=gpus,
+                data=data,
+                resume_from=resume_from,
+                registry_file=self.runner.settings.model_registry,
+                cache_dir=self.runner.settings.resolved_cache_dir,
+            )
         return peft_engine.train(
             job.spec,
             self.workdir,
-            Hooks(
-                on_event=self._on_event,
-                on_metrics=self._on_metrics,
-                on_checkpoint=self._on_checkpoint,
-                should_stop=self._should_stop,
-            ),
+            hooks,
             data=data,
             resume_from=resume_from,
             registry=self.runner.registry,

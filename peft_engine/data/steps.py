@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from peft_engine.data.batching import epoch_order, micro_batches
+from peft_engine.distributed import SINGLE, World
 
 if TYPE_CHECKING:
     from peft_engine.prepare import PreparedJob
@@ -26,13 +27,15 @@ def step_micro_batches(
     task: Task,
     *,
     tokens_per_forward: int | None = None,
+    world: World = SINGLE,
 ) -> list[Any]:
     """The micro-batches of optimizer step `step` (1-based), fixed by seed and step alone.
 
     With `tokens_per_forward`, a causal-LM micro-batch is cut into consecutive runs of
     whole examples of at most that many tokens (an example longer than it goes alone; a
     preference pair counts both its answers). Other tasks are not cut: a batch-norm body
-    sees the batch it was configured with.
+    sees the batch it was configured with. Under several ranks each takes its share of every
+    micro-batch (`World.shard`) before the cut.
     """
     hp = job.spec.hyperparameters
     epoch, index_in_epoch = divmod(step - 1, hp.steps_per_epoch)
@@ -40,7 +43,7 @@ def step_micro_batches(
     order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
     groups = micro_batches(examples, order, hp.batch_size)
     first = index_in_epoch * hp.gradient_accumulation_steps
-    groups = groups[first : first + hp.gradient_accumulation_steps]
+    groups = world.shard(groups[first : first + hp.gradient_accumulation_steps])
     if tokens_per_forward and task.name in CUT_BY_TOKENS:
         groups = [piece for group in groups for piece in split_by_tokens(group, tokens_per_forward)]
     return [task.collate(group, job) for group in groups]

@@ -134,7 +134,7 @@ def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
 
 def resolved_view(plan: Plan) -> dict[str, Any]:
     dumped = plan.estimate.spec.model_dump(mode="json")
-    return {"method": dumped["method"], "hyperparameters": dumped["hyperparameters"]}
+    return {key: dumped[key] for key in ("method", "hyperparameters", "resources")}
 
 
 def estimate_of(plan: Plan) -> DryRunPublic:

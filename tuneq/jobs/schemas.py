@@ -36,6 +36,8 @@ JOB_DOCUMENT = (
     Field("task", str, Job.task),
     Field("method", dict[str, Any], Job.resolved, member="method", shown=OBJECT),
     Field("hyperparameters", dict[str, Any], Job.resolved, member="hyperparameters", shown=OBJECT),
+    # the devices the job runs on ({"gpus": N}); {} for a job made before the field existed
+    Field("resources", dict[str, Any], Job.resolved, member="resources", shown=OBJECT),
     Field("training_file", str, Job.training_file_id),
     Field("validation_file", str | None, Job.validation_file_id),
     Field("suffix", str | None, Job.suffix),
