@@ -52,11 +52,17 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, groups: list[list[Any]]) -> list[list[Any]]:
-        """This rank's share of a step's micro-batches: every size-th example of each, from
-        its rank on (a rank may get none of a small micro-batch)."""
+    def shard(self, groups: list[list[Any]], *, whole_step: bool) -> list[list[Any]]:
+        """This rank's share of a step's micro-batches. `whole_step` (a loss summed over
+        examples, cut by tokens afterwards): every size-th example of the whole step, in one
+        group, so each rank gets its share however small the micro-batches; otherwise every
+        size-th example of each micro-batch (a batch-norm body sees a part of each), where a
+        micro-batch smaller than the ranks leaves some without a share of it."""
         if not self.active:
             return groups
+        if whole_step:
+            examples = [example for group in groups for example in group]
+            return [share] if (share := examples[self.rank :: self.size]) else []
         shares = [group[self.rank :: self.size] for group in groups]
         return [share for share in shares if share]
 
@@ -67,6 +73,15 @@ class World:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def max_(self, values: Iterable[float]) -> list[float]:
+        """`values`, each the largest over the ranks."""
+        values = list(values)
+        if not self.active:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 
     def any_(self, flag: bool) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 49,152 x 4 B = 48 MiB
 
@@ -42,6 +43,8 @@ def _find_parts(model: Any) -> tuple[nn.Module, nn.Linear] | None:
     if config is None or getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    if isinstance(base, FSDPModule):  # a sharded head weight is whole only in its forward
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None:  # e.g. a LoRA-wrapped head

@@ -12,6 +12,7 @@ from typing import Any
 
 from peft_engine import checkpoint as ckpt
 from peft_engine import outputs
+from peft_engine.fsdp import GatheredOptimizer
 from peft_engine.hooks import Event
 from peft_engine.run_state import Run
 from peft_engine.schedule import scheduler_state
@@ -20,9 +21,13 @@ from peft_engine.schedule import scheduler_state
 def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
     """A checkpoint of everything a resume needs, timed into the state's timings; rank 0's
     alone (every rank holds the same weights and optimizer state)."""
+    started = time.monotonic()
+    weights, optimizer = run.weights, run.optimizer
+    if run.sharding is not None:  # every rank gathers; rank 0 writes (fsdp.py)
+        weights = run.sharding.saving(run.weights.state(run.model))
+        optimizer = GatheredOptimizer(run.checkpoint_optimizer.state_dict())
     if not run.world.is_main:
         return
-    started = time.monotonic()
     state.scheduler = scheduler_state(run.scheduler)
     state.grad_scaler = run.precision.scaler_state()
     state.timings.checkpoints += 1
@@ -30,8 +35,8 @@ def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
     path = ckpt.save_checkpoint(
         run.workdir / "checkpoints" / f"checkpoint-{state.step}",
         model=run.model,
-        weights=run.weights,
-        optimizer=run.optimizer,
+        weights=weights,
+        optimizer=optimizer,
         state=state,
         best_weights=run.best_weights,
         method_state=run.method_trainer.state(),
@@ -46,12 +51,15 @@ def write_output(
 ) -> Path | None:
     """The output directory: the trained weights, tokenizer, result.json, metrics and
     per-example diagnostics; rank 0's alone (None on the other ranks)."""
+    weights = run.weights
+    if run.sharding is not None:  # every rank gathers; rank 0 writes (fsdp.py)
+        weights = run.sharding.saving(run.weights.state(run.model))
     if not run.world.is_main:
         return None
     output_dir = outputs.write_output(
         run.workdir,
         model=run.model,
-        weights=run.weights,
+        weights=weights,
         tokenizer=run.job.tokenizer,
         job=run.job,
         result=result,

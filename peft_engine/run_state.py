@@ -52,6 +52,10 @@ class Run:
     periodic_eval_tokens: int = 0
     final_eval_tokens: int = 0
     world: World = SINGLE  # this process's rank among the job's (distributed.py)
+    # a model sharded over the ranks (fsdp.py): its weights and optimizer read whole; None
+    # when every rank holds the whole model (one process, or data parallel)
+    sharding: Any = None
+    checkpoint_optimizer: Any = None  # what checkpoints save and load; None: `optimizer`
 
     @property
     def sampled(self) -> bool:

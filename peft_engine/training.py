@@ -40,6 +40,14 @@ from peft_engine.diagnostics import TrainLossTracker, build_diagnostics
 from peft_engine.distributed import SINGLE, World
 from peft_engine.errors import TrainingDivergedError
 from peft_engine.evaluation import early_stop_message, log_eval, periodic_examples
+from peft_engine.fsdp import (
+    ShardedOptimizer,
+    ShardedWeights,
+    grad_norm_value,
+    padded_micro_batches,
+    shard_model,
+    wants_sharding,
+)
 from peft_engine.hooks import Event, Hooks
 from peft_engine.loop_eval import evaluate_kept, evaluate_step, seconds_left, timed_evaluate
 from peft_engine.methods import method_for
@@ -163,6 +171,12 @@ def _new_run(
     hooks.on_event(Event("info", precision.describe()))
     dtype = precision.load_dtype(job.spec.method.type)
     model, weights, method_trainer = _build_model(job, task, device, dtype)
+    sharding = None
+    if wants_sharding(job.spec.method.type, world):  # full fine-tuning on several ranks
+        shard_model(model, device, world)
+        hooks.on_event(Event("info", f"full fine-tuning sharded over {world.size} ranks (FSDP)"))
+        sharding = ShardedWeights(weights, world)
+        weights = sharding.format()
     if world.active:  # equal weights from the shared seed; then each rank its own dropout
         torch.manual_seed(hp.seed + 7919 * world.rank)
 
@@ -170,6 +184,7 @@ def _new_run(
     # what it trains in float32, the frozen rest in the compute dtype
     optimizer = build_optimizer(model, method_trainer, hp)
     place_weights(model, optimizer, precision)
+    checkpoint_optimizer = ShardedOptimizer(model, optimizer) if sharding else optimizer
     plateau = PlateauScale()
     run = Run(
         job=job,
@@ -189,6 +204,8 @@ def _new_run(
         started=started,
         precision=precision,
         world=world,
+        sharding=sharding,
+        checkpoint_optimizer=checkpoint_optimizer,
     )
     if job.validation is not None:
         run.eval_examples = periodic_examples(job)
@@ -240,7 +257,7 @@ def _start(run: Run) -> ckpt.TrainerState:
 
 def _resume(run: Run, path: Path) -> ckpt.TrainerState:
     """Put back all that the checkpoint at `path` holds; its state goes on from its step."""
-    loaded = ckpt.load_checkpoint(path, optimizer=run.optimizer, weights=run.weights)
+    loaded = ckpt.load_checkpoint(path, optimizer=run.checkpoint_optimizer, weights=run.weights)
     ckpt.check_same_job(loaded.state, run.job)
     run.method_trainer.before_step(loaded.state.step + 1)  # e.g. the layers unfrozen by then
     run.weights.restore(run.model, loaded.trained_weights)
@@ -310,17 +327,29 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
 
     # forward + backward per micro-batch; loss normalised by the step's loss tokens
     loss_sum = 0.0
-    for batch in micro:
+    passes = [(b, True) for b in micro]
+    if run.sharding:  # as many passes on every rank, the extra ones counting zero (fsdp.py)
+        passes = padded_micro_batches(
+            micro,
+            run.world,
+            lambda: step_micro_batches(
+                run.job, step, run.task, tokens_per_forward=run.tokens_per_forward
+            )[0],
+        )
+    for batch, counts in passes:
         with run.precision.autocast():
             result = run.task.loss(run.model, batch.to(run.device), run.job)
-        run.precision.backward(result.loss / loss_tokens)  # fp16: scaled by its GradScaler
-        loss_sum += float(result.loss.detach())
-        train_losses.record(result.examples)
+        # fp16: scaled by its GradScaler
+        run.precision.backward(result.loss / loss_tokens if counts else result.loss * 0.0)
+        if counts:
+            loss_sum += float(result.loss.detach())
+            train_losses.record(result.examples)
     if (extra := run.method_trainer.extra_loss()) is not None:
         # a method's regulariser (AdaLoRA's orthogonality), once for the step over the ranks
         run.precision.backward(extra / run.world.size)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
-    run.world.reduce_gradients(trainable)  # each rank's share summed: the whole step's gradient
+    if not run.sharding:  # each rank's share summed: the whole step's gradient (FSDP sums its own)
+        run.world.reduce_gradients(trainable)
     loss_sum, tokens = run.world.sum_([loss_sum, sum(b.n_tokens for b in micro)])
     if not math.isfinite(loss_sum):  # stop before the step applies it to the weights
         raise TrainingDivergedError(
@@ -333,7 +362,9 @@ def _optimizer_step(run: Run, step: int, train_losses: TrainLossTracker) -> Step
     # clip, step, schedule
     max_grad_norm = run.job.spec.hyperparameters.max_grad_norm
     run.precision.unscale(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    grad_norm = grad_norm_value(
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    )
     learning_rate = run.scheduler.get_last_lr()[0]
     run.precision.step(run.optimizer)  # fp16: skipped when a gradient overflowed
     run.scheduler.step()

@@ -43,8 +43,9 @@ def step_micro_batches(
     order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
     groups = micro_batches(examples, order, hp.batch_size)
     first = index_in_epoch * hp.gradient_accumulation_steps
-    groups = world.shard(groups[first : first + hp.gradient_accumulation_steps])
-    if tokens_per_forward and task.name in CUT_BY_TOKENS:
+    cut = task.name in CUT_BY_TOKENS
+    groups = world.shard(groups[first : first + hp.gradient_accumulation_steps], whole_step=cut)
+    if tokens_per_forward and cut:
         groups = [piece for group in groups for piece in split_by_tokens(group, tokens_per_forward)]
     return [task.collate(group, job) for group in groups]
 

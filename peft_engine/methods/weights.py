@@ -78,9 +78,14 @@ def _trained_restore(model: Any, weights: dict[str, Any]) -> None:
 
 
 def _trained_save(model: Any, directory: Path) -> None:
+    tensors = {n: p.detach().contiguous().cpu() for n, p in _trained_state(model).items()}
+    write_trained_weights(tensors, directory)
+
+
+def write_trained_weights(tensors: dict[str, Any], directory: Path) -> None:
+    """The trained-weights files from their tensors (a sharded model's, gathered: fsdp.py)."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in _trained_state(model).items()}
     save_file(tensors, directory / TRAINED_WEIGHTS_FILE)
     info = {"format": "tuneq-trained-weights", "version": 1, "tensors": len(tensors)}
     (directory / TRAINED_WEIGHTS_INFO).write_text(json.dumps(info, indent=2))
