@@ -36,6 +36,7 @@ TASK_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "pooling": (("seq_classification",), {"const": "auto"}),
     "class_weights": (("seq_classification", "image_classification"), {"type": "null"}),
     "head_learning_rate": (HEAD_TASKS, {"const": "auto"}),
+    "base_precision": (("causal_lm",), {"const": "auto"}),  # QLoRA's "nf4"
 }
 # LoRA initialisations that change the base weights: causal_lm only, and not with DPO.
 WEIGHT_CHANGING_INITS = ("pissa", "olora")
@@ -186,6 +187,16 @@ def _cross_field_rules(methods: list[MethodDef]) -> list[dict[str, Any]]:
     )
     # Virtual tokens in front of each example, or DPO's pairs side by side: never packed.
     rules = [_when_method({"anyOf": unpacked}, then_hyperparameters={"packing": {"const": False}})]
+    # QLoRA ("nf4") trains LoRA alone, without the initialisations that rewrite the base.
+    not_qlora = {
+        "anyOf": [
+            {"properties": {"type": {"not": {"const": DEFAULT_METHOD}}}, "required": ["type"]},
+            {"properties": {"init": {"enum": list(WEIGHT_CHANGING_INITS)}}, "required": ["init"]},
+        ]
+    }
+    rules.append(
+        _when_method(not_qlora, then_hyperparameters={"base_precision": {"const": "auto"}})
+    )
     if any(m.type == "head_only" for m in methods):
         # head_only trains the head alone, at learning_rate.
         rules.append(

@@ -155,6 +155,8 @@ def spec_fingerprint(job: PreparedJob) -> str:
     hyperparameters: set[str] = {"gradient_checkpointing"}
     if job.spec.hyperparameters.precision == "auto":
         hyperparameters.add("precision")
+    if job.spec.hyperparameters.base_precision == "auto":  # likewise (QLoRA's "nf4" is kept)
+        hyperparameters.add("base_precision")
     data = job.spec.model_dump_json(
         exclude={
             "training_file": True,

@@ -31,6 +31,13 @@ class ModelNotFoundError(UserError):
     code = "model_not_found"
 
 
+class UnsupportedHardwareError(UserError):
+    """The job asks for what this machine cannot run (a 4-bit base without CUDA or a
+    bitsandbytes that quantises on the CPU): another worker's device, or another setting."""
+
+    code = "unsupported_hardware"
+
+
 class TrainingDivergedError(UserError):
     """The training loss became NaN or infinite: the weights would be garbage from here on.
     Raised before the optimizer step that would apply it, so every checkpoint is sound."""

@@ -3,7 +3,12 @@
     peak = weights + trained state + activations
 
     weights        the frozen parameters, in the compute dtype (bf16/fp16: 2 bytes, fp32: 4);
-                   in bf16/fp16 a trained parameter also has its autocast copy (2 bytes)
+                   in bf16/fp16 a trained parameter also has its autocast copy (2 bytes).
+                   With base_precision "nf4" (QLoRA) the body's linear weights are 4-bit
+                   NF4 with double-quantised constants, NF4_BITS a weight (4 bits, an 8-bit
+                   absmax per block of 64, a float32 constant per 256 blocks: 4.127), plus
+                   the one layer bitsandbytes dequantises at a time (the largest, in the
+                   compute dtype); embeddings, norms and the LM head stay in the compute dtype
     trained state  each trained parameter: float32 master weight, gradient and AdamW's two
                    moments, 16 bytes (peft_engine/precision.py keeps them all in float32)
     activations    what autograd keeps for the backward pass, per token of one forward pass
@@ -57,6 +62,7 @@ GPU_TOKENS_PER_FORWARD = 16_384
 
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TRAINED_STATE_BYTES = 16  # float32 parameter, gradient, AdamW's exp_avg and exp_avg_sq
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bitsandbytes' NF4, blocks of 64, double quant
 FULL_METHODS = frozenset({"full", "layerwise_unfreeze"})  # every weight trained (at the end)
 TRAINS_BASE = FULL_METHODS | {"bitfit"}
 FALLBACK_RANK = 8  # adapter methods whose own shapes are not modelled: a rank-8 LoRA
@@ -103,6 +109,7 @@ class MemoryEstimate:
     tokens_per_forward: int
     trained_parameters: int
     compute_dtype: str  # fp32 | bf16 | fp16
+    base_precision: str = "auto"  # auto (the compute dtype) | nf4
 
     @property
     def peak_bytes(self) -> int:
@@ -238,16 +245,17 @@ def estimate_memory(
     checkpointing: bool,
     task: str = "causal_lm",
     padded_length: int | None = None,
+    base_precision: str = "auto",
 ) -> MemoryEstimate:
     """The peak memory of training `method` on this model, `tokens` tokens a forward pass,
-    in `precision` (fp32 | bf16 | fp16)."""
+    in `precision` (fp32 | bf16 | fp16), the frozen base in `base_precision` (auto | nf4)."""
     compute_bytes = COMPUTE_BYTES[precision]
     trained = trained_parameters(shape, method)
     # an adapter's parameters are new ones; full, layer-wise and BitFit train the base's own
     frozen = shape.parameters - (trained if method.type in TRAINS_BASE else 0)
     autocast_copies = trained * compute_bytes if compute_bytes < 4 else 0
     return MemoryEstimate(
-        weights_bytes=frozen * compute_bytes + autocast_copies,
+        weights_bytes=frozen_bytes(shape, frozen, compute_bytes, base_precision) + autocast_copies,
         trained_state_bytes=trained * TRAINED_STATE_BYTES,
         activations_bytes=activation_bytes(
             shape,
@@ -262,7 +270,19 @@ def estimate_memory(
         tokens_per_forward=tokens,
         trained_parameters=trained,
         compute_dtype=precision,
+        base_precision=base_precision,
     )
+
+
+def frozen_bytes(shape: ModelShape, frozen: int, compute_bytes: int, base_precision: str) -> int:
+    """Bytes of `frozen` frozen parameters: all in the compute dtype, or with "nf4" the
+    body's linear weights in NF4 and the largest of them dequantised (module docstring)."""
+    if base_precision != "nf4":
+        return frozen * compute_bytes
+    linear = [fan_in * fan_out for fan_in, fan_out in shape.linear_layers().values()]
+    quantized = sum(linear)
+    dequantized = max(linear, default=0) * compute_bytes
+    return int((frozen - quantized) * compute_bytes + quantized * NF4_BITS / 8) + dequantized
 
 
 def forward_tokens(
@@ -305,6 +325,7 @@ def job_memory(path: Path | None, spec: Any, *, longest_sequence: int) -> dict[s
             checkpointing=checkpointing,
             task=spec.task,
             padded_length=padded,
+            base_precision=getattr(hp, "base_precision", "auto"),
         )
 
     chosen = at(hp.gradient_checkpointing is True)

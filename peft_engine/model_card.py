@@ -171,4 +171,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 base = AutoModelForCausalLM.from_pretrained(BASE)
 model = PeftModel.from_pretrained(base, "path/to/this/directory")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
-```"""
+```{_qlora_note(job)}"""
+
+
+def _qlora_note(job: PreparedJob) -> str:
+    if job.spec.hyperparameters.base_precision != "nf4":
+        return ""
+    return """
+
+Trained with QLoRA, on the base quantised to 4-bit NF4 (bitsandbytes). To merge, load the
+base in bf16 or float32 as above (not 4-bit) and call `model.merge_and_unload()`; the
+merged model differs from the trained one by the base's quantisation error."""

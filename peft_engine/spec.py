@@ -98,6 +98,9 @@ class Hyperparameters(_Strict):
     # Recompute activations in the backward pass (peft_engine/activation_checkpointing.py):
     # less memory for one more forward pass; "auto": on a GPU the job would not fit without it.
     gradient_checkpointing: bool | Auto = "auto"
+    # The frozen base's storage (peft_engine/quantization.py): "auto" keeps it in the compute
+    # dtype; "nf4" loads it 4-bit NF4 with bitsandbytes (QLoRA), LoRA on causal_lm only.
+    base_precision: Literal["auto", "nf4"] = "auto"
     # seq_classification: how the head pools the body ("auto": as the model was trained),
     # and per-class loss weights ("balanced", or {label: weight}, others 1).
     pooling: Literal["auto", "mean", "cls", "pooler", "last"] = "auto"
@@ -193,6 +196,8 @@ def check_spec(spec: JobSpec) -> None:
         raise SpecError(
             f"init {spec.method.init!r} is available for causal_lm only", param="method.init"
         )
+    if hp.base_precision == "nf4":
+        check_nf4_spec(spec)
     method = METHODS[spec.method.type]
     if method.needs_padding and hp.packing and "packing" in hp.model_fields_set:
         raise SpecError(
@@ -202,6 +207,26 @@ def check_spec(spec: JobSpec) -> None:
         )
     if spec.method.objective.type in PREFERENCE_OBJECTIVES:
         check_preference_spec(spec)
+
+
+def check_nf4_spec(spec: JobSpec) -> None:
+    """QLoRA: LoRA adapters over a 4-bit causal LM, initialised the usual way (PiSSA and
+    OLoRA rewrite the base weights, which a 4-bit base cannot hold exactly)."""
+    where = "hyperparameters.base_precision"
+    if spec.task != "causal_lm":
+        raise SpecError(f'"nf4" (QLoRA) is for causal_lm only, not {spec.task}', param=where)
+    if spec.method.type != "lora":
+        raise SpecError(
+            f'"nf4" (QLoRA) trains LoRA adapters only, not method {spec.method.type!r}; '
+            'use method "lora" or base_precision "auto"',
+            param=where,
+        )
+    if spec.method.init in ("pissa", "olora"):
+        raise SpecError(
+            f'"nf4" (QLoRA) cannot use init {spec.method.init!r}, which rewrites the base '
+            'weights; use init "default" or "gaussian"',
+            param=where,
+        )
 
 
 def check_preference_spec(spec: JobSpec) -> None:

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing here downloads from the Hugging Face Hub (models come from the registry, on disk):
+# bitsandbytes' import would otherwise ask the Hub for a CPU kernel, in every process that
+# imports peft (the test processes, their workers and ranks inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 CHATML = (
@@ -37,6 +42,8 @@ LONGEST_FIRST = (
     "test_generate.py",
     "test_event_stream_e2e.py",
     "test_fair_share.py",
+    "test_distributed.py",
+    "test_qlora.py",
     "test_store_faults.py",
     "test_eval_budget.py",
 )

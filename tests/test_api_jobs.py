@@ -256,7 +256,7 @@ def test_a_bad_query_parameter_is_a_problem_naming_it(env):
 
 # "auto" left for the worker: they depend on the device that runs the job, which the plan
 # does not know (its first event says what it chose).
-DEVICE_CHOICES = {"precision", "gradient_checkpointing"}
+DEVICE_CHOICES = {"precision", "gradient_checkpointing", "base_precision"}
 
 
 def _autos(value: Any) -> list[Any]:

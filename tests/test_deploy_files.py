@@ -433,12 +433,16 @@ def test_the_gpu_image_runs_a_worker_on_a_cuda_build_of_torch():
     assert "python3.11 -m venv" in runs
     assert _user(gpu).split(":")[0] not in ("root", "0")
     assert _cmd(gpu) == ["tuneq", "worker"]
-    # its dependency step installs exactly pyproject's dependencies
+    # its dependency step installs exactly pyproject's dependencies and the qlora extra
+    # (bitsandbytes: a GPU worker trains QLoRA), and it never asks the Hub for anything
     snippet = _python_snippet(gpu, "tomllib")
     installed = subprocess.run(
         [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split("\n")
-    assert [line for line in installed if line] == _pyproject_dependencies()
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        qlora = tomllib.load(file)["project"]["optional-dependencies"]["qlora"]
+    assert [line for line in installed if line] == _pyproject_dependencies() + qlora
+    assert any(i.keyword == "ENV" and "HF_HUB_OFFLINE=1" in i.args for i in gpu)
 
 
 def test_the_api_image_is_small_and_runs_the_api_as_a_user():

@@ -81,6 +81,10 @@ class InsufficientGpuMemory(InvalidRequest):
     code, title = "insufficient_gpu_memory", "No GPU queue has the memory for this job"
 
 
+class UnsupportedHardware(InvalidRequest):
+    code, title = "unsupported_hardware", "This deployment's hardware cannot run the job"
+
+
 class PayloadTooLarge(TuneqError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 

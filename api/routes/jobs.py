@@ -59,7 +59,9 @@ STORE = (503, "the object store did not answer")
             (422, "the spec is invalid, or does not suit its model or its files: `param` "
                   "names the field (model_not_found, invalid_training_file with the lines at "
                   "fault, invalid_hyperparameters; insufficient_gpu_memory when no GPU queue of "
-                  "TUNEQ_GPU_QUEUE_MEMORY_GIB holds the estimated peak); a file id that is "
+                  "TUNEQ_GPU_QUEUE_MEMORY_GIB holds the estimated peak; unsupported_hardware "
+                  "for a 4-bit base where no GPU queue is listed and the API cannot run "
+                  "4-bit either); a file id that is "
                   "not the team's; the same Idempotency-Key with another body"),
             (429, "over the key's rate limit, or the team's queued-jobs or GPU-seconds quota "
                   "(the problem names the quota, its limit and use)"),

@@ -52,6 +52,18 @@ class CausalLMTask:
         from peft_engine.models import load_causal_lm
         from peft_engine.models.resident import resident_loader
 
+        if job.spec.hyperparameters.base_precision == "nf4":  # QLoRA: never the resident copy
+            from transformers import AutoModelForCausalLM
+
+            from peft_engine.quantization import load_nf4
+
+            return load_nf4(
+                AutoModelForCausalLM,
+                job.model_path,
+                dtype=dtype,
+                device=device,
+                attn_implementation="sdpa",
+            )
         resident = resident_loader(job.spec.method)  # the worker's cache, when one is active
         return load_causal_lm(job.model_path, dtype=dtype, device=device, resident=resident)
 

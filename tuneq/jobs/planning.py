@@ -23,6 +23,7 @@ from tuneq.errors import (
     ModelNotFound,
     NotFound,
     TuneqError,
+    UnsupportedHardware,
     field_error,
 )
 from tuneq.files.models import File
@@ -74,6 +75,7 @@ def plan_job(
 ) -> Plan:
     try:
         spec = bounded_runtime(parse_spec(body), settings)
+        check_hardware(spec, settings)
         if spec.training_file is None:
             raise SpecError("a training file id is required", param="training_file")
         training = _team_file(db, team, spec.training_file, "training_file")
@@ -119,6 +121,27 @@ def bounded_runtime(spec: JobSpec, settings: Settings) -> JobSpec:
             f"at most {cap} seconds on this deployment (TUNEQ_MAX_RUNTIME_SECONDS_CAP)",
         )
     return spec
+
+
+def check_hardware(spec: JobSpec, settings: Settings) -> None:
+    """A 4-bit base (QLoRA) needs CUDA, or bitsandbytes quantising on the CPU. The API cannot
+    see its workers' devices: it accepts "nf4" where the deployment lists GPU queues
+    (TUNEQ_GPU_QUEUE_MEMORY_GIB), or where its own process could run it (a worker beside it,
+    as the embedded stack runs); else it refuses at once, rather than failing the job later.
+    Judged from the installed bitsandbytes, without importing torch (the worker probes)."""
+    if spec.hyperparameters.base_precision != "nf4" or settings.gpu_queue_memory_gib:
+        return
+    from peft_engine.quantization import PARAM, installed_four_bit_missing
+
+    missing = installed_four_bit_missing()
+    if missing is None:
+        return
+    detail = (
+        '"nf4" (QLoRA) needs a GPU worker with bitsandbytes, and this deployment lists no GPU '
+        f"queue (TUNEQ_GPU_QUEUE_MEMORY_GIB) while here {missing}: list the GPU queues, or "
+        'install the qlora extra where the API runs, or use base_precision "auto"'
+    )
+    raise UnsupportedHardware(detail, errors=[ErrorItem(detail, field=PARAM)], param=PARAM)
 
 
 def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:

@@ -48,7 +48,8 @@ def _too_large(queues_gib: dict[str, float], memory: dict[str, Any]) -> Insuffic
     )
     detail = (
         f"the job needs an estimated {size(memory['peak_bytes'])} ({parts}; "
-        f"{memory['tokens_per_forward']} tokens a forward pass, {memory['compute_dtype']}), "
+        f"{memory['tokens_per_forward']} tokens a forward pass, {memory['compute_dtype']}"
+        f"{', the base in nf4' if memory.get('base_precision') == 'nf4' else ''}), "
         f"more than the largest GPU queue, {largest}, has: {size(largest_gib * GIB)}"
     )
     param = "model"
