@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from peft_engine import DataPaths, Hooks
@@ -39,6 +40,7 @@ from worker.distributed import RanksFailed, train_on_ranks
 LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-5
 RESUME_STEP = 9
+GPU_LOSS_TOLERANCE = 1e-4
 
 
 METHODS = {"lora": {"type": "lora", "dropout": 0.0}, "full": {"type": "full"}}
@@ -286,3 +288,19 @@ def test_a_rank_without_a_share_of_a_step_still_takes_part_in_the_sharded_passes
     train(spec, tmp_path / "one", data=data, registry=tiny_registry, cache_dir=cache_dir)
     _ranks(spec, tmp_path / "two", data, tiny_registry_file, cache_dir)
     _assert_same_curve(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("on_gpus", list(METHODS))
+def test_two_gpus_under_nccl_train_like_one_gpu(
+    on_gpus, tmp_path, data, tiny_registry, tiny_registry_file, cache_dir
+):
+    """The same comparison on CUDA with NCCL (bench/gpu/check.sh runs it); not yet run on a
+    GPU. GPU_LOSS_TOLERANCE allows for the GPU kernels' own sum orders."""
+    spec = _spec(on_gpus)
+    train(spec, tmp_path / "one", data=data, registry=tiny_registry, cache_dir=cache_dir)
+    _ranks(spec, tmp_path / "two", data, tiny_registry_file, cache_dir)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    worst = max(abs(one[k] - two[k]) / abs(one[k]) for k in one)
+    assert worst <= GPU_LOSS_TOLERANCE, worst

@@ -113,6 +113,21 @@ def test_gpu_seconds_in_the_window_answer_429(deployed):
     assert client.post("/jobs", headers=auth(alpha), json=job_spec(training)).status_code == 201
 
 
+def test_a_job_on_two_gpus_counts_two_device_seconds_a_second(deployed):
+    client, (alpha, _) = deployed.client, deployed.keys
+    training = upload(client, alpha, TRAIN_ROWS)
+    spec = job_spec(training, resources={"gpus": 2})
+    job_id = client.post("/jobs", headers=auth(alpha), json=spec).json()["id"]
+    with transaction(make_sessionmaker(deployed.engine)) as db:  # it ran for half an hour
+        job = db.get(Job, job_id)
+        job.state, job.started_at = "succeeded", utcnow() - timedelta(hours=1)
+        job.finished_at = utcnow() - timedelta(minutes=30)
+    _set(deployed, "alpha", gpu_seconds=3000, gpu_window_seconds=4 * 3600)
+    body = assert_problem(client.post("/jobs", headers=auth(alpha), json=job_spec(training)), 429)
+    assert body["quota"] == "gpu_seconds"
+    assert 3590 <= body["current"] <= 3610  # 1,800 s on 2 GPUs
+
+
 def test_stored_bytes_cap_refuses_uploads_with_403_and_keeps_nothing(deployed):
     client, (alpha, beta) = deployed.client, deployed.keys
     size = len(jsonl(TRAIN_ROWS))

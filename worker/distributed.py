@@ -23,12 +23,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft_engine import Hooks, TrainResult
 from peft_engine.errors import UserError
+from peft_engine.hooks import Hooks
 from peft_engine.prepare import DataPaths
 from peft_engine.report import ReportReader, die_with_parent, dispatch
+
+if TYPE_CHECKING:
+    from peft_engine.training import TrainResult
 
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 30.0  # torchrun's own grace for its ranks, then SIGKILL
@@ -156,6 +159,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _outcome(end: dict[str, Any] | None, returncode: int | None, log_path: Path) -> TrainResult:
+    from peft_engine.training import TrainResult  # torch: not in the API's imports
+
     if end is not None and end["type"] == "result":
         output = Path(end["output_dir"]) if end["output_dir"] else None
         return TrainResult(end["status"], output, end["result"])

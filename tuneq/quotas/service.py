@@ -127,22 +127,23 @@ def _stored_bytes(db: Session, team_id: str) -> int:
 
 def _gpu_seconds(db: Session, team_id: str, window_seconds: int) -> int:
     """Device-seconds the team's jobs held in the last `window_seconds`: each job's time from
-    its first claim to its end (or now), clipped to the window, one device per job (a
-    worker trains one job at a time on its device). Time a job waited between attempts
-    counts: an approximation on the generous side for the cluster."""
+    its first claim to its end (or now), clipped to the window, times its devices
+    (`resources.gpus`, 1 unless it asked for more: a worker trains one job at a time). Time
+    a job waited between attempts counts: an approximation on the generous side."""
     now = utcnow()
     start = now - timedelta(seconds=window_seconds)
     rows = db.execute(
-        select(Job.started_at, Job.finished_at).where(
+        select(Job.started_at, Job.finished_at, Job.spec).where(
             Job.team_id == team_id,
             Job.started_at.is_not(None),
             (Job.finished_at.is_(None)) | (Job.finished_at > start),
         )
     ).all()
     total = 0.0
-    for started, finished in rows:
+    for started, finished, spec in rows:
         begin, end = max(started, start), min(finished or now, now)
-        total += max(0.0, (end - begin).total_seconds())
+        gpus = int(((spec or {}).get("resources") or {}).get("gpus", 1))
+        total += max(0.0, (end - begin).total_seconds()) * gpus
     return int(total)
 
 
