@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from peft_engine.diagnostics import DiagnosticsState
 from peft_engine.errors import SpecError
 from peft_engine.methods.weights import MODEL_INFO_FILE, WeightsFormat
+from peft_engine.spec_delivery import DELIVERY_FIELDS
 
 if TYPE_CHECKING:
     from peft_engine.prepare import PreparedJob
@@ -163,6 +164,7 @@ def spec_fingerprint(job: PreparedJob) -> str:
             "validation_file": True,
             "metadata": True,
             "resources": True,
+            **dict.fromkeys(DELIVERY_FIELDS, True),  # export, serving, tracking: not training
             "hyperparameters": hyperparameters,
         }
     )

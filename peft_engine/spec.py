@@ -20,6 +20,7 @@ from peft_engine.methods import METHODS
 from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
 from peft_engine.rates import auto_learning_rate, head_learning_rate
+from peft_engine.spec_delivery import ExportSpec, Integrations, ServingSpec
 from peft_engine.spec_errors import (
     METADATA_KEY_PATTERN,
     METADATA_MAX_KEYS,
@@ -135,6 +136,10 @@ class JobSpec(_Strict):
     method: Method = LoraMethod()
     hyperparameters: Hyperparameters = Hyperparameters()
     resources: Resources = Resources()
+    # What happens to the result (spec_delivery.py): no effect on the training.
+    export: ExportSpec | None = None
+    serving: ServingSpec | None = None
+    integrations: Integrations = Field(default_factory=list)
     # Seconds of training the job may take, over all its attempts (the time to each resumed
     # checkpoint, not the lost steps after it); then it stops and keeps its best weights.
     max_runtime_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)

@@ -157,7 +157,8 @@ def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
 
 def resolved_view(plan: Plan) -> dict[str, Any]:
     dumped = plan.estimate.spec.model_dump(mode="json")
-    return {key: dumped[key] for key in ("method", "hyperparameters", "resources")}
+    keys = ("method", "hyperparameters", "resources", "export", "serving", "integrations")
+    return {key: dumped[key] for key in keys}
 
 
 def estimate_of(plan: Plan) -> DryRunPublic:

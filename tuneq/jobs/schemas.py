@@ -38,6 +38,12 @@ JOB_DOCUMENT = (
     Field("hyperparameters", dict[str, Any], Job.resolved, member="hyperparameters", shown=OBJECT),
     # the devices the job runs on ({"gpus": N}); {} for a job made before the field existed
     Field("resources", dict[str, Any], Job.resolved, member="resources", shown=OBJECT),
+    # what happens to the result (peft_engine/spec_delivery.py): null / [] when not asked
+    Field("export", dict[str, Any] | None, Job.resolved, member="export", shown=JSON_OR_NULL),
+    Field("serving", dict[str, Any] | None, Job.resolved, member="serving", shown=JSON_OR_NULL),
+    Field(
+        "integrations", list[Any] | None, Job.resolved, member="integrations", shown=JSON_OR_NULL
+    ),  # fmt: skip
     Field("training_file", str, Job.training_file_id),
     Field("validation_file", str | None, Job.validation_file_id),
     Field("suffix", str | None, Job.suffix),
