@@ -93,6 +93,7 @@ class TrainerState:
         default_factory=lambda: {"scale": 1.0, "best": None, "bad_evals": 0}
     )
     spec_fingerprint: str = ""
+    precision: str = ""  # the mode it trained in (precision.py); "" in older checkpoints
     # per-example losses: the training lines' and the last and best evaluations' worst
     diagnostics: DiagnosticsState = field(default_factory=DiagnosticsState)
 
@@ -170,6 +171,14 @@ def spec_fingerprint(job: PreparedJob) -> str:
     )
     order = ",".join(str(e.line) for e in job.train.examples)
     return hashlib.sha256(f"{data}|{order}".encode()).hexdigest()[:16]
+
+
+def recorded_precision(directory: Path) -> str | None:
+    """The compute mode the checkpoint in `directory` trained in (None: not recorded)."""
+    try:
+        return json.loads((directory / STATE_FILE).read_text()).get("precision") or None
+    except (OSError, ValueError):
+        return None  # load_checkpoint says what is wrong with it
 
 
 def check_same_job(state: TrainerState, job: PreparedJob) -> None:

@@ -107,6 +107,28 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(mode, device, scaler)  # type: ignore[arg-type]
 
 
+def resumed_precision(
+    requested: str, device: torch.device, recorded: str | None
+) -> tuple[Precision, str | None]:
+    """The mode of a job resumed from a checkpoint that trained in `recorded`, and a note
+    for the job's events when it is not the mode "auto" picks here. "auto" keeps the
+    checkpoint's mode where this device runs it (a job begun in bf16 on a GPU goes on in
+    bf16 on a CPU, whose autocast takes bf16), so the run stays the run it was; where it
+    cannot, "auto" picks this device's mode and says so. An explicit mode is the spec's."""
+    if requested != "auto" or not recorded or recorded == auto_mode(device):
+        return resolve_precision(requested, device), None
+    try:
+        return resolve_precision(
+            recorded, device
+        ), f"precision {recorded}, as the checkpoint trained"
+    except SpecError:
+        here = auto_mode(device)
+        return resolve_precision(here, device), (
+            f"the checkpoint trained in {recorded}, which this {device.type} cannot run: "
+            f"going on in {here}, so the losses from here differ slightly from the run's"
+        )
+
+
 def auto_mode(device: torch.device) -> Mode:
     if device.type != "cuda":
         return "fp32"  # a CPU runs bf16 when asked; by default it keeps the exact mode

@@ -30,6 +30,7 @@ def save_checkpoint(run: Run, state: ckpt.TrainerState) -> None:
         return
     state.scheduler = scheduler_state(run.scheduler)
     state.grad_scaler = run.precision.scaler_state()
+    state.precision = run.precision.mode  # "auto" resumes in it (precision.resumed_precision)
     state.timings.checkpoints += 1
     state.timings.wall_seconds = run.wall_seconds()
     path = ckpt.save_checkpoint(

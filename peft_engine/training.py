@@ -56,7 +56,7 @@ from peft_engine.methods.weights import WeightsFormat
 from peft_engine.models import ModelRegistry, load_registry
 from peft_engine.models.attention import use_packed_attention
 from peft_engine.optim import build_optimizer
-from peft_engine.precision import COMPUTE_DTYPES, auto_mode, place_weights, resolve_precision
+from peft_engine.precision import COMPUTE_DTYPES, auto_mode, place_weights, resumed_precision
 from peft_engine.prepare import DataPaths, PreparedJob, prepare_job, prepared_events
 from peft_engine.run_state import Run, StepSums
 from peft_engine.schedule import (
@@ -121,7 +121,7 @@ def train(
 
     # 2-3. Model (the base weights, the task's head, the method), optimizer and schedule.
     run = _new_run(job, hooks, workdir, started=started, tokens_per_forward=tokens_per_forward,
-                   world=world)  # fmt: skip
+                   world=world, resume_from=resume_from)  # fmt: skip
 
     # 4. Resume from a checkpoint, or measure the base model so the gain can be shown.
     state = _resume(run, resume_from) if resume_from is not None else _start(run)
@@ -159,6 +159,7 @@ def _new_run(
     started: float,
     tokens_per_forward: int | None,
     world: World,
+    resume_from: Path | None,
 ) -> Run:
     """The model built and everything the steps work with: optimizer, schedule, the metrics
     log, and the periodic evaluations' examples."""
@@ -167,8 +168,10 @@ def _new_run(
     # 2. Model: the base weights and the task's head, then the method (seeded init).
     task = task_of(job.spec)
     device, _ = select_device()
-    precision = resolve_precision(hp.precision, device)
-    hooks.on_event(Event("info", precision.describe()))
+    recorded = ckpt.recorded_precision(resume_from) if resume_from is not None else None
+    precision, note = resumed_precision(hp.precision, device, recorded)
+    hooks.on_event(Event("warning" if note and "cannot" in note else "info",
+                         precision.describe() + (f" ({note})" if note else "")))  # fmt: skip
     dtype = precision.load_dtype(job.spec.method.type)
     model, weights, method_trainer = _build_model(job, task, device, dtype)
     sharding = None

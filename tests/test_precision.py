@@ -21,7 +21,7 @@ from peft_engine import DataPaths, Hooks
 from peft_engine.checkpoint import STATE_FILE as STATE
 from peft_engine.errors import SpecError
 from peft_engine.methods.lora_fused import FALLBACKS
-from peft_engine.precision import autocast_supported, resolve_precision
+from peft_engine.precision import autocast_supported, resolve_precision, resumed_precision
 from peft_engine.spec import parse_spec
 from tests.conftest import logits_from_plain_peft, write_jsonl
 from tests.engine_helpers import stop_after
@@ -179,3 +179,33 @@ def test_the_spec_refuses_unknown_values_naming_the_field(field, value):
     with pytest.raises(SpecError) as err:
         parse_spec({"model": "tiny-llama", "hyperparameters": {field: value}})
     assert err.value.param == f"hyperparameters.{field}"
+
+
+def test_auto_resumes_in_the_mode_its_checkpoint_trained_in(
+    tmp_path, data, tiny_registry, cache_dir
+):
+    """A job at "auto" begun in bf16 on a GPU and resumed on a CPU goes on in bf16 (the CPU
+    runs it), not in the CPU's own "auto" (fp32): the checkpoint records its mode. Here the
+    GPU's half is played by a CPU checkpoint whose recorded mode says bf16."""
+    spec = _spec(checkpoint_every_steps=3)
+    _run(spec, tmp_path / "split", data, tiny_registry, cache_dir, stop_after(7))
+    checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint-6"
+    state = json.loads((checkpoint / STATE).read_text())
+    assert state["precision"] == "fp32"  # what it trained in, recorded
+    (checkpoint / STATE).write_text(json.dumps({**state, "precision": "bf16"}))
+    events = []
+    resumed = _run(spec, tmp_path / "split", data, tiny_registry, cache_dir,
+                   Hooks(on_event=events.append), resume_from=checkpoint)  # fmt: skip
+    assert resumed.status == "succeeded"
+    said = [e.message for e in events if e.message.startswith("precision")]
+    assert said == ["precision bf16 on cpu: autocast to bf16; trained parameters and optimizer "
+                    "state in float32, frozen weights in bf16 (precision bf16, as the "
+                    "checkpoint trained)"]  # fmt: skip
+
+
+def test_a_recorded_mode_the_device_cannot_run_falls_back_to_its_auto_and_says_so():
+    meta = torch.device("meta")  # no autocast at all: it runs neither bf16 nor fp16
+    precision, note = resumed_precision("auto", meta, "bf16")
+    assert precision.mode == "fp32" and "cannot run" in note
+    assert resumed_precision("auto", meta, None)[1] is None  # an older checkpoint: no note
+    assert resumed_precision("fp32", meta, "bf16") == (resolve_precision("fp32", meta), None)
