@@ -11,6 +11,9 @@
                    compute dtype); embeddings, norms and the LM head stay in the compute dtype
     trained state  each trained parameter: float32 master weight, gradient and AdamW's two
                    moments, 16 bytes (peft_engine/precision.py keeps them all in float32)
+    on N GPUs      (resources.gpus) each rank's peak: its share of a step's examples; data
+                   parallel keeps the whole model on each, full fine-tuning (FSDP) splits
+                   weights and trained state N ways plus one block gathered (`per_rank`)
     activations    what autograd keeps for the backward pass, per token of one forward pass
                    (`forward_tokens`), plus the gradients of the layer being differentiated
 
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,8 @@ class MemoryEstimate:
     trained_parameters: int
     compute_dtype: str  # fp32 | bf16 | fp16
     base_precision: str = "auto"  # auto (the compute dtype) | nf4
+    ranks: int = 1  # the job's GPUs (resources.gpus): the figures are each one's
+    sharded: bool = False  # full fine-tuning on several ranks: FSDP (fsdp.py)
 
     @property
     def peak_bytes(self) -> int:
@@ -307,8 +312,9 @@ def job_memory(path: Path | None, spec: Any, *, longest_sequence: int) -> dict[s
     sequence = min(longest_sequence, hp.max_seq_length)
     causal = spec.task == "causal_lm"
     pairs = 2 if spec.method.objective.type in PREFERENCE_OBJECTIVES else 1  # both answers
+    ranks = spec.resources.gpus
     tokens = forward_tokens(
-        batch_size=hp.batch_size,
+        batch_size=-(-hp.batch_size // ranks),  # each rank's share of a step's examples
         sequence_tokens=sequence,
         budget=GPU_TOKENS_PER_FORWARD if causal else hp.batch_size * sequence * pairs,
         sequences_per_example=pairs,
@@ -328,13 +334,37 @@ def job_memory(path: Path | None, spec: Any, *, longest_sequence: int) -> dict[s
             base_precision=getattr(hp, "base_precision", "auto"),
         )
 
-    chosen = at(hp.gradient_checkpointing is True)
+    def on_each_rank(checkpointing: bool) -> MemoryEstimate:
+        return per_rank(at(checkpointing), shape, ranks, sharded=spec.method.type == "full")
+
+    chosen = on_each_rank(hp.gradient_checkpointing is True)
     return chosen.as_dict() | {
         "peak_bytes_by_checkpointing": {
-            "off": at(False).peak_bytes,
-            "on": at(True).peak_bytes,
+            "off": on_each_rank(False).peak_bytes,
+            "on": on_each_rank(True).peak_bytes,
         }
     }
+
+
+def per_rank(
+    estimate: MemoryEstimate, shape: ModelShape, ranks: int, *, sharded: bool
+) -> MemoryEstimate:
+    """One rank's peak of a job on `ranks` GPUs (its share of a step's examples is already
+    in `estimate`'s tokens). Data parallel keeps the whole model on each; full fine-tuning
+    is sharded (FSDP): weights and trained state split `ranks` ways, plus one block gathered
+    whole with its gradient (float32 both) while it computes."""
+    if ranks == 1:
+        return estimate
+    if not sharded:
+        return replace(estimate, ranks=ranks)
+    block = 8 * estimate.trained_parameters // max(shape.layers, 1)
+    return replace(
+        estimate,
+        weights_bytes=-(-estimate.weights_bytes // ranks) + block,
+        trained_state_bytes=-(-estimate.trained_state_bytes // ranks),
+        ranks=ranks,
+        sharded=True,
+    )
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -20,6 +20,7 @@ from peft_engine.memory import (
     GPU_TOKENS_PER_FORWARD,
     estimate_memory,
     forward_tokens,
+    per_rank,
     read_model_shape,
 )
 from peft_engine.methods import method_for
@@ -168,3 +169,22 @@ def test_the_dry_run_reports_the_peak_with_checkpointing_off_and_on(
     assert on["gradient_checkpointing"] is True and on["compute_dtype"] == "fp32"
     assert on["peak_bytes"] == on["peak_bytes_by_checkpointing"]["on"]
     assert on["weights_bytes"] > memory["weights_bytes"]  # 4 bytes a weight, not 2
+
+
+def test_on_two_ranks_full_fine_tuning_holds_half_its_state_on_each_and_lora_all_of_it(
+    tiny_model_dir,
+):
+    """What routing by memory counts for `resources.gpus`: FSDP splits full fine-tuning's
+    weights and trained state over the ranks (plus one block gathered whole); data
+    parallel keeps the whole model and adapter on each rank."""
+    shape = read_model_shape(tiny_model_dir)
+    full = estimate_memory(shape, FullMethod(), tokens=512, precision="bf16", checkpointing=False)
+    two = per_rank(full, shape, 2, sharded=True)
+    assert (two.ranks, two.sharded) == (2, True)
+    assert two.trained_state_bytes == -(-full.trained_state_bytes // 2)
+    block = 8 * full.trained_parameters // shape.layers  # one block and its gradient, fp32
+    assert two.weights_bytes == -(-full.weights_bytes // 2) + block
+    assert two.peak_bytes < full.peak_bytes
+    lora = estimate_memory(shape, LoraMethod(), tokens=512, precision="bf16", checkpointing=False)
+    replicated = per_rank(lora, shape, 2, sharded=False)
+    assert replicated.peak_bytes == lora.peak_bytes and replicated.ranks == 2
