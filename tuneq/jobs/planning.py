@@ -14,6 +14,7 @@ from peft_engine.errors import DataError, ModelNotFoundError, SpecError, UserErr
 from peft_engine.estimate import Estimate, estimate_job
 from peft_engine.models import ModelRegistry
 from peft_engine.prepare import DataPaths
+from peft_engine.serving import check_serving_model
 from peft_engine.spec import JobSpec, parse_spec
 from tuneq.errors import (
     ErrorItem,
@@ -76,6 +77,7 @@ def plan_job(
     try:
         spec = bounded_runtime(parse_spec(body), settings)
         check_hardware(spec, settings)
+        check_serving_model(spec, registry, settings.resolved_cache_dir)
         if spec.training_file is None:
             raise SpecError("a training file id is required", param="training_file")
         training = _team_file(db, team, spec.training_file, "training_file")
