@@ -20,7 +20,7 @@ from peft_engine.methods import METHODS
 from peft_engine.methods.common import HEAD_TASKS
 from peft_engine.methods.lora import LoraMethod
 from peft_engine.rates import auto_learning_rate, head_learning_rate
-from peft_engine.spec_delivery import ExportSpec, Integrations, ServingSpec
+from peft_engine.spec_delivery import ExportSpec, Integrations, ServingSpec, check_export_spec
 from peft_engine.spec_errors import (
     METADATA_KEY_PATTERN,
     METADATA_MAX_KEYS,
@@ -212,6 +212,7 @@ def check_spec(spec: JobSpec) -> None:
         )
     if spec.method.objective.type in PREFERENCE_OBJECTIVES:
         check_preference_spec(spec)
+    check_export_spec(spec)
 
 
 def check_nf4_spec(spec: JobSpec) -> None:

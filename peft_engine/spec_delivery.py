@@ -8,9 +8,11 @@ never the request's: a job names only an experiment or a project.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field
+
+from peft_engine.errors import SpecError
 
 
 class _Strict(BaseModel):
@@ -54,3 +56,49 @@ Integrations = Annotated[list[Integration], Field(max_length=4)]
 
 # JobSpec's fields that say what happens to the result, not how it is trained.
 DELIVERY_FIELDS = ("export", "serving", "integrations")
+
+
+# -- merged export: which trained models merge into one plain model (export.py builds it) --
+
+# peft methods whose adapters peft folds into the base weights (`merge_and_unload`): LoRA
+# (DoRA, PiSSA and OLoRA outputs included: the output is a plain adapter on the original
+# base), AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA.
+PEFT_MERGEABLE = ("lora", "adalora", "ia3", "loha", "lokr", "oft", "vera")
+# Methods that train the model's own parameters: the output is already a whole model.
+WHOLE_WEIGHTS = ("full", "bitfit", "layerwise_unfreeze", "head_only")
+_PROMPT = (
+    "learns virtual tokens put in front of every input, not a change to any weight: there is "
+    "nothing to merge; serve the adapter with peft"
+)
+MERGE_REFUSALS = {
+    "prompt_tuning": _PROMPT,
+    "p_tuning": _PROMPT,
+    "prefix_tuning": _PROMPT,
+    "bottleneck_adapter": "adds new layers (bottleneck adapters) between the model's own: "
+    "no weight of the base model holds them, so plain transformers cannot load the result",
+}
+
+
+def merge_refusal(task: str, method_type: str) -> str | None:
+    """Why a job of `task` trained with `method_type` cannot be exported merged; None if it
+    can. Only causal LMs: tuneq's classification heads are its own modules (mean or last
+    token pooling, a head on a body) that no transformers Auto class rebuilds exactly."""
+    if task != "causal_lm":
+        return (
+            f"a merged export is for causal_lm only: {task}'s head is tuneq's own module "
+            "(peft_engine/models/heads.py), which no transformers Auto class loads; load the "
+            "adapter with peft_engine.load_trained instead"
+        )
+    if method_type in PEFT_MERGEABLE or method_type in WHOLE_WEIGHTS:
+        return None
+    reason = MERGE_REFUSALS.get(method_type, "has no merge into the base weights")
+    return f"method {method_type!r} {reason}"
+
+
+def check_export_spec(spec: Any) -> None:
+    """`export.merged: true` for what cannot merge: refused at submit, with the reason."""
+    if spec.export is None or not spec.export.merged:
+        return
+    reason = merge_refusal(spec.task, spec.method.type)
+    if reason is not None:
+        raise SpecError(reason, param="export.merged")

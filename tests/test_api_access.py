@@ -72,6 +72,7 @@ ENDPOINTS = [
     Endpoint("GET", "/jobs/{job_id}/artifacts", "object", 200),
     Endpoint("GET", "/jobs/{job_id}/artifacts/{name}", "object", 404),  # the job never ran
     Endpoint("GET", "/jobs/{job_id}/diagnostics", "object", 409),  # no result yet
+    Endpoint("POST", "/jobs/{job_id}/exports", "object", 409),  # queued, not succeeded
     Endpoint("POST", "/jobs/{job_id}/generate", "object", 409),  # no adapter yet
     Endpoint("GET", "/models", "catalogue"),
     Endpoint("GET", "/models/{model_id}", "catalogue"),
@@ -155,6 +156,8 @@ class World:
             kwargs["json"] = job_spec(ids.get("file_id") or self.file_a)
         elif str(endpoint) == "POST /jobs/{job_id}/generate":
             kwargs["json"] = {"messages": [{"role": "user", "content": "Hello?"}]}
+        elif str(endpoint) == "POST /jobs/{job_id}/exports":
+            kwargs["json"] = {"merged": True, "dtype": "bf16"}
         elif str(endpoint) == "POST /webhooks":
             kwargs["json"] = {"url": WEBHOOK_URL, "events": ["job.succeeded"]}
         return self.client.request(endpoint.method, self.path(endpoint, **ids), **kwargs)

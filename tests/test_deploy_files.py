@@ -143,6 +143,7 @@ def test_compose_runs_the_whole_production_stack():
         "api",
         "worker",
         "beat",
+        "prometheus",
     }
     assert services["postgres"]["image"] == "postgres:16"
     assert services["redis"]["image"] == "redis:7"
@@ -563,13 +564,23 @@ def _requirement_closure(requirements: Iterable[str]) -> set[str]:
 
 
 def _unimportable_modules(installed_in_image: set[str]) -> list[str]:
-    """Top-level modules installed here that no distribution of the image provides."""
+    """Modules installed here that no distribution of the image provides: top-level ones,
+    and in a namespace package that distributions both in and out of the image fill (e.g.
+    `opentelemetry`: fastapi's opentelemetry-api, and the SDK that mlflow brings here), the
+    subpackages of those out of it."""
     provided = metadata.packages_distributions()
-    return sorted(
-        module
-        for module, distributions in provided.items()
-        if not {_canonical(d) for d in distributions} & installed_in_image
-    )
+    blocked = set()
+    for module, distributions in provided.items():
+        inside = {d for d in distributions if _canonical(d) in installed_in_image}
+        if not inside:
+            blocked.add(module)
+            continue
+        for outside in set(distributions) - inside:
+            for file in metadata.distribution(outside).files or ():
+                parts = file.parts
+                if len(parts) > 2 and parts[0] == module and "." not in parts[1]:
+                    blocked.add(f"{module}.{parts[1]}")
+    return sorted(blocked)
 
 
 # Serves what the control plane serves, and starts what migrate and beat start, with only
@@ -612,7 +623,23 @@ create_worker_app(settings)
 provided = metadata.packages_distributions()
 tops = {name.partition(".")[0] for name, module in list(sys.modules.items()) if module}
 tops -= set(sys.stdlib_module_names)
-print(json.dumps(sorted({d for top in tops for d in provided.get(top, ())})))
+
+
+def owners(top):
+    # the distributions whose files the imported modules under `top` came from (a namespace
+    # package is filled by several; a plain one has one)
+    distributions = provided.get(top, ())
+    if len(distributions) <= 1:
+        return set(distributions)
+    by_file = {str(f.locate().resolve()): d for d in distributions
+               for f in metadata.distribution(d).files or ()}
+    files = {getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+             if m and n.partition(".")[0] == top}
+    return {by_file[str(Path(f).resolve())] for f in files
+            if f and str(Path(f).resolve()) in by_file}
+
+
+print(json.dumps(sorted({d for top in tops for d in owners(top)})))
 """
 
 
@@ -654,6 +681,72 @@ def test_the_api_image_has_everything_the_control_plane_imports(tmp_path, tiny_r
     assert result.returncode == 0, result.stderr[-3000:]
     imported = {_canonical(d) for d in json.loads(result.stdout.strip().splitlines()[-1])}
     assert "fastapi" in imported and "tokenizers" in imported and imported <= image
+
+
+# --- Prometheus and Grafana (README, "Observability") ---------------------------------------
+
+
+def test_prometheus_scrapes_the_api_every_worker_and_beat_where_they_listen(monkeypatch):
+    prometheus = _services()["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:v")
+    [config] = [v for v in prometheus["volumes"] if v.startswith("./deploy/prometheus.yml:")]
+    assert config.split(":")[1] == "/etc/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in _command(prometheus)
+    assert "/-/ready" in " ".join(prometheus["healthcheck"]["test"])
+    assert all(p.startswith("127.0.0.1:") for p in prometheus["ports"])  # loopback only
+    jobs = {
+        job["job_name"]: job
+        for job in yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert set(jobs) == {"tuneq-api", "tuneq-worker", "tuneq-beat"}
+    settings = {
+        name: _settings_from(_container_env(name, _with_real_secrets(_env_example())), monkeypatch)
+        for name in LONG_RUNNING
+    }
+    assert jobs["tuneq-api"]["static_configs"] == [{"targets": [f"api:{settings['api'].port}"]}]
+    # every replica of `--scale worker=N`, by the service's DNS name, on the workers' port
+    [workers] = jobs["tuneq-worker"]["dns_sd_configs"]
+    assert workers["names"] == ["worker"] and workers["type"] == "A"
+    assert workers["port"] == settings["worker"].worker_metrics_port
+    beat = f"beat:{settings['beat'].beat_metrics_port}"
+    assert jobs["tuneq-beat"]["static_configs"] == [{"targets": [beat]}]
+    for name in ("worker", "beat"):  # reachable from the prometheus container
+        assert settings[name].metrics_host == "0.0.0.0", name
+
+
+def test_the_grafana_dashboard_graphs_metrics_the_processes_export():
+    dashboard = json.loads((ROOT / "deploy/grafana/tuneq.json").read_text(encoding="utf-8"))
+    assert dashboard["uid"] and dashboard["panels"]
+    expressions = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = set(re.findall(r"\btuneq_[a-z_]+", expressions))
+    exported = _exported_metric_names()
+    assert used, "no tuneq metric on the dashboard"
+    unknown = {
+        name
+        for name in used
+        if name not in exported and re.sub(r"_(total|bucket|sum|count)$", "", name) not in exported
+    }
+    assert not unknown, f"the dashboard graphs metrics nobody exports: {sorted(unknown)}"
+    essentials = (
+        "jobs_running",
+        "steps_total",
+        "tokens_total",
+        "queue_jobs",
+        "oldest_job_age_seconds",
+        "checkpoint_upload_seconds",
+        "memory_bytes",
+    )
+    for essential in essentials:
+        assert essential in expressions, essential
+
+
+def _exported_metric_names() -> set[str]:
+    """The metric names of worker/metrics.py and api/metrics.py, from their source."""
+    names = set()
+    for module in ("worker/metrics.py", "api/metrics.py"):
+        text = (ROOT / module).read_text(encoding="utf-8")
+        names |= set(re.findall(r'"(tuneq_[a-z_]+)"', text))
+    return names | {f"{name}_total" for name in names}
 
 
 def test_production_refuses_fault_injection():

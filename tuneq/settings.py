@@ -294,8 +294,51 @@ class Settings(BaseSettings):
         "non-public addresses (a test or a closed network)",
     )
 
+    # Experiment tracking (worker/tracking.py): a job's `integrations` name an experiment or a
+    # project; where runs go, and with which credentials, is the operator's alone.
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server that `mlflow` integrations log to, e.g. "
+        "http://mlflow:5000 (unset: a job asking for MLflow is refused)",
+    )
+    mlflow_tracking_token: SecretStr | None = Field(
+        None, description="bearer token sent to the MLflow tracking server (never logged)"
+    )
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="Weights & Biases: online (to wandb_base_url) or offline (run directories "
+        "in wandb_dir, for `wandb sync`); unset: a job asking for W&B is refused",
+    )
+    wandb_base_url: str | None = Field(
+        None, description="W&B server of online runs (unset: W&B's cloud)"
+    )
+    wandb_api_key: SecretStr | None = Field(
+        None, description="W&B API key of online runs (never logged)"
+    )
+    wandb_entity: str | None = Field(
+        None, description="W&B entity (team or user) runs are created under (unset: the key's)"
+    )
+    wandb_dir: Path | None = Field(
+        None, description="where workers write W&B run directories; unset: home/wandb"
+    )
+
     host: str = Field("127.0.0.1", description="address `tuneq api` listens on")
     port: int = Field(8000, ge=0, le=65535, description="port `tuneq api` listens on")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the Prometheus /metrics of `tuneq worker` and `tuneq beat` "
+        "listen on (0.0.0.0 in a container)",
+    )
+    worker_metrics_port: int = Field(
+        9464,
+        ge=0,
+        le=65535,
+        description="port of a worker's Prometheus /metrics (0: none); each worker on a "
+        "host needs its own",
+    )
+    beat_metrics_port: int = Field(
+        9465, ge=0, le=65535, description="port of beat's Prometheus /metrics: the queues (0: none)"
+    )
 
     # The user's side: the API that the `tuneq files|jobs|models` commands and the SDK
     # (tuneq.client.Client) call, and their key; `tuneq up` prints both.

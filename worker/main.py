@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tuneq.queue import MAINTENANCE_QUEUE, with_inference_queues
 from tuneq.settings import Settings
+from worker.metrics import serve_beat_metrics, serve_worker_metrics
 from worker.tasks import create_worker_app, import_training_stack
 
 
@@ -16,6 +17,7 @@ def run_worker(settings: Settings, *, queues: str, name: str | None = None) -> N
     between jobs it answers generate requests on each queue's inference queue."""
     app = create_worker_app(settings)
     import_training_stack()  # before taking jobs, so that the first one does not wait
+    serve_worker_metrics(settings)  # the solo pool trains in this process: its metrics
     app.worker_main(
         [
             "worker",
@@ -42,6 +44,7 @@ def run_worker(settings: Settings, *, queues: str, name: str | None = None) -> N
 def run_beat(settings: Settings) -> None:
     """The periodic outbox relay, lease reaper and webhook deliveries (run exactly one)."""
     app = create_worker_app(settings)
+    serve_beat_metrics(settings)
     app.worker_main(
         [
             "worker",

@@ -58,10 +58,13 @@ from tuneq.webhooks.service import enqueue_job_event
 from worker import outcomes
 from worker.artifacts import upload_tarball
 from worker.distributed import train_on_ranks
+from worker.exports import export_after_training
 from worker.heartbeat import Heartbeat
 from worker.history import History
 from worker.journal import Journal
+from worker.metrics import WORKER_METRICS, AttemptMetrics
 from worker.retry import RetryingStore, RetryPolicy, is_transient, retry_transient
+from worker.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +133,8 @@ class JobRunner:
         heartbeat = Heartbeat(self.sessions, claim, lease_ttl=self.settings.lease_ttl_seconds,
                               claimed_at=claimed_at, history=self.history)  # fmt: skip
         try:
-            with heartbeat:
-                outcome = _Attempt(self, claim, heartbeat, workdir).run()
+            with heartbeat, WORKER_METRICS.attempt() as observed:
+                outcome = _Attempt(self, claim, heartbeat, workdir, observed).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self._wake_waiting(ran)
@@ -174,7 +177,9 @@ class _Attempt:
     claim: Claim
     heartbeat: Heartbeat
     workdir: Path
+    observed: AttemptMetrics  # what it reports to Prometheus (worker/metrics.py)
     fault: JobFault | None = None  # only under TUNEQ_FAULTS (tuneq/faults.py)
+    tracking: Tracking = field(default_factory=Tracking)  # MLflow, W&B (worker/tracking.py)
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -195,10 +200,17 @@ class _Attempt:
         return self.runner.history
 
     def run(self) -> str:
+        outcome = self._run()
+        self.tracking.close(outcome)  # the adapter, the run ended as the attempt ended
+        return outcome
+
+    def _run(self) -> str:
         try:
             job, training, validation = self._load()
+            self.observed.started(job.queue)  # Prometheus: worker/metrics.py
             self.fault = job_fault(job.metadata_, self.claim.attempt)
             self._event("info", f"attempt {self.claim.attempt} started on {self.claim.owner}")
+            self.tracking = Tracking.open(self, job)
             data = DataPaths(self._copy(training), self._copy(validation) if validation else None)
             resume_from = self._download_checkpoint(job)
             with self.runner.resident.active(report=self._on_model_load):
@@ -206,16 +218,21 @@ class _Attempt:
         except UserError as err:
             return outcomes.fail(self, err.code, str(err), err.param)
         except Exception as err:
+            self.observed.crashed(self, err)
             return outcomes.crashed(self, err)
         if result.status != "succeeded":
             return outcomes.stopped(self)
         assert result.output_dir is not None
+        self.tracking.adapter = result.output_dir
         try:
             outcome = outcomes.succeed(self, result.output_dir, result.result)
         except Exception as err:
+            self.observed.crashed(self, err)
             return outcomes.crashed(self, err)
         if outcome == "succeeded" and self.runner.settings.keep_checkpoints is not None:
             self._prune(self.runner.settings.keep_checkpoints)
+        if outcome == "succeeded":  # the spec's export.merged, the adapter already safe
+            export_after_training(self.runner, self.heartbeat, job, result.output_dir)
         return outcome
 
     def _prune(self, keep_last: int) -> None:
@@ -239,6 +256,8 @@ class _Attempt:
             on_checkpoint=self._on_checkpoint,
             should_stop=self._should_stop,
         )
+        hooks = self.observed.hooks(hooks)  # each step, evaluation and upload counted, timed
+        hooks = self.tracking.tee(hooks)  # metrics to the job's MLflow/W&B runs too
         gpus = int((job.spec.get("resources") or {}).get("gpus", 1))
         if gpus > 1:  # the engine under torchrun, reporting through a file (distributed.py)
             return train_on_ranks(

@@ -42,6 +42,7 @@ from tuneq.quotas.fair_share import wake_teams_of
 from tuneq.settings import Settings
 from tuneq.storage import ObjectStore, open_store
 from tuneq.webhooks.delivery import deliver_due
+from worker.exports import register_export_task
 from worker.inference import Answerers
 from worker.runner import ClaimUnavailable, JobRunner
 
@@ -151,6 +152,8 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     @app.task(name=DELIVER_WEBHOOKS_TASK, ignore_result=True)
     def deliver_webhooks() -> int:
         return deliver_due(context.sessions, settings)
+
+    register_export_task(app, context)  # POST /jobs/{id}/exports (worker/exports.py)
 
 
 def create_worker_app(settings: Settings | None = None) -> Celery:

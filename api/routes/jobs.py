@@ -27,7 +27,8 @@ from api.openapi_docs import json_body, responses
 from tuneq.errors import NotFound
 from tuneq.inference import service as inference
 from tuneq.inference.schemas import GenerateRequest, Generation
-from tuneq.jobs import retention, service
+from tuneq.jobs import exports, retention, service
+from tuneq.jobs.exports import ExportPublic, ExportRequest
 from tuneq.jobs.schemas import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -213,6 +214,27 @@ def list_checkpoints(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
 def list_artifacts(job_id: str, team: TeamDep, db: DbDep) -> dict[str, Any]:
     job = service.get_job(db=db, team=team, job_id=job_id)
     return list_page(map(ArtifactPublic.of, service.list_artifacts(db=db, job=job)))
+
+
+@router.post(
+    "/{job_id}/exports",
+    status_code=202,
+    response_model=ExportPublic,
+    responses={
+        200: {"model": ExportPublic, "description": "that export's artifact exists already"},
+        **responses(NO_JOB, (409, "the job has not succeeded"),
+                    (422, "a method or task whose weights cannot merge (`param`: merged)")),
+    },
+)  # fmt: skip
+def request_export(
+    job_id: str, body: ExportRequest, caller: CallerDep, sessions: SessionsDep, celery: CeleryDep
+) -> JSONResponse:
+    """The merged model (base + adapter, safetensors), built by a worker: it appears as
+    `merged-{dtype}.tar.gz` in the artifacts, with an event (tuneq/jobs/exports.py)."""
+    answer = exports.request_export(
+        sessions=sessions, broker=celery, team=caller.team, job_id=job_id, request=body
+    )
+    return JSONResponse(answer.model_dump(), status_code=202 if answer.status == "queued" else 200)
 
 
 @router.get(

@@ -78,6 +78,7 @@ def plan_job(
         spec = bounded_runtime(parse_spec(body), settings)
         check_hardware(spec, settings)
         check_serving_model(spec, registry, settings.resolved_cache_dir)
+        check_integrations(spec, settings)
         if spec.training_file is None:
             raise SpecError("a training file id is required", param="training_file")
         training = _team_file(db, team, spec.training_file, "training_file")
@@ -144,6 +145,40 @@ def check_hardware(spec: JobSpec, settings: Settings) -> None:
         'install the qlora extra where the API runs, or use base_precision "auto"'
     )
     raise UnsupportedHardware(detail, errors=[ErrorItem(detail, field=PARAM)], param=PARAM)
+
+
+# Each tracker's settings and optional package (`pip install tuneq[mlflow]`, `tuneq[wandb]`).
+TRACKERS = {
+    "mlflow": ("TUNEQ_MLFLOW_TRACKING_URI", "mlflow"),
+    "wandb": ("TUNEQ_WANDB_MODE", "wandb"),
+}
+
+
+def tracker_unavailable(kind: str, settings: Settings, *, here: bool) -> str | None:
+    """Why this deployment cannot log to the tracker `kind`, or None. The operator's
+    setting is required; the package is looked up (not imported) only where this process
+    stands for the workers (`here`)."""
+    import importlib.util
+
+    setting, package = TRACKERS[kind]
+    configured = settings.mlflow_tracking_uri if kind == "mlflow" else settings.wandb_mode
+    if not configured:
+        return f"this deployment has no {kind} tracking ({setting} is unset)"
+    if kind == "wandb" and configured == "online" and settings.wandb_api_key is None:
+        return "this deployment has no W&B API key for online runs (TUNEQ_WANDB_API_KEY)"
+    if here and importlib.util.find_spec(package) is None:
+        return f"the {package} package is not installed (pip install tuneq[{kind}])"
+    return None
+
+
+def check_integrations(spec: JobSpec, settings: Settings) -> None:
+    """An integration the deployment cannot serve is refused at once, naming it. Packages are
+    checked only on the embedded stack (no TUNEQ_BROKER_URL: workers beside the API, on its
+    install); the production API's image is not the workers', which warn in the job."""
+    for index, integration in enumerate(spec.integrations):
+        why = tracker_unavailable(integration.type, settings, here=settings.broker_url is None)
+        if why:
+            raise field_error(f"integrations[{index}].type", why)
 
 
 def _team_file(db: Session, team: Team, file_id: str, param: str) -> File:
