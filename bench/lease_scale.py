@@ -42,10 +42,15 @@ Two phases for each N:
 `DB CPU` is the CPU time of this database's PostgreSQL backends plus the server's WAL
 writer, checkpointer and background writer, from /proc/<pid>/stat (utime + stime) at the
 window's start and end, in cores (1.00 = one core busy); `bench CPU` is this process's (the
-simulated workers, on the same machine). The JSON line adds the share of the jobs table's
-updates that were HOT (pg_stat_user_tables). The planner's statistics are gathered once
-after seeding (ANALYZE), as autovacuum would. Nothing is asserted; tests/test_lease_scale.py
-checks the invariants at tiny N.
+simulated workers, on the same machine). `HOT` is the share of the phase's heartbeat
+UPDATEs that were HOT (heap-only: no index entry written, pg_stat_user_tables'
+n_tup_hot_upd over the renewals that matched; a claim or an end changes `state`, which the
+indexes hold, so only beats can be HOT), read once the phase's connections have closed
+(a backend's counters reach the statistics when it exits, or up to seconds later while it
+lives). The planner's statistics are gathered once after seeding (ANALYZE, committed), as
+autovacuum would; this server's autovacuum may be off, as it is on the machine of the
+README's figures. Nothing is asserted; tests/test_lease_scale.py checks the invariants at
+tiny N.
 """
 
 from __future__ import annotations
@@ -137,13 +142,15 @@ def figures(tally: Tally, *, workers: int, connections: int, phase: str,
         "db_backends_cpu": r(cpu.get("db_backends"), 2),
         "bench_cpu": r(cpu.get("bench"), 2),
         "hot_update_share": r(cpu["hot"] / cpu["updates"], 2) if cpu.get("updates") else None,
+        "beat_updates": tally.beat_updates, "hot_beat_updates": tally.hot,
+        "hot_beat_share": r(tally.hot / tally.beat_updates, 2) if tally.beat_updates else None,
     }  # fmt: skip
 
 
 HEADER = (
     "| workers | conns | phase | claims/s | claim ms p50 / p99 | empty | beats/s "
-    "| beat ms p50 / p99 | start s | DB CPU | bench CPU |\n"
-    "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| beat ms p50 / p99 | HOT | start s | DB CPU | bench CPU |\n"
+    "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -154,6 +161,7 @@ def row(f: dict[str, Any]) -> str:
         f"{show(f['claim_p50_ms'])} / {show(f['claim_p99_ms'])}", str(f["empty_claims"]),
         show(f["beats_per_s"]) if f["interval_s"] else "—",
         f"{show(f['beat_p50_ms'])} / {show(f['beat_p99_ms'])}" if f["interval_s"] else "—",
+        show(f["hot_beat_share"], "{:.0%}"),
         show(f["start_s"]), show(f["db_cpu"], "{:.2f}"), show(f["bench_cpu"], "{:.2f}"),
     ]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
@@ -167,6 +175,22 @@ def phases(args: argparse.Namespace, lease: float) -> list[tuple[int, float | No
         intervals = args.intervals if n == max(args.workers) else [lease / 3]
         plan += [(n, interval) for interval in sorted(intervals, reverse=True)]
     return plan
+
+
+def hot_updates(monitor: Engine, timeout: float = 15.0) -> int:
+    """The jobs table's HOT updates so far, once every other backend of this database has
+    exited (and so reported its counters), or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with monitor.connect() as db:
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        while db.exec_driver_sql(others + "AND pid <> pg_backend_pid()").scalar():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        db.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+        return db.exec_driver_sql(
+            "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+        ).scalar_one()
 
 
 def server_limits(monitor: Engine) -> dict[str, int]:
@@ -193,11 +217,14 @@ def measure(args: argparse.Namespace, url: str, home: Path) -> dict[str, Any]:
     broker = deque(top_up(setup, teams, args.backlog))
     with monitor.connect() as db:  # the planner's statistics, as autovacuum would gather them
         db.exec_driver_sql("ANALYZE jobs, outbox, teams")
+        db.commit()  # (rolled back, ANALYZE's statistics are lost)
     rows = []
     for workers, interval in phases(args, lease):
         connections = min(workers, args.connections, free)
         broker.extend(top_up(setup, teams, args.backlog))
+        setup.kw["bind"].dispose()  # (its connections reopen at the next top-up)
         settings = base.model_copy(update={"lease_ttl_seconds": 3 * (interval or lease / 3)})
+        hot_before = hot_updates(monitor)
         groups = open_groups(url, connections)
         try:
             simulation = Simulation(groups, settings, broker, steady=interval is not None,
@@ -205,6 +232,7 @@ def measure(args: argparse.Namespace, url: str, home: Path) -> dict[str, Any]:
             tally = simulation.run(workers, args.seconds, counters(monitor))
         finally:
             close_groups(groups)
+        tally.hot = hot_updates(monitor) - hot_before
         phase = "claims" if interval is None else f"steady @{interval:g}s"
         rows.append(figures(tally, workers=workers, connections=connections, phase=phase,
                             interval=interval))  # fmt: skip

@@ -98,6 +98,8 @@ class Tally:
     errors: int = 0  # claims, beats or ends that could not reach the database
     lost: int = 0  # leases a renewal found lost
     start_s: float | None = None  # steady: until every worker held a job
+    beat_updates: int = 0  # renewals whose UPDATE matched, the whole phase (its start too)
+    hot: int = 0  # of the jobs table's HOT updates in the phase (lease_scale.py reads them)
     window_s: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
 
@@ -279,6 +281,7 @@ class Simulation:
         held = reached and not worker.heartbeat.lost.is_set()
         with self.lock:
             self.tally.renewals.append((worker.name, worker.claim, held))
+            self.tally.beat_updates += held
             if self._counted(due):
                 self.tally.beat_ms.append((done - due) * 1e3)
             self.tally.errors += not reached

@@ -105,3 +105,49 @@ def test_a_failed_upgrade_leaves_the_database_as_it_was(database_url: str, tmp_p
     # Every pending revision runs in one transaction, SQLite included.
     assert tables(database_url) == set()
     assert migrate.current(database_url) is None
+
+
+def _jobs_indexes(url: str) -> dict[str, str]:
+    """The jobs table's indexes by name, each with its definition (PostgreSQL's pg_indexes,
+    SQLite's sqlite_master), and the table's storage options (PostgreSQL; "" on SQLite)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                rows = connection.exec_driver_sql(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND "
+                    "tbl_name = 'jobs' AND sql IS NOT NULL"
+                ).all()
+                return dict(rows) | {"options": ""}
+            rows = connection.exec_driver_sql(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'jobs'"
+            ).all()
+            options = connection.exec_driver_sql(
+                "SELECT coalesce(array_to_string(reloptions, ','), '') FROM pg_class "
+                "WHERE relname = 'jobs'"
+            ).scalar_one()
+            return dict(rows) | {"options": options}
+    finally:
+        engine.dispose()
+
+
+def test_0006_indexes_the_claim_and_leaves_the_heartbeat_hot_and_undoes_it(
+    database_url: str,
+) -> None:
+    migrate.upgrade(database_url, "0006")
+
+    indexes = _jobs_indexes(database_url)
+    assert "ix_jobs_state_lease" not in indexes
+    assert "(queue, team_id, created_at, id) WHERE" in indexes["ix_jobs_queued"]
+    assert "queued" in indexes["ix_jobs_queued"].split("WHERE")[1]
+    assert "running" in indexes["ix_jobs_leased"].split("WHERE")[1]
+    assert not any("lease_expires_at" in d or "progress" in d for d in indexes.values())
+    postgresql = database_url.startswith("postgresql")
+    assert indexes["options"] == ("fillfactor=80" if postgresql else "")
+
+    migrate.downgrade(database_url, "0005")
+
+    indexes = _jobs_indexes(database_url)
+    assert {"ix_jobs_queued", "ix_jobs_leased"}.isdisjoint(indexes)
+    assert "(state, lease_expires_at)" in indexes["ix_jobs_state_lease"]
+    assert indexes["options"] == ""

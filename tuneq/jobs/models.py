@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     event,
     select,
+    text,
 )
 from sqlalchemy.orm import Mapped, Mapper, mapped_column
 
@@ -23,7 +24,17 @@ from tuneq.db import Base, UTCDateTime, utcnow
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state_lease", "state", "lease_expires_at"),)
+    # Migration 0006 says why: the claim reads each team's oldest queued jobs from
+    # ix_jobs_queued; no index holds lease_expires_at or progress, so a heartbeat's UPDATE
+    # is HOT, with room for it on the page (fillfactor, PostgreSQL only).
+    __table_args__ = (
+        Index("ix_jobs_queued", "queue", "team_id", "created_at", "id",
+              postgresql_where=text("state = 'queued'"), sqlite_where=text("state = 'queued'")),
+        Index("ix_jobs_leased", "team_id",
+              postgresql_where=text("state IN ('running', 'cancelling')"),
+              sqlite_where=text("state IN ('running', 'cancelling')")),
+        {"postgresql_with": {"fillfactor": 80}},
+    )  # fmt: skip
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)

@@ -20,10 +20,23 @@ oldest waiting job (the worker that ran it, and the reaper, call it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache, lru_cache
+from itertools import groupby
 from typing import Any
 
-from sqlalchemy import exists, func, not_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    bindparam,
+    exists,
+    func,
+    literal,
+    not_,
+    select,
+    union_all,
+)
+from sqlalchemy.orm import Session, aliased
 
 from tuneq.db import db_now
 from tuneq.jobs.lease import Claim, claim_job
@@ -35,6 +48,7 @@ from tuneq.settings import Settings
 
 CANDIDATES = 20  # read at a time, tried in order until one claim succeeds
 ROUNDS = 5  # reads at most: workers claiming at once may have taken the first candidates
+TEAMS_A_READ = 32  # teams whose oldest jobs one query reads (a UNION ALL of one a team)
 
 
 @dataclass(frozen=True)
@@ -91,48 +105,102 @@ def _running_by_team(db: Session, team_ids: list[str] | None = None) -> dict[str
     return dict(db.execute(statement.group_by(Job.team_id)).all())  # type: ignore[arg-type]
 
 
-def _claimable() -> list[Any]:
+def _claimable(job: type[Job] = Job) -> list[Any]:
     """A queued job a worker may start now: not cancelled, attempts left, and not held
-    back by a hand-back's delay (its outbox row not yet due)."""
+    back by a hand-back's delay (its outbox row not yet due). `state = 'queued'` is the
+    predicate of ix_jobs_queued, the partial index the claim reads (migration 0006)."""
     # The few held back, read once: a correlated NOT EXISTS with the clock in it is not
     # made a join, and probed the outbox once for every queued job of every claim.
+    # 'queued' is written in the statement, not bound: a prepared statement's generic plan
+    # (psycopg prepares one after 5 runs) can then use ix_jobs_queued, and the claim's
+    # statements are no longer planned at every run.
     held_back = select(OutboxMessage.job_id).where(
         OutboxMessage.sent_at.is_(None), OutboxMessage.not_before > db_now()
     )
     return [
-        Job.state == JobState.QUEUED,
-        Job.cancel_requested.is_(False),
-        Job.attempt < Job.max_attempts,
-        Job.id.not_in(held_back),
+        job.state == literal(JobState.QUEUED.value, String, literal_execute=True),
+        job.cancel_requested.is_(False),
+        job.attempt < job.max_attempts,
+        job.id.not_in(held_back),
     ]
 
 
 def _candidates(db: Session, settings: Settings, queue: str, tried: list[str]) -> list[_Candidate]:
-    waiting = db.scalars(
-        select(Job.team_id).where(Job.queue == queue, *_claimable()).distinct()
-    ).all()
+    """The CANDIDATES jobs due first: of the open teams with the least running work first,
+    oldest first (created_at, id) among teams with as much. Read a load at a time, each
+    team's oldest from ix_jobs_queued: neither the whole queue read nor sorted."""
+    waiting = _waiting_teams(db, queue)
     if not waiting:
         return []
-    running = _running_by_team(db, list(waiting))
-    limits = _running_limits(db, settings, list(waiting))
+    running = _running_by_team(db, waiting)
+    limits = _running_limits(db, settings, waiting)
     open_teams = [t for t in waiting if limits[t] is None or running.get(t, 0) < limits[t]]
-    if not open_teams:
-        return []
-    load = (
-        select(Job.team_id.label("team_id"), func.count().label("running"))
-        .where(Job.state.in_(LEASED))
-        .group_by(Job.team_id)
-        .subquery()
+    load = lambda team: running.get(team, 0)  # noqa: E731
+    found: list[tuple[str, str]] = []
+    for _, teams in groupby(sorted(open_teams, key=load), key=load):
+        found += _oldest(db, queue, list(teams), tried, CANDIDATES - len(found))
+        if len(found) == CANDIDATES:
+            break
+    return [_Candidate(job, team, limits[team] is not None) for job, team in found]
+
+
+def _waiting_teams(db: Session, queue: str) -> list[str]:
+    """The teams with a claimable job on the queue, one index probe a team (a loose scan of
+    ix_jobs_queued: each step the least team_id after the last), not a read of the queue."""
+    return list(db.scalars(_waiting_statement(), {"queue": queue}))
+
+
+def _oldest(
+    db: Session, queue: str, teams: list[str], tried: list[str], count: int
+) -> list[tuple[str, str]]:
+    """The `count` oldest claimable jobs (created_at, id) of these teams, not yet tried:
+    each team's first `count` in its ix_jobs_queued order, merged (TEAMS_A_READ a query).
+    The tried are left out here, of `count` + len(tried) read: in the statement, their ids
+    made its text differ at every round, and a statement prepared once could not serve."""
+    rows: list[Any] = []
+    for start in range(0, len(teams), TEAMS_A_READ):
+        chunk = teams[start : start + TEAMS_A_READ]
+        values = {f"team_{n}": team for n, team in enumerate(chunk)}
+        values |= {"queue": queue, "count": count + len(tried)}
+        rows += db.execute(_oldest_statement(len(chunk)), values).all()
+    rows.sort(key=lambda row: (row.created_at, row.id))  # several reads: merged here
+    skip = set(tried)
+    return [(row.id, row.team_id) for row in rows if row.id not in skip][:count]
+
+
+# The two statements are built once (for each number of teams) with bound parameters:
+# building the expressions anew took more of a claim's CPU than the database's work.
+
+
+@cache
+def _waiting_statement() -> Select[tuple[str]]:
+    queue = bindparam("queue", type_=String)
+    first = select(func.min(Job.team_id).label("team_id")).where(Job.queue == queue, *_claimable())
+    teams = first.cte("waiting", recursive=True)
+    job = aliased(Job)
+    after = select(func.min(job.team_id)).where(
+        job.queue == queue, job.team_id > teams.c.team_id, *_claimable(job)
     )
-    rows = db.execute(
-        select(Job.id, Job.team_id)
-        .outerjoin(load, load.c.team_id == Job.team_id)
-        .where(Job.queue == queue, Job.team_id.in_(open_teams), *_claimable())
-        .where(Job.id.not_in(tried))
-        .order_by(func.coalesce(load.c.running, 0), Job.created_at, Job.id)
-        .limit(CANDIDATES)
-    ).all()
-    return [_Candidate(job, team, limits[team] is not None) for job, team in rows]
+    teams = teams.union_all(select(after.scalar_subquery()).where(teams.c.team_id.is_not(None)))
+    return select(teams.c.team_id).where(teams.c.team_id.is_not(None))
+
+
+@lru_cache(maxsize=TEAMS_A_READ)
+def _oldest_statement(teams: int) -> Select[tuple[str, str, Any]]:
+    """A UNION ALL of one ORDER BY created_at, id LIMIT :count a team (:team_0 ...), which
+    PostgreSQL merges (Merge Append) from as many scans of ix_jobs_queued."""
+    queue, count = bindparam("queue", type_=String), bindparam("count", type_=Integer)
+    each = [
+        select(Job.id, Job.team_id, Job.created_at)
+        .where(Job.queue == queue, Job.team_id == bindparam(f"team_{n}", type_=String))
+        .where(*_claimable())
+        .order_by(Job.created_at, Job.id)
+        .limit(count)
+        .subquery()
+        for n in range(teams)
+    ]
+    merged = union_all(*(select(oldest) for oldest in each)).subquery()
+    return select(merged).order_by(merged.c.created_at, merged.c.id).limit(count)
 
 
 def _running_limits(db: Session, settings: Settings, team_ids: list[str]) -> dict[str, int | None]:
