@@ -42,8 +42,13 @@ LONGEST_FIRST = (
     "test_generate.py",
     "test_event_stream_e2e.py",
     "test_fair_share.py",
+    "test_export.py",
     "test_distributed.py",
+    "test_tracking.py",
+    "test_export_e2e.py",
     "test_qlora.py",
+    "test_worker_metrics.py",
+    "test_distributed_worker.py",
     "test_store_faults.py",
     "test_eval_budget.py",
 )

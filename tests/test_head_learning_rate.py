@@ -12,8 +12,8 @@ from peft_engine.errors import SpecError
 from peft_engine.methods import method_for
 from peft_engine.methods.common import MethodTrainer
 from peft_engine.models.heads import SequenceClassifier
-from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 from peft_engine.optim import build_optimizer as _optimizer
+from peft_engine.spec import DatasetStats, ModelLimits, parse_spec, resolve_spec
 
 STATS = DatasetStats(n_train=2000, n_validation=0, max_tokens=40, mean_tokens=20.0)
 LIMITS = ModelLimits(max_position_embeddings=512)
