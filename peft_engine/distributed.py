@@ -68,20 +68,18 @@ class World:
 
     def sum_(self, values: Iterable[float]) -> list[float]:
         """`values` summed over the ranks (float64: token counts stay exact)."""
-        values = list(values)
-        if not self.active:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.tolist()
+        return self._reduce(values, dist.ReduceOp.SUM)
 
     def max_(self, values: Iterable[float]) -> list[float]:
         """`values`, each the largest over the ranks."""
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values: Iterable[float], op: Any) -> list[float]:
         values = list(values)
         if not self.active:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def any_(self, flag: bool) -> bool:
