@@ -416,3 +416,34 @@ def test_a_validation_label_the_training_data_lacks_is_a_data_error(
         _prepare(_spec("tiny-mobilenet", {"type": "full"}), data, registry, cache_dir)
     assert info.value.param == "validation_file"
     assert [(e.line, e.field) for e in info.value.errors] == [(3, "label")]
+
+
+def test_a_micro_batch_of_one_image_trains_through_batch_norm(
+    tmp_path, digits, model_dirs, train_run
+):
+    """An epoch whose last micro-batch holds one image: MobileNetV2's last batch norms see
+    1x1 feature maps, one value a channel, which training mode cannot normalise. That pass
+    uses the running statistics instead (and leaves them as they were)."""
+    data = _digits_with_paths(tmp_path / "data", digits)
+    n_train = len(digits["train"])
+    spec = _spec("tiny-mobilenet", {"type": "full"}, batch_size=n_train - 1, n_epochs=1)
+    result, report = train_run(spec, data)  # step 2 is the one image
+    assert report["steps"] == 2
+    assert all(m.training for m in result.model.modules())  # back in training mode
+
+
+def test_running_batch_norm_leaves_the_statistics_and_the_mode_as_they_were():
+    from peft_engine.tasks.image import running_batch_norm
+
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    norm = body[1]
+    before = (norm.running_mean.clone(), norm.running_var.clone(), int(norm.num_batches_tracked))
+    with running_batch_norm(body):
+        assert not norm.training
+        body(torch.randn(1, 3, 1, 1)).sum().backward()  # one value a channel: fine here
+    assert norm.training
+    after = (norm.running_mean, norm.running_var, int(norm.num_batches_tracked))
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert after[2] == before[2]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        body(torch.randn(1, 3, 1, 1))  # what the training step would have met

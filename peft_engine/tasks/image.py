@@ -15,7 +15,8 @@ confusion matrix in the report. An image counts as one "token" in the loop's acc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,34 @@ class ImageClassificationTask(OneLabelTask):
 
     def collate(self, examples: Sequence[ImageExample], job: Any) -> ImageBatch:
         return collate_images(examples)
+
+    def loss(self, model: Any, batch: Any, job: Any) -> Any:
+        """A micro-batch of one image (an epoch's last, or a rank's share) has no batch to
+        take statistics from: where the body's feature maps are down to 1x1 (MobileNetV2's
+        last layers on small images) batch norm in training mode fails on it. Its batch
+        norm layers use their running statistics for that one forward pass, and leave them
+        as they were."""
+        if model.training and len(batch.examples) == 1:
+            with running_batch_norm(model):
+                return super().loss(model, batch, job)
+        return super().loss(model, batch, job)
+
+
+@contextmanager
+def running_batch_norm(model: torch.nn.Module) -> Iterator[None]:
+    """The model's batch norm layers in eval mode (running statistics, not updated) inside."""
+    switched = [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+    ]
+    for module in switched:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.train()
 
 
 # ---------------------------------------------------------------------------------------
