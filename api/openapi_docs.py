@@ -44,12 +44,13 @@ _NOTES = frozenset({"title", "description", "examples", "default"})
 
 
 class ProblemItem(BaseModel):
-    """One thing at fault: a field (a dotted path such as `hyperparameters.batch_size`) or a
-    line of an uploaded file."""
+    """One thing at fault: a field (a dotted path such as `hyperparameters.batch_size`), a
+    line of an uploaded file, or a member of an uploaded archive (its path in the archive)."""
 
     message: str
     field: str | None = None
     line: int | None = None
+    member: str | None = None
 
 
 class Problem(BaseModel):
@@ -181,7 +182,7 @@ def _add_schemas(document: dict[str, Any]) -> None:
 
 
 def _add_job_spec(document: dict[str, Any], settings: Settings) -> None:
-    registry = load_registry(settings.model_registry)
+    registry = load_registry(settings.resolved_model_registry)
     cap = settings.max_runtime_seconds_cap or MAX_RUNTIME_SECONDS
     schemas = document["components"]["schemas"]
     schemas.update(job_spec_schemas(registry, max_runtime_seconds=cap))

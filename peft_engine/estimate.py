@@ -150,16 +150,30 @@ class Estimate:
         return sum(self.seconds_by_phase.values())
 
     def as_dict(self) -> dict[str, Any]:
+        """The estimate as the API shows it. An image job counts images (`unit`), and its
+        fields say so: an image has no tokens, nothing to truncate, nothing to guess."""
+        if self.spec.task == "image_classification":
+            counted: dict[str, Any] = {
+                "unit": "images",
+                "train_images_per_epoch": self.train_tokens_per_epoch,
+                "trained_images": self.trained_tokens,
+            }
+        else:
+            counted = {
+                "unit": "tokens",
+                "train_tokens_per_epoch": self.train_tokens_per_epoch,
+                "trained_tokens": self.trained_tokens,
+                "truncated_examples": self.truncated,
+                "tokens_exact": self.exact,
+            }
+        evaluated = "eval_images" if counted["unit"] == "images" else "eval_tokens"
         return {
             "n_train_examples": self.n_train,
             "n_validation_examples": self.n_validation,
-            "train_tokens_per_epoch": self.train_tokens_per_epoch,
-            "trained_tokens": self.trained_tokens,
-            "truncated_examples": self.truncated,
+            **counted,
             "total_steps": self.spec.hyperparameters.total_steps,
-            "tokens_exact": self.exact,
             "evaluations": self.evaluations,
-            "eval_tokens": self.eval_tokens,
+            evaluated: self.eval_tokens,
             "checkpoints": self.checkpoints,
             "estimated_seconds": round(self.estimated_seconds, 1),
             "seconds_by_phase": {k: round(v, 1) for k, v in self.seconds_by_phase.items()},

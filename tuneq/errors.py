@@ -11,11 +11,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ErrorItem:
-    """One thing at fault: a field (dotted path) or a line of an uploaded file."""
+    """One thing at fault: a field (dotted path), a line of an uploaded file, or a member of
+    an uploaded archive."""
 
     message: str
     field: str | None = None
     line: int | None = None
+    member: str | None = None  # the archive member at fault (its path in the archive)
 
     def as_dict(self) -> dict[str, Any]:
         item: dict[str, Any] = {"message": self.message}
@@ -23,6 +25,8 @@ class ErrorItem:
             item["field"] = self.field
         if self.line is not None:
             item["line"] = self.line
+        if self.member is not None:
+            item["member"] = self.member
         return item
 
 

@@ -65,6 +65,21 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1024**3, ge=1, description="largest accepted upload (413 above)")
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1, description="longest accepted JSONL line")
     max_examples: int = Field(5_000_000, ge=1, description="most examples in one file")
+    max_archive_members: int = Field(
+        100_000, ge=1, description="most members (files and folders) in an uploaded archive"
+    )
+    max_archive_bytes: int = Field(
+        4 * 1024**3, ge=1, description="most bytes an uploaded archive's members hold, unpacked"
+    )
+    max_compression_ratio: float = Field(
+        200.0, gt=1, description="largest unpacked:packed ratio of an archive or one member"
+    )
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="largest image file (in an archive or a JSONL line)"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="most pixels (width x height) in one uploaded image"
+    )
 
     lease_ttl_seconds: float = Field(
         30.0, gt=0, description="a job's lease; workers heartbeat every third of it"
@@ -116,7 +131,9 @@ class Settings(BaseSettings):
         24.0, ge=24.0, description="how long Idempotency-Key responses are kept"
     )
 
-    model_registry: Path | None = Field(None, description="operator registry file (YAML/JSON)")
+    model_registry: Path | None = Field(
+        None, description="operator registry file (YAML/JSON); unset: home/models.yaml if present"
+    )
     gpu_queue_memory_gib: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         None,
         description='GPU queues and their device memory in GiB, a JSON object ({"l4": 24, '
@@ -216,6 +233,12 @@ class Settings(BaseSettings):
         gt=0,
         description="trained tokens/s the duration estimate assumes for a model not yet "
         "trained here (evaluation: 3x as fast, a forward pass only)",
+    )
+    estimated_images_per_second: float = Field(
+        50.0,
+        gt=0,
+        description="trained images/s the duration estimate assumes for an image model not "
+        "yet trained here (evaluation: 3x as fast)",
     )
     estimated_load_seconds: float = Field(
         10.0,
@@ -389,6 +412,15 @@ class Settings(BaseSettings):
     def results_dir(self) -> Path:
         """Generate answers, when the broker is the filesystem one (tuneq.queue)."""
         return (self.home / "results").resolve()
+
+    @property
+    def resolved_model_registry(self) -> Path | None:
+        """The operator's registry file: TUNEQ_MODEL_REGISTRY, else home/models.yaml when it
+        exists (where `tuneq admin build-image-model` registers what it builds)."""
+        if self.model_registry is not None:
+            return self.model_registry
+        default = (self.home / "models.yaml").resolve()
+        return default if default.is_file() else None
 
     @cached_property
     def resolved_store_dir(self) -> Path:

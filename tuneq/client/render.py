@@ -210,6 +210,8 @@ def _plan(method: dict[str, Any], model: str, estimate: dict[str, Any]) -> str:
         parts.append(f"{estimate['total_steps']} steps")
     if estimate.get("trained_tokens") is not None:
         parts.append(f"~{estimate['trained_tokens']:,} tokens")
+    if estimate.get("trained_images") is not None:
+        parts.append(f"{estimate['trained_images']:,} images")
     if estimate.get("estimated_seconds") is not None:
         parts.append(f"about {format_duration(estimate['estimated_seconds'])}")
     return ", ".join(parts)

@@ -124,12 +124,13 @@ def _create_job(*, db: Session, settings: Settings, team: Team, plan: Plan) -> J
     db.add(job)
     db.flush()  # the job row before the rows that point at it
     db.add(OutboxMessage(job_id=job.id))
+    unit = "images" if spec.task == "image_classification" else "tokens"
     db.add(
         JobEvent(
             job_id=job.id,
             type="message",
             level="info",
-            message=f"job created: {plan.estimate.trained_tokens} tokens to train in "
+            message=f"job created: {plan.estimate.trained_tokens} {unit} to train in "
             f"{plan.estimate.spec.hyperparameters.total_steps} steps",
             data=plan.estimate.as_dict(),
         )
@@ -282,7 +283,26 @@ def metrics_series(*, db: Session, job: Job) -> dict[str, Any]:
         "job_id": job.id,
         "train": [train[s] for s in sorted(train)],
         "eval": [evaluation[s] for s in sorted(evaluation)],
+        **_outcome(job.result),
     }
+
+
+def _outcome(result: dict[str, Any] | None) -> dict[str, Any]:
+    """What a finished job's result says of the weights its output holds: `kept` (their
+    metrics: on the whole validation set, else the best periodic evaluation's), `best_step`,
+    and the task's `report`: classification's labels, per-class precision/recall/F1 and
+    confusion matrix (rows the gold label, columns the predicted one); NER's per type."""
+    if not result:
+        return {}
+    metrics = result.get("metrics") or {}
+    outcome: dict[str, Any] = {
+        "kept": metrics.get("kept") or metrics.get("best") or None,
+        "best_step": result.get("best_step"),
+    }
+    report = result.get("report")
+    if isinstance(report, dict) and report:
+        outcome["report"] = report
+    return outcome
 
 
 def train_metrics_at(*, db: Session, job: Job, steps: Iterable[int]) -> dict[int, dict[str, Any]]:

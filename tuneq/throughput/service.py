@@ -143,9 +143,11 @@ def throughput_for(db: Session, *, model: str, task: str, settings: Settings) ->
 
 
 def default_throughput(settings: Settings, *, model: str, task: str) -> Throughput:
-    """The figures of a model no job has trained here yet: the settings'."""
+    """The figures of a model no job has trained here yet: the settings'. An image counts
+    as one "token" in the estimate, so an image task divides by images per second."""
+    images = task == "image_classification"
     return Throughput.of(
-        settings.estimated_tokens_per_second,
+        settings.estimated_images_per_second if images else settings.estimated_tokens_per_second,
         load_seconds=settings.estimated_load_seconds,
         seconds_per_checkpoint=settings.estimated_checkpoint_seconds,
         basis=f"default: TUNEQ_ESTIMATED_* settings (no {task} job of {model} has finished "

@@ -95,7 +95,9 @@ export function estimateOf(job) {
         Object.keys(phases).map((phase) => row(phase, duration(phases[phase]),
           duration(actual(phase)))),
         row("total", duration(estimate.estimated_seconds), duration(timings.wall_seconds)),
-        row("trained tokens", number(estimate.trained_tokens), number(job.trained_tokens)),
+        row(`trained ${estimate.unit || "tokens"}`,
+          number(estimate.unit === "images" ? estimate.trained_images : estimate.trained_tokens),
+          number(job.trained_tokens)),
         row("steps", number(estimate.total_steps), number(job.result?.steps ?? job.progress?.step)),
         row("evaluations", number(estimate.evaluations), number(timings.evaluations))))),
     estimate.basis ? h("p", { class: "muted" }, `Speed from: ${estimate.basis}`) : null);

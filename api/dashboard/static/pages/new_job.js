@@ -103,7 +103,8 @@ function estimateOf(dry) {
   return h("section", { class: "estimate", "aria-label": "Estimate" },
     h("h2", {}, `About ${duration(e.estimated_seconds)}`),
     h("dl", { class: "facts" },
-      ...[["Steps", number(e.total_steps)], ["Trained tokens", number(e.trained_tokens)],
+      ...[["Steps", number(e.total_steps)], e.unit === "images"
+        ? ["Trained images", number(e.trained_images)] : ["Trained tokens", number(e.trained_tokens)],
         ["Training examples", number(e.n_train_examples)], ["Validation examples", number(e.n_validation_examples)],
         ["Evaluations", number(e.evaluations)], ["Checkpoints", number(e.checkpoints)],
         ["Epochs", String(hp.n_epochs)], ["Batch size", String(hp.batch_size)],
