@@ -4,7 +4,9 @@ with their reports and line-numbered rejections, `GET /models`'s support table, 
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,13 +234,30 @@ def test_token_file_with_mismatched_lengths(api: Service) -> None:
 
 
 def test_image_classification_reports_labels(api: Service) -> None:
-    data = _jsonl({"image": "cats/1.png", "label": "cat"}, {"image": "dogs/1.png", "label": "dog"})
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    data = _jsonl({"image": image, "label": "cat"}, {"image": image, "label": "dog"})
 
     body = created(api.upload(data, "images.jsonl"))
 
     assert body["format"] == "image_classification"
     assert body["report"]["label_counts"] == {"cat": 1, "dog": 1}
+    assert body["report"]["image_sizes"] == {"8x8": 2}
     assert "max_example_chars" not in body["report"]
+
+
+def test_a_jsonl_upload_naming_image_files_is_refused_by_line(api: Service) -> None:
+    # A plain JSONL upload has no files beside it: a worker could never find cats/1.png.
+    data = _jsonl({"image": "cats/1.png", "label": "cat"})
+
+    body = assert_problem(api.upload(data, "images.jsonl"), 422)
+
+    assert [(e["line"], e["field"]) for e in body["errors"]] == [(1, "image")]
+    assert ".zip" in body["errors"][0]["message"]
+    api.assert_nothing_kept()
 
 
 def test_csv_streamed_in_small_chunks(tmp_path: Path) -> None:

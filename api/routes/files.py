@@ -33,7 +33,8 @@ UPLOAD_REFUSALS = (
     (409, "a request with the same Idempotency-Key is still in progress"),
     (413, "the file is over TUNEQ_MAX_UPLOAD_BYTES; refused before it is read whole"),
     (422, "the body is not multipart/form-data with one `file`, or the file is not a valid "
-          "dataset: `errors[]` names each line at fault (invalid_training_file)"),
+          "dataset: `errors[]` names each line or archive member at fault, or the archive "
+          "breaks a limit (invalid_training_file)"),
     STORE,
 )  # fmt: skip
 

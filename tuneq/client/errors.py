@@ -11,14 +11,17 @@ from urllib.parse import urlsplit
 
 @dataclass(frozen=True)
 class ProblemItem:
-    """One thing at fault: a field (dotted path) or a line of an uploaded file."""
+    """One thing at fault: a field (dotted path), a line of an uploaded file, or a member of
+    an uploaded archive."""
 
     message: str
     field: str | None = None
     line: int | None = None
+    member: str | None = None
 
     def __str__(self) -> str:
-        where = [f"line {self.line}"] if self.line is not None else []
+        where = [self.member] if self.member is not None else []
+        where += [f"line {self.line}"] if self.line is not None else []
         where += [self.field] if self.field else []
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
@@ -58,7 +61,7 @@ class TuneqAPIError(Exception):
         if not isinstance(problem, dict):
             return cls(status, "http_error", reason or f"HTTP {status}")
         items = tuple(
-            ProblemItem(str(e.get("message", "")), e.get("field"), e.get("line"))
+            ProblemItem(str(e.get("message", "")), e.get("field"), e.get("line"), e.get("member"))
             for e in problem.get("errors") or ()
             if isinstance(e, dict)
         )

@@ -5,11 +5,17 @@ validator (DESIGN §6). JSONL is checked a line at a time; CSV (classification o
 is CSV when its first non-blank line does not start with `{`, as the engine decides) goes
 through the engine's CSV rules (`peft_engine.data.csv_rows`) a physical line at a time, so
 a quoted field may span lines and errors still name physical lines. Memory holds one line
-(or one CSV row) at most, never the file.
+(or one CSV row) at most, never the file. An image line's inline image is decoded once
+(`tuneq.files.images`); text lines never meet that code.
+
+An upload whose first bytes are a zip's or a gzip's is an image dataset in an archive
+(`tuneq.files.archive_scan`): a tar.gz is validated as it streams in, beside the spool; a
+zip once spooled whole (its directory is at its end).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import os
@@ -26,7 +32,9 @@ from peft_engine.data.examples import DataFormat, Example
 from peft_engine.data.formats import ScanReport
 from peft_engine.errors import LineError
 from tuneq.errors import ErrorItem, InvalidFile, PayloadTooLarge
-from tuneq.files import chat_lines
+from tuneq.files import archives, chat_lines
+from tuneq.files.archive_scan import scan_tar_gz, scan_zip
+from tuneq.files.images import ImageLimits, ImageRefused, inline_image, looks_like_path
 from tuneq.files.report import FileStats, Syntax
 from tuneq.settings import Settings
 
@@ -54,25 +62,49 @@ def ingest_upload(*, chunks: Iterable[bytes], settings: Settings) -> IngestedUpl
     """Read an upload once into a temporary file, validating it on the way.
 
     Raises PayloadTooLarge as soon as the size passes `max_upload_bytes` (reading stops),
-    and InvalidFile listing the first problems with their line numbers. Either way, and
-    on any other error, the temporary file is gone.
+    and InvalidFile listing the first problems with their line numbers (or archive
+    members). Either way, and on any other error, the temporary file is gone.
     """
     tmp_dir = settings.home / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".jsonl")
     path = Path(name)
     try:
+        syntax, chunks = archives.sniff(chunks)
         with os.fdopen(fd, "wb") as out:
-            spool = _Spool(out)
+            spool = _Spool(out, settings.max_upload_bytes)
             try:
-                scanner = _UploadScanner(spool, settings)
-                scanner.scan(chunks)
+                if syntax is None:
+                    scanner = _UploadScanner(spool, settings)
+                    scanner.scan(chunks)
+                elif syntax == "tar.gz":
+                    scanned = scan_tar_gz(_spooled(chunks, spool), settings)
+                else:  # a zip is read once whole, from disk
+                    collections.deque(_spooled(chunks, spool), maxlen=0)
             finally:
                 sha256 = spool.close()
+        if syntax is None:
             return scanner.finish(path, sha256)
+        if syntax == "zip":
+            scanned = scan_zip(path, settings)
+        return IngestedUpload(
+            path=path,
+            sha256=sha256,
+            bytes=spool.size,
+            format=DataFormat.IMAGE_CLASSIFICATION,
+            examples=scanned.examples,
+            report=scanned.report,
+        )
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def _spooled(chunks: Iterable[bytes], spool: _Spool) -> Iterator[bytes]:
+    """An archive's chunks, each kept (and counted against the size limit) as it passes."""
+    for chunk in chunks:
+        spool.write(chunk)
+        yield chunk
 
 
 _CHAT_OR_UNKNOWN = (None, DataFormat.CHAT)
@@ -111,8 +143,10 @@ class _Spool:
     add GIL hand-offs a chunk, each waiting behind the validation (bench/README.md).
     """
 
-    def __init__(self, out: BinaryIO, depth: int = 8) -> None:
+    def __init__(self, out: BinaryIO, max_bytes: int, depth: int = 8) -> None:
         self._out = out
+        self._max_bytes = max_bytes
+        self.size = 0
         self._digest = hashlib.sha256()
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -120,6 +154,12 @@ class _Spool:
         self._thread.start()
 
     def write(self, chunk: bytes) -> None:
+        """Keep the chunk; PayloadTooLarge once the upload passes the limit."""
+        self.size += len(chunk)
+        if self.size > self._max_bytes:
+            raise PayloadTooLarge(
+                f"the file is larger than the limit of {self._max_bytes} bytes", param="file"
+            )
         if self._error is not None:  # the disk is full, say: stop reading the upload
             raise self._error
         self._digest.update(chunk)
@@ -153,10 +193,9 @@ class _UploadScanner:
 
     def __init__(self, spool: _Spool, settings: Settings) -> None:
         self.spool = spool
-        self.max_upload_bytes = settings.max_upload_bytes
         self.max_line_bytes = settings.max_line_bytes
         self.max_examples = settings.max_examples
-        self.size = 0
+        self.image_limits = ImageLimits.of(settings)
         self.line = bytearray()  # the line being read, up to max_line_bytes
         self.line_too_long = False
         self.found = ScanReport()  # format and errors only: examples are counted, not kept
@@ -195,7 +234,7 @@ class _UploadScanner:
         return IngestedUpload(
             path=path,
             sha256=sha256,
-            bytes=self.size,
+            bytes=self.spool.size,
             format=self.found.format,
             examples=self.stats.examples,
             report=self.stats.as_report(self.found.format, self.syntax),
@@ -212,7 +251,7 @@ class _UploadScanner:
         """
         limit = self.max_line_bytes
         for chunk in chunks:
-            self._take(chunk)
+            self.spool.write(chunk)
             pieces = chunk.split(b"\n")
             rest = pieces.pop()
             if pieces:
@@ -233,15 +272,6 @@ class _UploadScanner:
         if self.line or self.line_too_long:  # a last line without a newline
             line = self._end_line()
             yield _Batch(line.number, [line.data], line.data is not None)
-
-    def _take(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"the file is larger than the limit of {self.max_upload_bytes} bytes",
-                param="file",
-            )
-        self.spool.write(chunk)
 
     def _extend_line(self, piece: bytes) -> None:
         if self.line_too_long:
@@ -343,8 +373,30 @@ class _UploadScanner:
         if (problem := self._shape_problem(example)) is not None:
             self.found.add_error(problem)
             return
+        if example.format is DataFormat.IMAGE_CLASSIFICATION:
+            self._count_image(example)
+            return
         self._admit(example.line)
         self.stats.add(example)
+
+    def _count_image(self, example: Example) -> None:
+        """An image line carries its image inline: decoded once here. A file name cannot be
+        resolved from a lone JSONL upload, so it is refused saying what to send instead."""
+        value = example.record["image"]
+        try:
+            if looks_like_path(value):
+                raise ImageRefused(
+                    f"{value[:80]!r} names a file, but a JSONL upload carries its images "
+                    "inline (base64 or a data:image/...;base64, URI); to name image files, "
+                    "upload a .zip or .tar.gz holding the JSONL and its images"
+                )
+            image = inline_image(value, self.image_limits)
+        except ImageRefused as problem:
+            self.found.add_error(LineError(example.line, str(problem), "image"))
+            return
+        self._admit(example.line)
+        self.stats.add(example)
+        self.stats.images.add(image)
 
     def _admit(self, number: int) -> None:
         """Refuse the file at the first example past `max_examples`."""

@@ -1,5 +1,8 @@
 """A file's report: the statistics an upload gathers as it is validated, as the API shows
-them (counts, label and tag sets, the longest example)."""
+them (counts, label and tag sets, the longest example, the images' formats and sizes).
+
+An image dataset uploaded as an archive gets its report from `archive_scan`, with the same
+image fields."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any, Literal
 
 from peft_engine.data.examples import DataFormat, Example
 from peft_engine.data.formats import PREFERENCE_OUTPUTS
+from tuneq.files.images import ImageStats
 
 Syntax = Literal["jsonl", "csv"]
 
@@ -41,6 +45,7 @@ class FileStats:
     tag_counts: Counter[str] = field(default_factory=Counter)
     entity_counts: Counter[str] = field(default_factory=Counter)
     max_tokens: int = 0  # the most words in one token-classification example
+    images: ImageStats = field(default_factory=ImageStats)  # image lines' inline images
 
     def add(self, example: Example) -> None:
         """Count one valid example."""
@@ -115,4 +120,5 @@ class FileStats:
             report["max_tokens"] = self.max_tokens
         elif data_format is DataFormat.IMAGE_CLASSIFICATION:
             report["label_counts"] = dict(sorted(self.label_counts.items()))
+            report |= self.images.as_report()
         return report

@@ -8,6 +8,11 @@ store, its row inserted only after the object is there, so a row never points at
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,9 +20,12 @@ from typing import Any, Protocol
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from peft_engine.errors import DataError
 from tuneq.audit.service import Actor, record
 from tuneq.db import transaction
-from tuneq.errors import Conflict, ErrorItem, InvalidRequest, NotFound
+from tuneq.errors import Conflict, ErrorItem, InvalidFile, InvalidRequest, NotFound
+from tuneq.files.archive_rules import ArchiveLimits, ArchiveSyntax
+from tuneq.files.archives import ARCHIVE_SYNTAXES, extract_archive
 from tuneq.files.ingest import ingest_upload
 from tuneq.files.models import File
 from tuneq.files.schemas import FilePublic
@@ -35,6 +43,7 @@ DEFAULT_PURPOSE = "fine-tune"
 # The Idempotency-Key scope of an upload, on every road in: a key retried on another road
 # still finds the file it made.
 UPLOAD_METHOD_PATH = "POST /files"
+_ENTRY_FILE = ".tuneq-entry"  # in an extracted archive: the path the engine reads there
 
 
 class IncomingUpload(Protocol):
@@ -175,10 +184,66 @@ def delete_file(
 def local_copy(store: ObjectStore, file: File, cache_dir: Path) -> Path:
     """A local copy of the file's content, downloaded once: files never change.
 
-    The suffix follows the content (`.csv` or `.jsonl`); the engine sniffs it anyway.
+    The suffix follows the content (`.csv` or `.jsonl`); the engine sniffs it anyway. An
+    archive (an image dataset) is extracted to `files/{id}/` instead, and the path returned
+    is what the engine reads there: the image folder's root, or the JSONL manifest.
     """
+    syntax = (file.report or {}).get("syntax")
+    if syntax in ARCHIVE_SYNTAXES:
+        return _extracted_copy(store, file, syntax, cache_dir / "files")
     suffix = ".csv" if (file.report or {}).get("syntax") == "csv" else ".jsonl"
     path = cache_dir / "files" / f"{file.id}{suffix}"
     if not path.is_file():
         store.get_file(file.storage_key, path)  # atomic: a reader never sees half a file
     return path
+
+
+def _extracted_copy(store: ObjectStore, file: File, syntax: ArchiveSyntax, files_dir: Path) -> Path:
+    """The archive's dataset, extracted once under `files_dir/{id}/`.
+
+    Downloaded and extracted in a temporary folder beside the target, then renamed into
+    place, so neither a concurrent caller nor a crash ever leaves half a folder there (of
+    two racing callers, the second drops its copy). The download must be the object the
+    upload validated (its SHA-256), and its members pass the archive rules again, bounded
+    by the report's counts; the ratio limit, which guards what an archive may unpack to
+    before its size is known, adds nothing then. The path the engine reads is kept in a
+    hidden file beside the data (the engine skips hidden entries).
+    """
+    target = files_dir / file.id
+    if not target.is_dir():
+        files_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=files_dir, prefix=f".{file.id}-"))
+        try:
+            archive, tree = work / "archive", work / "tree"
+            store.get_file(file.storage_key, archive)
+            tree.mkdir()
+            entry = _extract(file, syntax, archive, tree)
+            (tree / _ENTRY_FILE).write_text(entry)
+            archive.unlink()
+            try:
+                os.rename(tree, target)
+            except OSError:  # another caller's copy is there already: the same data
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return target / (target / _ENTRY_FILE).read_text()
+
+
+def _extract(file: File, syntax: ArchiveSyntax, archive: Path, tree: Path) -> str:
+    report = file.report or {}
+    limits = ArchiveLimits(report["members"], report["unpacked_bytes"], math.inf)
+    try:
+        if _sha256(archive) != file.sha256:
+            raise InvalidFile("its content is not what was uploaded (the SHA-256 differs)")
+        return extract_archive(syntax, archive, tree, limits)
+    except InvalidFile as err:
+        raise DataError(f"file {file.id} cannot be extracted: {err.detail}", param="file") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

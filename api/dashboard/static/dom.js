@@ -98,7 +98,8 @@ export function methodName(method) {
 // A field of a problem's errors[] said as a user reads it.
 export function errorLines(error) {
   return error.errors.map((item) => {
-    const where = item.line != null ? `line ${item.line}` : item.field || item.param || "";
+    const where = item.member != null ? item.member
+      : item.line != null ? `line ${item.line}` : item.field || item.param || "";
     return h("li", {}, where ? h("strong", {}, `${where}: `) : null, item.message || item.detail || "");
   });
 }

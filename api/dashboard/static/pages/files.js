@@ -12,7 +12,7 @@ export async function filesPage(main, _params, signal) {
   const pager = h("nav", { class: "pager", "aria-label": "Pages" });
   const outcome = h("div", { "aria-live": "polite" });
   const input = h("input", { id: "upload-file", type: "file", required: true,
-    accept: ".jsonl,.json,.csv,.txt,application/json,text/csv" });
+    accept: ".jsonl,.json,.csv,.txt,.zip,.tar.gz,.tgz,application/json,text/csv,application/zip,application/gzip" });
   const submit = h("button", { type: "submit", class: "primary" }, "Upload");
   const form = h("form", { class: "card", onsubmit: async (event) => {
     event.preventDefault();
@@ -40,7 +40,8 @@ export async function filesPage(main, _params, signal) {
   } },
   h("h2", {}, "Upload a dataset"),
   h("p", { class: "muted" }, "JSONL (chat, prompt/completion, text, classification, tokens and tags, ",
-    "preference pairs) or CSV for classification. The file is checked line by line as it arrives."),
+    "preference pairs) or CSV for classification; images as a .zip or .tar.gz of label folders ",
+    "(label/image.png) or JSONL with base64 images. Each line, or each image, is checked as it arrives."),
   h("div", { class: "field" }, h("label", { for: "upload-file" }, "File"), input),
   h("div", { class: "buttons" }, submit), outcome);
 
