@@ -20,7 +20,7 @@ from api import (
 from api.deps import Reads
 from api.job_reads import open_job_reads
 from api.routes import audit, files, health, job_events, jobs, keys, models, quota, webhooks
-from peft_engine.models import load_registry
+from peft_engine.models.registry import ReloadingRegistry
 from tuneq import __version__, faults
 from tuneq.db import make_engine, make_sessionmaker
 from tuneq.queue import inference_results, make_celery
@@ -47,7 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.verified_keys = VerifiedKeys(settings.api_key_cache_seconds)
         app.state.store = open_store(settings)
-        app.state.registry = load_registry(settings.model_registry)
+        # read again when the operator changes the file: no restart to offer a new model
+        app.state.registry = ReloadingRegistry(lambda: settings.resolved_model_registry)
         app.state.celery = make_celery(settings)
         app.state.inference_results = inference_results(app.state.celery, settings)
         try:

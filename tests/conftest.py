@@ -30,6 +30,7 @@ CHATML = (
 LONGEST_FIRST = (
     "test_demo.py",
     "test_e2e.py",
+    "test_e2e_images.py",
     "test_real_data_classification.py",
     "test_smollm2_dolly.py",
     "test_faults.py",
@@ -51,6 +52,7 @@ LONGEST_FIRST = (
     "test_distributed_worker.py",
     "test_store_faults.py",
     "test_eval_budget.py",
+    "test_image_model.py",
 )
 
 

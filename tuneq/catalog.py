@@ -1,13 +1,17 @@
 """The base models a deployment offers (`GET /models`), read from the operator's registry.
 
-Torch-free: it reads registry entries and config.json files, never weights. Each model
-lists the methods usable with it and, per task, which of them support that task; a method
-that names model families (`MethodDef.families`) is offered only for those families, and a
-model whose family is unknown is taken to suit every method (the engine checks again).
-"""
+Torch-free: it reads registry entries, config.json files and the headers of safetensors
+files, never weights. Each model lists the methods usable with it and, per task, which of
+them support that task; a method that names model families (`MethodDef.families`) is
+offered only for those families, and a model whose family is unknown is taken to suit
+every method (the engine checks again)."""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,14 +60,22 @@ def support_table(
     }
 
 
+# The tasks whose inputs are images: no tokens, so no context length.
+IMAGE_TASKS = frozenset({"image_classification"})
+# Batch norm statistics are stored beside the weights but are not parameters.
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def describe_model(entry: ModelEntry, cache_dir: Path) -> dict[str, Any]:
-    """What a user needs to choose a model: tasks, methods, context length, availability."""
+    """What a user needs to choose a model: tasks, methods, size, context length (text
+    models), availability."""
     try:
         path = model_dir(entry, cache_dir, build=False)
         available = True
     except UserError:  # its files are missing on this deployment
         path, available = None, False
-    info = read_model_info(path) if path is not None else None
+    text = not IMAGE_TASKS.issuperset(entry.tasks)
+    info = read_model_info(path) if path is not None and text else None
     support = support_table(entry)
     return {
         "id": entry.name,
@@ -73,10 +85,37 @@ def describe_model(entry: ModelEntry, cache_dir: Path) -> dict[str, Any]:
         "tasks": list(entry.tasks),
         "methods": sorted({method for methods in support.values() for method in methods}),
         "support": support,
+        "parameters": parameter_count(path) if path is not None else None,
         "max_seq_length": info.max_position_embeddings if info else None,
         "queue": entry.queue,
         "available": available,
     }
+
+
+def parameter_count(path: Path) -> int | None:
+    """The weights in a model directory's safetensors files, from their headers alone; None
+    when it has none (a model stored otherwise is still listed)."""
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        return None
+    try:
+        counts = [_shard_count(str(f), f.stat().st_mtime_ns) for f in shards]
+    except (OSError, ValueError):
+        return None
+    return sum(counts)
+
+
+@functools.lru_cache(maxsize=256)
+def _shard_count(file: str, _mtime_ns: int) -> int:
+    """A safetensors file starts with its header's length (8 bytes) and the JSON header."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(
+        math.prod(tensor["shape"])
+        for name, tensor in header.items()
+        if name != "__metadata__" and not name.endswith(_STATISTICS)
+    )
 
 
 def list_models(registry: ModelRegistry, cache_dir: Path) -> list[dict[str, Any]]:

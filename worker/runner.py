@@ -267,7 +267,7 @@ class _Attempt:
                 gpus=gpus,
                 data=data,
                 resume_from=resume_from,
-                registry_file=self.runner.settings.model_registry,
+                registry_file=self.runner.settings.resolved_model_registry,
                 cache_dir=self.runner.settings.resolved_cache_dir,
             )
         return peft_engine.train(

@@ -18,7 +18,8 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
-from peft_engine.models import ModelRegistry, load_registry
+from peft_engine.models import ModelRegistry
+from peft_engine.models.registry import ReloadingRegistry
 from peft_engine.models.resident import ResidentModels
 from tuneq import faults
 from tuneq.db import make_engine, make_sessionmaker, transaction
@@ -70,7 +71,9 @@ class WorkerContext:
 
     @cached_property
     def registry(self) -> ModelRegistry:
-        return load_registry(self.settings.model_registry)
+        """The operator's registry, read again when its file changes (a new model trains
+        without a worker restart)."""
+        return ReloadingRegistry(lambda: self.settings.resolved_model_registry)
 
     @cached_property
     def resident(self) -> ResidentModels:

@@ -7,8 +7,12 @@ installed Python packages or the local Hugging Face hub cache, never a URL.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
-from collections.abc import Iterable
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +28,8 @@ from pydantic import (
 )
 
 from peft_engine.errors import ModelNotFoundError, SpecError
+
+logger = logging.getLogger(__name__)
 
 Task = Literal["causal_lm", "seq_classification", "token_classification", "image_classification"]
 SourceType = Literal["gguf", "local", "hub"]
@@ -172,24 +178,77 @@ class ModelRegistry:
     def __init__(self, entries: Iterable[ModelEntry]) -> None:
         self._entries = {entry.name: entry for entry in entries}
 
+    def _current(self) -> dict[str, ModelEntry]:
+        """The entries now (a registry that follows its file reads the file again here)."""
+        return self._entries
+
     def get(self, name: str) -> ModelEntry:
+        entries = self._current()
         try:
-            return self._entries[name]
+            return entries[name]
         except KeyError:
-            available = ", ".join(self.names()) or "none"
+            available = ", ".join(sorted(entries)) or "none"
             raise ModelNotFoundError(
                 f"model '{name}' is not in this deployment's registry; available: {available}",
                 param="model",
             ) from None
 
     def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._entries))
+        return tuple(sorted(self._current()))
 
     def entries(self) -> tuple[ModelEntry, ...]:
-        return tuple(self._entries[name] for name in self.names())
+        entries = self._current()
+        return tuple(entries[name] for name in sorted(entries))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._current()
+
+
+class ReloadingRegistry(ModelRegistry):
+    """The built-ins plus the operator's file, read again when the file changes.
+
+    A running API or worker sees a model an operator registers without a restart. `locate`
+    names the file on each access (None: built-ins only), which is then stat'ed: a new
+    (path, mtime, size) reads it again. A changed file that cannot be read or is invalid
+    leaves the last good registry in place, with a warning; at construction it raises
+    SpecError, as `load_registry` does.
+    """
+
+    def __init__(self, locate: Callable[[], Path | None]) -> None:
+        self._locate = locate
+        self._lock = threading.Lock()
+        path = locate()
+        self._stamp = _stamp(path)
+        super().__init__(load_registry(path).entries())
+
+    def _current(self) -> dict[str, ModelEntry]:
+        path = self._locate()
+        stamp = _stamp(path)
+        if stamp != self._stamp:
+            with self._lock:  # one reader reads it; the others wait and see its result
+                if stamp != self._stamp:
+                    self._reload(path, stamp)
+        return self._entries
+
+    def _reload(self, path: Path | None, stamp: tuple[str, int, int] | None) -> None:
+        try:
+            entries = {entry.name: entry for entry in load_registry(path).entries()}
+        except SpecError as err:
+            logger.warning("%s; keeping the models registered before", err.message)
+        else:
+            self._entries = entries
+            logger.info("model registry %s read again: %s", path, ", ".join(sorted(entries)))
+        self._stamp = stamp  # an invalid file is reported once, not on every access
+
+
+def _stamp(path: Path | None) -> tuple[str, int, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:  # gone: reading it fails and is reported
+        return (str(path), -1, -1)
+    return (str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def load_registry(
@@ -215,9 +274,7 @@ def _read_operator_file(path: Path) -> list[ModelEntry]:
 
 
 def _parse(path: Path) -> dict[str, Any]:
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise SpecError(f"model registry {path}: must be a .yaml, .yml or .json file")
+    suffix = _checked_suffix(path)
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
@@ -227,6 +284,53 @@ def _parse(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"model registry {path}: must hold a mapping with a 'models' key")
     return data
+
+
+def with_entry(path: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The operator's file at `path` (none yet: empty) with `name` added or replaced, the
+    other entries and keys kept; SpecError when the file or the result is invalid."""
+    _checked_suffix(path)
+    data = _parse(path) if path.exists() else {}
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise SpecError(f"model registry {path}: 'models' must be a mapping")
+    data["models"] = {**models, name: fields}
+    try:
+        _OperatorFile.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"model registry {path}: {_describe_errors(err)}") from None
+    return data
+
+
+def register_model(path: Path, name: str, fields: dict[str, Any]) -> None:
+    """Add or replace the entry `name` of the operator's file at `path`, keeping the others.
+
+    The file keeps its syntax (YAML or JSON, by suffix; YAML comments are not kept) and is
+    replaced atomically: a running service reads it again (ReloadingRegistry) and never
+    sees half of it. A missing file is created.
+    """
+    data = with_entry(path, name, fields)
+    if _checked_suffix(path) == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(staged, 0o644)
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
+
+
+def _checked_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise SpecError(f"model registry {path}: must be a .yaml, .yml or .json file")
+    return suffix
 
 
 def _with_paths_from(fields: _EntryFields, base: Path) -> _EntryFields:

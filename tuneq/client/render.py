@@ -70,7 +70,7 @@ class Output:
 
     def models(self, models: list[Model]) -> None:
         rows = [
-            [m.id, ",".join(m.tasks), str(m.max_seq_length or "?"), "yes" if m.available else "no"]
+            [m.id, ",".join(m.tasks), _sequence_length(m), "yes" if m.available else "no"]
             for m in models
         ]
         raw = {"object": "list", "data": [m.raw for m in models], "has_more": False}
@@ -255,3 +255,11 @@ def _number(value: Any) -> str:
 
 def _when(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _sequence_length(model: Model) -> str:
+    """A text model's longest sequence ("?" until its files are read); "-" for an image
+    model, which has none."""
+    if model.tasks and all(task == "image_classification" for task in model.tasks):
+        return "-"
+    return str(model.max_seq_length or "?")

@@ -161,7 +161,7 @@ def _compare(job: Job, adapter: Path, settings: Settings) -> None:
     answerer = Answerer(
         MODEL,
         adapter,
-        registry=load_registry(settings.model_registry),
+        registry=load_registry(settings.resolved_model_registry),
         cache_dir=settings.resolved_cache_dir,
     )
     width = 46
