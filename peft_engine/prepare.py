@@ -226,15 +226,17 @@ def prepared_events(job: PreparedJob) -> list[Event]:
     unit = task_of(job.spec).unit
     with_loss = {"tokens": "with loss", "pairs": "pairs"}.get(unit, f"{unit} with labels")
     labels = f"; {len(job.labels)} labels" if job.labels else ""
+    # an image is its own unit: "100 training examples (5 labels)", not "100 tokens"
+    counted = "" if unit == "images" else f"{train.n_tokens} tokens, {train.n_loss_tokens} "
+    counted += f"{with_loss}{labels}" if unit != "images" else labels.removeprefix("; ")
     events = [
         Event(
             "info",
-            f"{len(train.examples)} training examples ({train.n_tokens} tokens, "
-            f"{train.n_loss_tokens} {with_loss}{labels}), "
+            f"{len(train.examples)} training examples ({counted}), "
             f"{len(job.validation.examples) if job.validation else 0} validation examples; "
             f"{hp.total_steps} steps of batch {hp.batch_size}x{hp.gradient_accumulation_steps}, "
             f"{hp.n_epochs} epochs, lr {hp.learning_rate:g}",
-            {"resolved_hyperparameters": hp.model_dump()},
+            {"resolved_hyperparameters": hp.model_dump(), "unit": unit},
         )
     ]
     if train.truncated:

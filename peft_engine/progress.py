@@ -29,6 +29,7 @@ class ConsoleProgress:
         self.stop_requested = False
         self._bar_shown = False
         self._tokens_per_second: float | None = None
+        self._rate_unit = "tok/s"  # "img/s" once the prepared event says the job counts images
         self._last_line = 0.0
 
     def hooks(self) -> Hooks:
@@ -40,6 +41,8 @@ class ConsoleProgress:
         )
 
     def on_event(self, event: Event) -> None:
+        if event.data.get("unit") == "images":  # an image is one "token" in the rate
+            self._rate_unit = "img/s"
         prefix = "" if event.level == "info" else f"{event.level}: "
         self._print_line(prefix + event.message)
 
@@ -57,7 +60,7 @@ class ConsoleProgress:
         total = int(metrics["total_steps"])
         text = (
             f"step {step}/{total} loss {metrics['train_loss']:.4f} "
-            f"lr {metrics['learning_rate']:.2e} {self._tokens_per_second:,.0f} tok/s "
+            f"lr {metrics['learning_rate']:.2e} {self._tokens_per_second:,.0f} {self._rate_unit} "
             f"ETA {format_duration(metrics['eta_seconds'])}"
         )
         if self.live:

@@ -103,3 +103,21 @@ def test_a_finished_jobs_metrics_carry_its_kept_metrics_and_report():
     assert _outcome(whole)["kept"] == {"accuracy": 0.875}
     assert "report" not in _outcome({**result, "report": None})  # causal LM has none
     assert _outcome(None) == {}
+
+
+def test_all_linear_on_a_convolutional_body_adapts_its_pointwise_convolutions(registry):
+    from torch import nn
+
+    from peft_engine.methods.common import peft_targets
+    from peft_engine.models import model_dir
+    from peft_engine.tasks.image import IMAGE_CLASSIFICATION
+
+    base = model_dir(registry.get("tiny-mobilenet"), Path("unused"))
+    model = IMAGE_CLASSIFICATION.build_model(base, {"labels": ["a", "b"]})
+    names = peft_targets(model, "all-linear", "image_classification")
+    modules = dict(model.named_modules())
+    assert names and all(modules[n].kernel_size == (1, 1) for n in names)
+    assert all(modules[n].groups == 1 for n in names)
+    assert not any(n.startswith("classifier") for n in names)  # the head trains whole
+    depthwise = [m for m in modules.values() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and not {id(m) for m in depthwise} & {id(modules[n]) for n in names}

@@ -32,6 +32,14 @@ def test_terminal_gets_one_redrawn_bar_with_loss_rate_and_eta():
     assert text.endswith("eval (step 2): loss 2.1\n")
 
 
+def test_an_image_job_counts_its_rate_in_images():
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream, live=False)
+    progress.on_event(Event("info", "100 training examples (5 labels)", {"unit": "images"}))
+    progress.on_metrics(1, _step(1))
+    assert "120 img/s" in stream.getvalue() and "tok/s" not in stream.getvalue()
+
+
 def test_log_gets_plain_lines_without_control_characters():
     stream = io.StringIO()
     progress = ConsoleProgress(stream, live=False)

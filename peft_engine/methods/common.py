@@ -42,7 +42,10 @@ def peft_targets(model: Any, targets: str | list[str], task: str) -> str | list[
 
     "all-linear" on a classification model names every linear layer of the body: peft's own
     "all-linear" leaves out a causal LM's output layer but not a task head, and the head is
-    trained whole (modules_to_save), so it must not get an adapter as well.
+    trained whole (modules_to_save), so it must not get an adapter as well. A convolutional
+    body without linear layers (MobileNetV2) gets its pointwise convolutions instead (1x1,
+    not grouped): each is a linear map of a pixel's channels, what a linear layer is to a
+    token; the 3x3 ones are depthwise (one filter a channel) and stay frozen.
     """
     if targets != "all-linear" or task not in HEAD_TASKS:
         return targets
@@ -50,18 +53,23 @@ def peft_targets(model: Any, targets: str | list[str], task: str) -> str | list[
 
     from peft_engine.errors import SpecError
 
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not name.startswith(TASK_HEAD)
-    ]
-    if not names:  # a convolutional body (MobileNetV2): the user names the layers
+    body = [(n, m) for n, m in model.named_modules() if n and not n.startswith(TASK_HEAD)]
+    names = [name for name, module in body if isinstance(module, nn.Linear)]
+    if not names:
+        names = [name for name, module in body if _pointwise(module)]
+    if not names:
         raise SpecError(
-            f"{type(model.body).__name__} has no linear layers for 'all-linear'; name the "
-            "layers to adapt in target_modules (convolutions such as 'conv_1x1.convolution')",
+            f"{type(model.body).__name__} has neither linear layers nor 1x1 convolutions for "
+            "'all-linear'; name the layers to adapt in target_modules",
             param="method.target_modules",
         )
     return names
+
+
+def _pointwise(module: Any) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
 
 
 def unfreeze_task_head(model: Any, task: str) -> int:

@@ -108,7 +108,10 @@ def _create_options(parser: Any) -> None:
     parser.add_argument("--training-file", help="a file id, or a local path uploaded first")
     parser.add_argument("--validation-file", help="a file id, or a local path uploaded first")
     parser.add_argument("--method", help="method.type: lora, ia3, full, ... (`tuneq models list`)")
-    parser.add_argument("--task", help="causal_lm, seq_classification, token_classification")
+    parser.add_argument(
+        "--task",
+        help="causal_lm, seq_classification, token_classification, image_classification",
+    )
     parser.add_argument("--suffix", help="a name for the adapter")
     parser.add_argument(
         "--set",

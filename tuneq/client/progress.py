@@ -14,4 +14,4 @@ def draw_event(progress: ConsoleProgress, event: Event) -> None:
         progress.on_metrics(int(event.data.get("step", 0)), event.data)
     else:
         level = event.level if event.level in ("warning", "error") else "info"
-        progress.on_event(EngineEvent(level, event.message))  # type: ignore[arg-type]
+        progress.on_event(EngineEvent(level, event.message, event.data))  # type: ignore[arg-type]

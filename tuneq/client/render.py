@@ -232,11 +232,16 @@ def _result(job: Job) -> str:
     metrics = result.get("metrics") or {}
     best, initial = metrics.get("best") or {}, metrics.get("initial") or {}
     if "eval_loss" in best and "eval_loss" in initial:
-        return (
+        text = (
             f"eval loss {initial['eval_loss']:.4f} -> {best['eval_loss']:.4f} "
             f"(best step {result.get('best_step')})"
         )
-    return f"{job.trained_tokens or 0:,} tokens trained"
+        kept = metrics.get("kept") or {}
+        if "accuracy" in kept:  # classification: the output's weights on the whole set
+            text += f"; accuracy on the whole validation set {kept['accuracy']:.4f}"
+        return text
+    unit = "images" if job.task == "image_classification" else "tokens"
+    return f"{job.trained_tokens or 0:,} {unit} trained"
 
 
 def _compact(value: Any) -> str:
