@@ -186,6 +186,56 @@ def test_a_finished_jobs_page(page, stack, shots):
     assert downloading.value.suggested_filename == f"{job_id}-checkpoint-6.tar.gz"
 
 
+def test_a_finished_jobs_results_per_class_and_confusion_matrix(page, stack, shots):
+    job_id = stack.jobs["seq_classification"]
+    with stack.api() as api:
+        outcome = api.get(f"/jobs/{job_id}/metrics").json()
+        validation_examples = api.get(f"/jobs/{job_id}").json()["result"]["validation_examples"]
+    labels = outcome["report"]["labels"]  # one is HOSTILE_LABEL: shown as text
+    sign_in(page, stack, f"#/jobs/{job_id}")
+    results = page.get_by_role("region", name="Results")
+    expect(results).to_be_visible()
+    kept = outcome["kept"]  # the figures of the weights the adapter holds
+    figures = {"Accuracy": f"{kept['accuracy']:.4g}", "Macro-F1": f"{kept['macro_f1']:.4g}",
+               "Weights of step": str(outcome["best_step"])}  # fmt: skip
+    for term, value in figures.items():
+        dt = page.locator("dt", has_text=re.compile(f"^{term}$"))
+        expect(results.locator(".kept div", has=dt).locator("dd")).to_have_text(value)
+
+    per_class = results.get_by_role("table", name="Scores per class")
+    expect(per_class.locator("tbody tr")).to_have_count(len(labels))
+    for label, row in zip(labels, per_class.locator("tbody tr").all(), strict=True):
+        expect(row.locator("th")).to_have_text(label)
+        expect(row.locator("td").last).to_have_text(
+            str(outcome["report"]["per_class"][label]["support"])
+        )
+
+    matrix = results.get_by_role("table", name=re.compile("^Confusion matrix"))
+    expect(matrix.locator("caption")).to_contain_text("Rows are the true labels, columns the")
+    expect(matrix.locator("thead tr").last.locator("th")).to_have_text(["True label", *labels])
+    rows = matrix.locator("tbody tr")
+    expect(rows.locator("th")).to_have_text(labels)
+    counts = [[int(text) for text in row.locator("td").all_inner_texts()] for row in rows.all()]
+    assert counts == outcome["report"]["confusion_matrix"]
+    assert sum(map(sum, counts)) == validation_examples  # every validation example, once
+    for i, row in enumerate(rows.all()):  # the diagonal marked, and only it
+        marked = row.locator("td").evaluate_all("cells => cells.map(c => c.matches('.diagonal'))")
+        assert marked == [j == i for j in range(len(labels))]
+    page.locator(".slot-results").screenshot(path=shots / "job-results.png")
+
+    ner_id = stack.jobs["token_classification"]  # NER: scores per entity type
+    with stack.api() as api:
+        types = list(api.get(f"/jobs/{ner_id}/metrics").json()["report"]["per_type"])
+    page.goto(f"{stack.url}/#/jobs/{ner_id}")
+    per_type = page.get_by_role("table", name=re.compile("^Scores per entity type"))
+    expect(per_type.locator("tbody th")).to_have_text(types)
+    expect(page.locator("table.confusion")).to_have_count(0)
+    page.goto(f"{stack.url}/#/jobs/{stack.jobs['causal_lm']}")  # a causal LM: its figures alone
+    kept = page.get_by_role("region", name="Results").locator(".kept")
+    expect(kept).to_contain_text("Perplexity")
+    expect(page.locator("section.results table")).to_have_count(0)
+
+
 def test_a_failed_jobs_page_shows_its_error_and_code_and_it_can_be_deleted(page, stack):
     sign_in(page, stack, f"#/jobs/{stack.jobs['failed']}")
     expect(page.locator(".slot-head .badge")).to_have_text("failed")
@@ -195,6 +245,7 @@ def test_a_failed_jobs_page_shows_its_error_and_code_and_it_can_be_deleted(page,
     expect(error).to_contain_text("attempt 1 of 1, the last, ended")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     expect(page.locator(".slot-tryit")).to_contain_text("no adapter or checkpoint")
+    expect(page.locator("section.results")).to_have_count(0)  # no result, nothing to show
     page.goto(f"{stack.url}/#/jobs?status=failed")
     expect(page.locator("table.jobs tbody tr")).to_have_count(1)
 
@@ -240,6 +291,7 @@ def test_a_running_job_appears_moves_and_is_cancelled_from_its_page(page, stack,
     expect(loss).to_have_attribute("d", re.compile(r"L"))
     drawn = loss.get_attribute("d")
     expect(loss).not_to_have_attribute("d", drawn, timeout=60_000)  # the curve gains points
+    expect(page.locator("section.results")).to_have_count(0)  # results come when it has finished
     page.screenshot(path=shots / "job-running.png", full_page=True)
 
     page.get_by_role("button", name="Pause").click()  # kept as a checkpoint, then resumed
@@ -419,6 +471,10 @@ def test_readable_on_a_phone(browser, stack, shots):
         page.goto(f"{stack.url}/#/jobs/{stack.jobs['causal_lm']}")
         expect(page.locator("figure.chart").first).to_be_visible()
         page.screenshot(path=shots / "phone-job.png", full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.goto(f"{stack.url}/#/jobs/{stack.jobs['seq_classification']}")
+        expect(page.locator("table.confusion")).to_be_visible()  # wide tables scroll in place
+        page.locator(".slot-results").screenshot(path=shots / "phone-job-results.png")
         # nothing wider than the screen: no sideways scrolling of the page itself
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
     finally:

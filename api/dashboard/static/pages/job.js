@@ -6,6 +6,7 @@ import { ApiError, followEvents, get, path, post, request, sleep } from "../api.
 import { TERMINAL, announce, duration, errorBox, h, number, progressBar, replace,
   statusBadge, timeElement } from "../dom.js";
 import { chartsOf, downloadsOf, estimateOf, settingsOf } from "./job_parts.js";
+import { resultsOf } from "./job_results.js";
 import { tryItBox } from "./try_it.js";
 
 const STEERING = {
@@ -17,8 +18,8 @@ const STEERING = {
 export async function jobPage(main, { id }, signal) {
   const base = `/jobs/${encodeURIComponent(id)}`;
   const view = { job: null, metrics: { train: [], eval: [] }, checkpoints: [], artifacts: [] };
-  const slots = Object.fromEntries(["head", "summary", "error", "charts", "log", "downloads",
-    "settings", "estimate", "tryit"].map((name) => [name, h("div", { class: `slot-${name}` })]));
+  const slots = Object.fromEntries(["head", "summary", "error", "results", "charts", "log",
+    "downloads", "settings", "estimate", "tryit"].map((name) => [name, h("div", { class: `slot-${name}` })]));
   const showMetricEvents = h("input", { type: "checkbox", id: "show-metrics" });
   const log = h("ol", { class: "log", role: "log", "aria-label": "Event log", tabindex: 0 });
 
@@ -34,6 +35,7 @@ export async function jobPage(main, { id }, signal) {
   async function loadMetrics() {
     view.metrics = await get(`${base}/metrics`, { signal });
     replace(slots.charts, chartsOf(view));
+    replace(slots.results, resultsOf(view));
   }
   async function loadFiles() {
     const [checkpoints, artifacts] = await Promise.all([
@@ -124,7 +126,7 @@ export async function jobPage(main, { id }, signal) {
     log.classList.toggle("with-metrics", showMetricEvents.checked);
   });
 
-  replace(main, slots.head, slots.error, slots.summary, slots.charts,
+  replace(main, slots.head, slots.error, slots.summary, slots.results, slots.charts,
     h("section", { "aria-labelledby": "log-title" },
       h("div", { class: "heading" }, h("h2", { id: "log-title" }, "Events"),
         h("div", { class: "field inline" }, showMetricEvents,
