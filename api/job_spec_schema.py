@@ -165,7 +165,10 @@ def _family_rules(
     return [
         {
             "if": {
-                "properties": {"method": {"properties": {"type": {"const": m.type}}}},
+                "properties": {
+                    # `required`: a method without `type` is lora, not every method at once
+                    "method": {"properties": {"type": {"const": m.type}}, "required": ["type"]}
+                },
                 "required": ["method"],
             },
             "then": {"properties": {"model": {"enum": suited[m.type]}}},

@@ -119,6 +119,16 @@ def test_every_spec_the_schema_calls_valid_is_accepted(deployment):
     check()
 
 
+def test_a_method_without_its_type_is_lora_to_the_family_rules(deployment):
+    # Found by the negative fuzz below: bitfit's family rule (`if method.type is bitfit`)
+    # once held for a method with no type at all, and took smollm2 (llama) off the models.
+    configured, document = deployment
+    spec = {"method": {}, "model": "smollm2-135m-instruct", "training_file": "0"}
+    assert schema_accepts(document, spec) and static_refusal(spec, configured) is None
+    bitfit = {**spec, "method": {"type": "bitfit"}}
+    assert not schema_accepts(document, bitfit) and static_refusal(bitfit, configured)
+
+
 def test_every_spec_the_schema_calls_invalid_is_refused(deployment):
     configured, document = deployment
 
