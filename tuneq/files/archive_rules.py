@@ -15,7 +15,6 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from tuneq.errors import ErrorItem, InvalidFile
@@ -112,7 +111,7 @@ class MemberRules:
                     f"its members hold more than the limit of {self.limits.max_bytes} bytes "
                     "unpacked"
                 )
-        return member_of(parts, size, kind == "dir")
+        return member_of(parts, size, kind == "dir", name)
 
     def check_ratio(self, unpacked: int, packed: int, member: str | None = None) -> None:
         """Refuse more than `max_ratio` bytes unpacked per byte packed (plus a slack)."""
@@ -141,10 +140,12 @@ class MemberRules:
             self._folders.add(name)
 
 
-def member_of(parts: list[str], size: int, is_dir: bool) -> Member:
-    """The member whose path is `parts` (from `safe_parts`), without its data yet."""
+def member_of(parts: list[str], size: int, is_dir: bool, name: str | None = None) -> Member:
+    """The member whose path is `parts` (from `safe_parts`), without its data yet; `name`,
+    when the caller has joined the parts already, is kept rather than a second copy (an
+    archive's names are held until its end: bench/archive_upload.py)."""
     hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
-    return Member("/".join(parts), 0 if is_dir else size, is_dir, hidden)
+    return Member(name or "/".join(parts), 0 if is_dir else size, is_dir, hidden)
 
 
 def safe_parts(raw_name: str) -> list[str]:
@@ -156,7 +157,8 @@ def safe_parts(raw_name: str) -> list[str]:
         raise refused("is a Windows path (a drive or backslashes)", raw_name)
     if raw_name.startswith("/"):
         raise refused("is an absolute path", raw_name)
-    parts = list(PurePosixPath(raw_name).parts)
+    # Split by hand: PurePosixPath would intern every part of every name, for good.
+    parts = [part for part in raw_name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise refused("points outside the archive's folder ('..')", raw_name)
     return parts

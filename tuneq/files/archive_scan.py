@@ -114,6 +114,7 @@ class _Contents:
         self.max_examples = settings.max_examples
         self.files: list[str] = []
         self.images: dict[str, ImageInfo | str] = {}  # an image's info, or its problem
+        self._shared: dict[ImageInfo, ImageInfo] = {}  # one object per distinct info
         self.manifests: dict[str, _Manifest] = {}
 
     def take(self, member: Member) -> None:
@@ -129,9 +130,10 @@ class _Contents:
         if member.size > self.limits.max_bytes:  # not read: the walk skips it
             return f"is {member.size} bytes, over the limit of {self.limits.max_bytes} bytes"
         try:
-            return inspect_image(b"".join(member.blocks()), self.limits)
+            info = inspect_image(b"".join(member.blocks()), self.limits)
         except ImageRefused as problem:
             return str(problem)
+        return self._shared.setdefault(info, info)  # most images share a size and mode
 
     # -- a manifest ----------------------------------------------------------------------
 
