@@ -224,11 +224,13 @@ def prepared_events(job: PreparedJob) -> list[Event]:
     hp = job.spec.hyperparameters
     train = job.train
     unit = task_of(job.spec).unit
-    with_loss = {"tokens": "with loss", "pairs": "pairs"}.get(unit, f"{unit} with labels")
-    labels = f"; {len(job.labels)} labels" if job.labels else ""
-    # an image is its own unit: "100 training examples (5 labels)", not "100 tokens"
-    counted = "" if unit == "images" else f"{train.n_tokens} tokens, {train.n_loss_tokens} "
-    counted += f"{with_loss}{labels}" if unit != "images" else labels.removeprefix("; ")
+    labels = f"{len(job.labels)} labels" if job.labels else ""
+    if unit == "images":  # an image is its own unit: "100 training examples (5 labels)"
+        counted = labels
+    else:
+        with_loss = {"tokens": "with loss", "pairs": "pairs"}.get(unit, f"{unit} with labels")
+        counted = f"{train.n_tokens} tokens, {train.n_loss_tokens} {with_loss}"
+        counted += f"; {labels}" if labels else ""
     events = [
         Event(
             "info",

@@ -191,7 +191,7 @@ def local_copy(store: ObjectStore, file: File, cache_dir: Path) -> Path:
     syntax = (file.report or {}).get("syntax")
     if syntax in ARCHIVE_SYNTAXES:
         return _extracted_copy(store, file, syntax, cache_dir / "files")
-    suffix = ".csv" if (file.report or {}).get("syntax") == "csv" else ".jsonl"
+    suffix = ".csv" if syntax == "csv" else ".jsonl"
     path = cache_dir / "files" / f"{file.id}{suffix}"
     if not path.is_file():
         store.get_file(file.storage_key, path)  # atomic: a reader never sees half a file
