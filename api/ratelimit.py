@@ -46,6 +46,7 @@ EXEMPT_PATHS = frozenset(
 EXEMPT_PREFIXES = ("/ui/",)  # and "/ui" itself
 REDIS_PREFIX = "tuneq:ratelimit:"
 REDIS_TIMEOUT_SECONDS = 0.5  # a request waits this long for Redis at most, then goes through
+# (Settings.rate_limit_redis_timeout_seconds; the default of the setting)
 REDIS_PAUSE_SECONDS = 5.0  # after a failure, Redis is left alone (limits off) this long
 
 
@@ -181,9 +182,11 @@ class RedisBuckets:
         *,
         prefix: str = REDIS_PREFIX,
         clock: Callable[[], float] = time.time,
+        timeout: float = REDIS_TIMEOUT_SECONDS,
     ) -> None:
         self.policy = policy
         self._url = url
+        self._timeout = timeout
         self._prefix = prefix
         self._clock = clock
         # (the event loop, a client whose connections belong to it, the script on it)
@@ -215,8 +218,8 @@ class RedisBuckets:
         if self._connection is None or self._connection[0] is not loop:
             client = redis.Redis.from_url(
                 self._url,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=self._timeout,
+                socket_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),  # not redis-py's 10 retries: the request waits
             )
             self._connection = (loop, client, client.register_script(TAKE_TOKEN_LUA))
@@ -232,7 +235,7 @@ def open_buckets(settings: Settings, policy: Policy) -> Buckets:
     """Redis when it is the broker (shared by every API process), else this process's."""
     broker = settings.resolved_broker_url.split(";")[0]  # Celery's failover list: the first
     if broker.startswith(("redis://", "rediss://")):
-        return RedisBuckets(broker, policy)
+        return RedisBuckets(broker, policy, timeout=settings.rate_limit_redis_timeout_seconds)
     return LocalBuckets(policy)
 
 

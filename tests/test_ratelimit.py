@@ -33,6 +33,10 @@ from tuneq.teams.service import hash_key
 
 # A rate so slow that no token comes back while a test runs: what is allowed is the burst.
 NO_REFILL = 0.001
+# These tests count tokens, so they wait for Redis longer than the API's 0.5 s: on a loaded
+# 2-core CI machine Redis once took longer, the limiter let the requests through (as it
+# should), and a burst that the test expected to see refused was not.
+PATIENT_SECONDS = 10.0
 
 
 class Clock:
@@ -54,7 +58,9 @@ def redis_prefix() -> Iterator[str]:
 
 def _buckets(backend: str, policy: Policy, clock: Clock, prefix: str) -> Buckets:
     if backend == "redis":
-        return RedisBuckets(require(redis_url), policy, prefix=prefix, clock=clock)
+        return RedisBuckets(
+            require(redis_url), policy, prefix=prefix, clock=clock, timeout=PATIENT_SECONDS
+        )
     return LocalBuckets(policy, clock=clock)
 
 
@@ -128,7 +134,11 @@ def test_retry_after_is_the_wait_for_the_next_token(backend, redis_prefix):
 
 def test_redis_buckets_expire_once_full_again(redis_prefix):
     buckets = RedisBuckets(
-        require(redis_url), Policy(rate=1.0, burst=5), prefix=redis_prefix, clock=Clock(0.0)
+        require(redis_url),
+        Policy(rate=1.0, burst=5),
+        prefix=redis_prefix,
+        clock=Clock(0.0),
+        timeout=PATIENT_SECONDS,
     )
 
     async def drain() -> None:
@@ -176,7 +186,11 @@ def test_a_key_is_known_by_its_sha256_and_no_key_by_the_address():
 
 
 def _limited(tmp_path: Path, broker: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"rate_limit_per_second": NO_REFILL, "rate_limit_burst": 5}
+    values: dict[str, Any] = {
+        "rate_limit_per_second": NO_REFILL,
+        "rate_limit_burst": 5,
+        "rate_limit_redis_timeout_seconds": PATIENT_SECONDS,
+    }
     if broker == "redis":
         values["broker_url"] = require(redis_url)
     settings = make_settings(tmp_path, **(values | overrides))

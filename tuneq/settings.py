@@ -271,6 +271,12 @@ class Settings(BaseSettings):
         description="requests an API key may send at once before the sustained rate applies "
         "(the size of its token bucket)",
     )
+    rate_limit_redis_timeout_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="longest a request waits for the limiter's Redis; past it the request goes "
+        "through and limits are off for 5 s (an outage of the limiter is never one of the API)",
+    )
     max_body_bytes: int = Field(
         1024**2,
         ge=1,
