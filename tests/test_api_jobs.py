@@ -311,6 +311,21 @@ def test_dry_run_with_fixed_hyperparameters_counts_steps_from_them(env):
     assert body["estimate"]["total_steps"] == 3 * 2  # ceil(10 / 4) steps × 2 epochs
 
 
+def test_a_deleted_file_leaves_no_copy_on_the_api_host(env):
+    """A dry run reads the file on the API host (its tokens counted), so the host keeps a
+    copy (tuneq/files/cache.py); deleting the file removes it there too."""
+    file_id = upload(env.client, env.key_a, TRAIN_ROWS, "gone.jsonl")
+    planned = env.client.post("/jobs?dry_run=true", headers=auth(env.key_a), json=job_spec(file_id))
+    assert planned.status_code == 200, planned.text
+    files = env.settings.resolved_work_dir / "files"
+    assert [p.name for p in files.glob(f"{file_id}*")] == [f"{file_id}.jsonl"]
+
+    deleted = env.client.delete(f"/files/{file_id}", headers=auth(env.key_a))
+
+    assert deleted.status_code == 200, deleted.text
+    assert list(files.glob(f"{file_id}*")) == [] and not (files / ".locks" / file_id).exists()
+
+
 # ------------------------------------------------------------------------------ create, read
 
 

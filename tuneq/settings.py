@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         None, description="workers' scratch space and file copies; unset: home/work"
     )
+    file_cache_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="most bytes of dataset copies a host keeps in work_dir/files; the least "
+        "recently used copy that no job holds goes first (0: only those in use)",
+    )
     broker_visibility_timeout_seconds: float = Field(
         6 * 3600.0,
         gt=0,

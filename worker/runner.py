@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +43,7 @@ from peft_engine.progress import quiet_library_output
 from tuneq.db import transaction
 from tuneq.faults import JobFault, job_fault
 from tuneq.files.models import File
-from tuneq.files.service import local_copy
+from tuneq.files.service import held_copy
 from tuneq.jobs.lease import Claim, fenced_update
 from tuneq.jobs.models import Job, JobArtifact, JobCheckpoint, JobEvent, JobMetric, OutboxMessage
 from tuneq.jobs.retention import prune_checkpoints
@@ -211,10 +212,14 @@ class _Attempt:
             self.fault = job_fault(job.metadata_, self.claim.attempt)
             self._event("info", f"attempt {self.claim.attempt} started on {self.claim.owner}")
             self.tracking = Tracking.open(self, job)
-            data = DataPaths(self._copy(training), self._copy(validation) if validation else None)
-            resume_from = self._download_checkpoint(job)
-            with self.runner.resident.active(report=self._on_model_load):
-                result = self._train(job, data, resume_from)
+            with ExitStack() as held:  # the data's copies, never evicted while the job runs
+                data = DataPaths(
+                    held.enter_context(self._copy(training)),
+                    held.enter_context(self._copy(validation)) if validation else None,
+                )
+                resume_from = self._download_checkpoint(job)
+                with self.runner.resident.active(report=self._on_model_load):
+                    result = self._train(job, data, resume_from)
         except UserError as err:
             return outcomes.fail(self, err.code, str(err), err.param)
         except Exception as err:
@@ -295,8 +300,8 @@ class _Attempt:
                 raise RuntimeError(f"training file {job.training_file_id} is gone")
             return job, training, validation
 
-    def _copy(self, file: File) -> Path:
-        return local_copy(self.store, file, self.runner.settings.resolved_work_dir)
+    def _copy(self, file: File) -> AbstractContextManager[Path]:
+        return held_copy(self.store, file, self.runner.settings)
 
     def _download_checkpoint(self, job: Job) -> Path | None:
         if job.latest_checkpoint_key is None:

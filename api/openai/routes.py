@@ -118,9 +118,16 @@ def retrieve_file(file_id: str, team: TeamDep, db: DbDep) -> FileObject:
     response_model=FileDeleted,
     responses=openai_responses(NO_FILE, (409, "a job that can still run uses the file")),
 )
-def delete_file(file_id: str, caller: CallerDep, db: DbDep, store: StoreDep) -> FileDeleted:
+def delete_file(
+    file_id: str, caller: CallerDep, db: DbDep, store: StoreDep, settings: SettingsDep
+) -> FileDeleted:
     file = files.delete_file(
-        db=db, store=store, team=caller.team, file_id=file_id, actor=caller.actor
+        db=db,
+        store=store,
+        team=caller.team,
+        file_id=file_id,
+        actor=caller.actor,
+        cache=files.file_cache(settings),
     )
     return FileDeleted(id=file.id)
 

@@ -151,8 +151,15 @@ def download_file(
     response_model=FileDeleted,
     responses=responses(NO_FILE, (409, "a job that can still run uses the file"), STORE),
 )
-def delete_file(file_id: str, caller: CallerDep, db: DbDep, store: StoreDep) -> Any:
+def delete_file(
+    file_id: str, caller: CallerDep, db: DbDep, store: StoreDep, settings: SettingsDep
+) -> Any:
     file = service.delete_file(
-        db=db, store=store, team=caller.team, file_id=file_id, actor=caller.actor
+        db=db,
+        store=store,
+        team=caller.team,
+        file_id=file_id,
+        actor=caller.actor,
+        cache=service.file_cache(settings),
     )
     return FileDeleted(id=file.id)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from tuneq.db import transaction
 from tuneq.errors import Conflict, ErrorItem, InvalidFile, InvalidRequest, NotFound
 from tuneq.files.archive_rules import ArchiveLimits, ArchiveSyntax
 from tuneq.files.archives import ARCHIVE_SYNTAXES, extract_archive
+from tuneq.files.cache import FileCache
 from tuneq.files.ingest import ingest_upload
 from tuneq.files.models import File
 from tuneq.files.schemas import FilePublic
@@ -156,9 +158,16 @@ def get_file(*, db: Session, team: Team, file_id: str) -> File:
 
 
 def delete_file(
-    *, db: Session, store: ObjectStore, team: Team, file_id: str, actor: Actor | None = None
+    *,
+    db: Session,
+    store: ObjectStore,
+    team: Team,
+    file_id: str,
+    actor: Actor | None = None,
+    cache: FileCache | None = None,
 ) -> File:
-    """Delete the row, then the object; refused while an unfinished job uses the file."""
+    """Delete the row, then the object, then this host's copy (in `cache`; the workers'
+    copies age out of theirs); refused while an unfinished job uses the file."""
     file = get_file(db=db, team=team, file_id=file_id)
     job = db.scalar(
         select(Job)
@@ -178,7 +187,25 @@ def delete_file(
     record(db, actor, "file.delete", file.id)
     db.flush()
     store.delete(file.storage_key)
+    if cache is not None:
+        cache.evict(file.id)
     return file
+
+
+def file_cache(settings: Settings) -> FileCache:
+    """This host's copies of files (`local_copy`), bounded by TUNEQ_FILE_CACHE_BYTES."""
+    return FileCache(settings.resolved_work_dir / "files", settings.file_cache_bytes)
+
+
+@contextmanager
+def held_copy(store: ObjectStore, file: File, settings: Settings) -> Iterator[Path]:
+    """`local_copy`, held against eviction until the block ends; then the cache is pruned
+    to its bound (this copy counts, and stays)."""
+    cache = file_cache(settings)
+    with cache.hold(file.id):
+        path = local_copy(store, file, settings.resolved_work_dir)
+        cache.prune()
+        yield path
 
 
 def local_copy(store: ObjectStore, file: File, cache_dir: Path) -> Path:

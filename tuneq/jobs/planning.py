@@ -5,6 +5,7 @@ come out as the API's typed errors."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from tuneq.errors import (
     field_error,
 )
 from tuneq.files.models import File
-from tuneq.files.service import get_file, local_copy
+from tuneq.files.service import get_file, held_copy
 from tuneq.jobs.routing import queue_for
 from tuneq.jobs.schemas import DryRunPublic
 from tuneq.settings import Settings
@@ -87,18 +88,18 @@ def plan_job(
             if spec.validation_file
             else None
         )
-        cache = settings.resolved_work_dir
-        data = DataPaths(
-            local_copy(store, training, cache),
-            local_copy(store, validation, cache) if validation else None,
-        )
-        estimate = estimate_job(
-            spec,
-            data,
-            registry=registry,
-            cache_dir=settings.resolved_cache_dir,
-            throughput=throughput_for(db, model=spec.model, task=spec.task, settings=settings),
-        )
+        with ExitStack() as held:  # the copies stay while the estimate reads them
+            data = DataPaths(
+                held.enter_context(held_copy(store, training, settings)),
+                held.enter_context(held_copy(store, validation, settings)) if validation else None,
+            )
+            estimate = estimate_job(
+                spec,
+                data,
+                registry=registry,
+                cache_dir=settings.resolved_cache_dir,
+                throughput=throughput_for(db, model=spec.model, task=spec.task, settings=settings),
+            )
     except UserError as err:
         raise as_tuneq_error(err) from None
     queue = queue_for(
