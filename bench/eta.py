@@ -206,16 +206,17 @@ class _Bench:
         recorded as the worker records them."""
         from tuneq.db import transaction
 
+        key = _key(model) | {"method": (spec.get("method") or {}).get("type", "lora")}
         with self.sessions() as db:
-            figures = throughput_for(db, settings=self.settings, **_key(model))
+            figures = throughput_for(db, settings=self.settings, **key)
         with transaction(self.sessions) as db:
             measured = JobFigures.from_result(result)
             if measured is not None:
-                record_job_figures(db, figures=measured, **_key(model))
+                record_job_figures(db, figures=measured, **key)
         own = figures.basis.startswith("default")
         if own:
             with self.sessions() as db:
-                figures = throughput_for(db, settings=self.settings, **_key(model))
+                figures = throughput_for(db, settings=self.settings, **key)
         return self._estimate(spec, train, validation, figures), own
 
     def _estimate(self, spec: dict, train: Path, validation: Path | None, figures: Any) -> dict:

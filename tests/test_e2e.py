@@ -120,7 +120,9 @@ def test_job_runs_end_to_end(stack, worker, api, key, tmp_path, tiny_model_dir):
 
     # the worker recorded the job's speed: the next dry run of the model is estimated with it
     again = api.post("/jobs?dry_run=true", headers=auth(key), json=_spec(train, validation))
-    assert again.json()["estimate"]["basis"].startswith("measured: 1 causal_lm job of tiny-llama")
+    assert again.json()["estimate"]["basis"].startswith(
+        "measured: 1 causal_lm lora job of tiny-llama"
+    )
 
     metrics = api.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()
     assert [p["step"] for p in metrics["train"]] == list(range(1, 21))

@@ -151,3 +151,38 @@ def test_0006_indexes_the_claim_and_leaves_the_heartbeat_hot_and_undoes_it(
     assert {"ix_jobs_queued", "ix_jobs_leased"}.isdisjoint(indexes)
     assert "(state, lease_expires_at)" in indexes["ix_jobs_state_lease"]
     assert indexes["options"] == ""
+
+
+def test_0007_keeps_throughput_per_method_and_the_old_rows_as_method_unknown(
+    database_url: str,
+) -> None:
+    migrate.upgrade(database_url, "0006")
+    row = (
+        "INSERT INTO model_throughput (model, task, device, jobs, train_tokens_per_second, "
+        "updated_at) VALUES ('m', 'causal_lm', 'cpu', 3, {speed}, '2026-12-01 00:00:00+00')"
+    )
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(row.format(speed=100.0))
+        migrate.upgrade(database_url, "0007")
+        with engine.begin() as connection:
+            connection.exec_driver_sql(  # the same model, task and device: another method
+                row.replace("(model,", "(method, model,").replace("('m',", "('full', 'm',")
+                .format(speed=30.0)
+            )  # fmt: skip
+            rows = connection.exec_driver_sql(
+                "SELECT method, train_tokens_per_second FROM model_throughput ORDER BY id"
+            ).all()
+        assert [tuple(r) for r in rows] == [("", 100.0), ("full", 30.0)]
+
+        migrate.downgrade(database_url, "0006")  # one row a key again: the newest
+
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT model, train_tokens_per_second FROM model_throughput"
+            ).all()
+            columns = {c["name"] for c in sa.inspect(connection).get_columns("model_throughput")}
+        assert [tuple(r) for r in rows] == [("m", 30.0)] and "method" not in columns
+    finally:
+        engine.dispose()

@@ -132,13 +132,19 @@ def test_a_succeeded_job_records_its_speed_and_the_next_dry_run_uses_it(env: Env
 
     assert job.state == "succeeded", job.error
     [row] = env.rows()
-    assert (row.model, row.task, row.device, row.jobs) == ("tiny-llama", "causal_lm", "cpu", 1)
+    assert (row.model, row.task, row.method, row.device, row.jobs) == (
+        "tiny-llama",
+        "causal_lm",
+        "lora",
+        "cpu",
+        1,
+    )
     assert job.result is not None
     expected = JobFigures.from_result(job.result)
     assert expected is not None
     assert row.train_tokens_per_second == pytest.approx(expected.train_tokens_per_second)
     after = env.dry_run()
-    assert after["basis"] == "measured: 1 causal_lm job of tiny-llama on cpu"
+    assert after["basis"] == "measured: 1 causal_lm lora job of tiny-llama on cpu"
     assert after["seconds_by_phase"]["train"] == pytest.approx(
         after["trained_tokens"] / row.train_tokens_per_second, abs=0.1
     )
@@ -163,16 +169,18 @@ def test_a_failure_to_record_does_not_fail_the_job(env: Env, caplog) -> None:
     assert f"job {job_id}: its throughput was not recorded" in caplog.messages
 
 
-def _record(env: Env, result: dict[str, Any], model: str = "m", task: str = "causal_lm") -> None:
+def _record(
+    env: Env, result: dict[str, Any], model: str = "m", task: str = "causal_lm", method: str = ""
+) -> None:
     figures = JobFigures.from_result(result)
     assert figures is not None
     with transaction(env.sessions) as db:
-        record_job_figures(db, model=model, task=task, figures=figures)
+        record_job_figures(db, model=model, task=task, method=method, figures=figures)
 
 
-def _throughput(env: Env, model: str = "m", task: str = "causal_lm") -> Any:
+def _throughput(env: Env, model: str = "m", task: str = "causal_lm", method: str = "") -> Any:
     with env.sessions() as db:
-        return throughput_for(db, model=model, task=task, settings=env.settings)
+        return throughput_for(db, model=model, task=task, method=method, settings=env.settings)
 
 
 def test_the_timings_give_every_figure_and_later_jobs_blend_in(env: Env) -> None:
@@ -219,6 +227,29 @@ def test_the_most_recent_device_and_the_task_choose_the_row(env: Env) -> None:
     assert latest.train_tokens_per_second == 5000.0
     assert latest.basis == "measured: 2 causal_lm jobs of m on cuda:NVIDIA H200"
     assert _throughput(env, model="other").basis.startswith("default:")
+
+
+def test_each_method_has_its_figures_and_one_without_any_borrows_anothers(env: Env) -> None:
+    env.clear()
+    _record(env, {"device": "cpu", "tokens_per_second": 100.0}, method="lora")
+
+    borrowed = _throughput(env, method="full")
+    assert borrowed.train_tokens_per_second == 100.0  # closer than the settings' default
+    assert borrowed.basis == (
+        "measured: 1 causal_lm lora job of m on cpu (no full job has finished here yet)"
+    )
+
+    _record(env, {"device": "cpu", "tokens_per_second": 30.0}, method="full")
+    _record(env, {"device": "cpu", "tokens_per_second": 300.0}, method="head_only")
+    assert _throughput(env, method="full").train_tokens_per_second == 30.0
+    assert _throughput(env, method="lora").train_tokens_per_second == 100.0
+    head_only = _throughput(env, method="head_only")
+    assert head_only.basis == "measured: 1 causal_lm head_only job of m on cpu"
+    assert [(row.method, row.jobs) for row in env.rows()] == [
+        ("lora", 1),
+        ("full", 1),
+        ("head_only", 1),
+    ]
 
 
 def test_a_preference_jobs_speed_is_recorded_in_plain_steps_tokens() -> None:

@@ -98,7 +98,13 @@ def plan_job(
                 data,
                 registry=registry,
                 cache_dir=settings.resolved_cache_dir,
-                throughput=throughput_for(db, model=spec.model, task=spec.task, settings=settings),
+                throughput=throughput_for(
+                    db,
+                    model=spec.model,
+                    task=spec.task,
+                    method=spec.method.type,
+                    settings=settings,
+                ),
             )
     except UserError as err:
         raise as_tuneq_error(err) from None

@@ -9,15 +9,17 @@ from tuneq.db import Base, UTCDateTime, utcnow
 
 
 class ModelThroughput(Base):
-    """A model's running figures for one task on one kind of device ("cpu", "cuda:<gpu>"):
-    the mean of its first jobs, then an exponentially weighted mean (service.blend)."""
+    """A model's running figures for one task and method type on one kind of device ("cpu",
+    "cuda:<gpu>"): the mean of its first jobs, then an exponentially weighted mean
+    (service.blend). Method "" is a row recorded before methods were told apart."""
 
     __tablename__ = "model_throughput"
-    __table_args__ = (UniqueConstraint("model", "task", "device"),)
+    __table_args__ = (UniqueConstraint("model", "task", "method", "device"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(100))
     task: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(32), server_default="")
     device: Mapped[str] = mapped_column(String(255))
     jobs: Mapped[int] = mapped_column(Integer)  # succeeded jobs whose figures are in the row
     train_tokens_per_second: Mapped[float] = mapped_column(Float)

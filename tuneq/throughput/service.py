@@ -1,5 +1,10 @@
 """Recording a succeeded job's figures, and the figures a new job of the model is estimated
-with. The worker records; planning reads; both inside the caller's transaction."""
+with. The worker records; planning reads; both inside the caller's transaction.
+
+The figures are kept per model, task, method type and kind of device: a full fine-tune's
+step costs several LoRA steps on the same model, a frozen body's (`head_only`) a fraction
+of one. A method no job has used yet borrows another method's figures of the model, which
+are closer than the settings' defaults; `basis` says whose they are."""
 
 from __future__ import annotations
 
@@ -59,6 +64,13 @@ class JobFigures:
         )
 
 
+def method_type(result: dict[str, Any]) -> str:
+    """The job's method type, as its estimate is asked for it ("" when the result has none)."""
+    method = (result.get("spec") or {}).get("method")
+    kind = method.get("type") if isinstance(method, dict) else None
+    return kind if isinstance(kind, str) else ""
+
+
 def _objective(result: dict[str, Any]) -> str:
     """The job's training objective ("sft" when its spec names none)."""
     method = (result.get("spec") or {}).get("method") or {}
@@ -79,16 +91,20 @@ def record_result(db: Session, result: dict[str, Any], *, job_id: str) -> None:
         figures = JobFigures.from_result(result)
         if figures is None:
             return
-        spec = result["spec"]
+        spec, method = result["spec"], method_type(result)
         with db.begin_nested():
-            record_job_figures(db, model=spec["model"], task=spec["task"], figures=figures)
+            record_job_figures(
+                db, model=spec["model"], task=spec["task"], method=method, figures=figures
+            )
     except Exception:
         log.warning("job %s: its throughput was not recorded", job_id, exc_info=True)
 
 
-def record_job_figures(db: Session, *, model: str, task: str, figures: JobFigures) -> None:
+def record_job_figures(
+    db: Session, *, model: str, task: str, method: str, figures: JobFigures
+) -> None:
     """Add one succeeded job's figures to its model's row (created on its first job)."""
-    key = (model, task, figures.device)
+    key = (model, task, method, figures.device)
     row = db.scalars(_row(*key).with_for_update()).first()
     if row is None:
         if _insert_first(db, key, figures):
@@ -115,21 +131,27 @@ def blend(old: float | None, new: float | None, jobs: int) -> float | None:
     return old + max(1 / jobs, NEWEST_JOB_WEIGHT) * (new - old)
 
 
-def throughput_for(db: Session, *, model: str, task: str, settings: Settings) -> Throughput:
-    """The figures a new job of `model` is estimated with.
+def throughput_for(
+    db: Session, *, model: str, task: str, method: str, settings: Settings
+) -> Throughput:
+    """The figures a new job of `model` with `method` is estimated with.
 
     The queue does not say which device a job will get, so the device is the one the model
     last trained on here (its most recently updated row): a deployment's workers on one
-    queue usually share a kind of device. A figure that row has not measured yet, and every
-    figure before any job of the model succeeded, comes from the `TUNEQ_ESTIMATED_*`
-    settings; `basis` says which.
+    queue usually share a kind of device. On it, the method's own row, else the most recent
+    row of another method. A figure that row has not measured yet, and every figure before
+    any job of the model succeeded, comes from the `TUNEQ_ESTIMATED_*` settings; `basis`
+    says which.
     """
-    query = _rows(model, task).order_by(
-        ModelThroughput.updated_at.desc(), ModelThroughput.id.desc()
-    )
-    row = db.scalars(query.limit(1)).first()
-    if row is None:
+    newest = ModelThroughput.updated_at.desc(), ModelThroughput.id.desc()
+    latest = db.scalars(_rows(model, task).order_by(*newest).limit(1)).first()
+    if latest is None:
         return default_throughput(settings, model=model, task=task)
+    own = _row(model, task, method, latest.device)
+    row = db.scalars(own).first() or latest
+    kind = f"{task} {row.method}" if row.method else task
+    jobs = f"{row.jobs} {kind} job{'s' if row.jobs != 1 else ''}"
+    borrowed = f" (no {method} job has finished here yet)" if row.method != method else ""
     return Throughput.of(
         row.train_tokens_per_second,
         eval_tokens_per_second=row.eval_tokens_per_second,
@@ -137,8 +159,7 @@ def throughput_for(db: Session, *, model: str, task: str, settings: Settings) ->
         seconds_per_checkpoint=_or(
             row.seconds_per_checkpoint, settings.estimated_checkpoint_seconds
         ),
-        basis=f"measured: {row.jobs} {task} job{'s' if row.jobs != 1 else ''} of {model} "
-        f"on {row.device}",
+        basis=f"measured: {jobs} of {model} on {row.device}{borrowed}",
     )
 
 
@@ -161,20 +182,23 @@ def _rows(model: str, task: str) -> Select[tuple[ModelThroughput]]:
     )
 
 
-def _row(model: str, task: str, device: str) -> Select[tuple[ModelThroughput]]:
-    query = _rows(model, task).where(ModelThroughput.device == device)
+def _row(model: str, task: str, method: str, device: str) -> Select[tuple[ModelThroughput]]:
+    query = _rows(model, task).where(
+        ModelThroughput.method == method, ModelThroughput.device == device
+    )
     return query.execution_options(populate_existing=True)
 
 
-def _insert_first(db: Session, key: tuple[str, str, str], figures: JobFigures) -> bool:
+def _insert_first(db: Session, key: tuple[str, str, str, str], figures: JobFigures) -> bool:
     """The row of a model's first job; False when another worker inserted it meanwhile."""
-    model, task, device = key
+    model, task, method, device = key
     try:
         with db.begin_nested():
             db.add(
                 ModelThroughput(
                     model=model,
                     task=task,
+                    method=method,
                     device=device,
                     jobs=1,
                     train_tokens_per_second=figures.train_tokens_per_second,
