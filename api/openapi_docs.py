@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.job_spec_schema import job_spec_examples, job_spec_schemas
 from api.problems import MEDIA_TYPE
 from api.ratelimit import EXEMPT_PATHS
-from peft_engine.models import load_registry
+from peft_engine.models import ModelRegistry, load_registry
+from peft_engine.models.registry import ModelEntry
 from tuneq.idempotency.service import MAX_KEY_LENGTH
 from tuneq.settings import Settings
 
@@ -135,30 +136,42 @@ def json_body(schema: str) -> dict[str, Any]:
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Serve the finished document at /openapi.json: the error schemas, the job spec of this
-    deployment's registry, and the statuses of the layers in front of every route."""
+    deployment's registry, and the statuses of the layers in front of every route. The
+    document is built again when the registry changes (the API reads the operator's file
+    again without a restart), so a new model is in the spec's `model` enum at once."""
+    built_for: list[tuple[ModelEntry, ...]] = []  # the registry the document was built for
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = get_openapi(
-                title=app.title,
-                version=app.version,
-                summary=app.summary,
-                description=app.description,
-                routes=app.routes,
-            )
-            _add_schemas(document)
-            _add_job_spec(document, settings)
-            for path, _, operation in _operations(document):
-                _add_layer_statuses(path, operation)
-                for parameter in operation.get("parameters", ()):
-                    _absent_is_null(parameter)
-                    if parameter["name"].lower() == "idempotency-key":
-                        parameter["schema"] |= IDEMPOTENCY_KEY
-            _add_links(document)
-            app.openapi_schema = document
+        registry = getattr(app.state, "registry", None) or load_registry(
+            settings.resolved_model_registry
+        )
+        entries = registry.entries()
+        if app.openapi_schema is None or built_for != [entries]:
+            app.openapi_schema = _document(app, settings, registry)
+            built_for[:] = [entries]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document(app: FastAPI, settings: Settings, registry: ModelRegistry) -> dict[str, Any]:
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+    )
+    _add_schemas(document)
+    _add_job_spec(document, settings, registry)
+    for path, _, operation in _operations(document):
+        _add_layer_statuses(path, operation)
+        for parameter in operation.get("parameters", ()):
+            _absent_is_null(parameter)
+            if parameter["name"].lower() == "idempotency-key":
+                parameter["schema"] |= IDEMPOTENCY_KEY
+    _add_links(document)
+    return document
 
 
 def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -181,8 +194,7 @@ def _add_schemas(document: dict[str, Any]) -> None:
     schemas.pop("ValidationError", None)
 
 
-def _add_job_spec(document: dict[str, Any], settings: Settings) -> None:
-    registry = load_registry(settings.resolved_model_registry)
+def _add_job_spec(document: dict[str, Any], settings: Settings, registry: ModelRegistry) -> None:
     cap = settings.max_runtime_seconds_cap or MAX_RUNTIME_SECONDS
     schemas = document["components"]["schemas"]
     schemas.update(job_spec_schemas(registry, max_runtime_seconds=cap))

@@ -130,9 +130,13 @@ def test_a_running_api_reads_a_changed_registry_file(tmp_path: Path) -> None:
                 assert response.status_code == 200, response.text
                 return {model["id"] for model in response.json()["data"]}
 
-            assert NAME not in listed()
+            def in_job_spec() -> bool:  # the OpenAPI document's `model` enums
+                schemas = client.get("/openapi.json").json()["components"]["schemas"]
+                return f'"{NAME}"' in json.dumps(schemas)
+
+            assert NAME not in listed() and not in_job_spec()
             register_model(home / "models.yaml", NAME, registry_fields(tmp_path / "model"))
-            assert NAME in listed()
+            assert NAME in listed() and in_job_spec()  # the document is built again
             (home / "models.yaml").write_text("models: {Bad Name: {}}\n")  # invalid
             assert NAME in listed()  # the last good registry stays
             (home / "models.yaml").write_text(yaml.safe_dump({"models": {"other": OTHER}}))
