@@ -24,7 +24,7 @@ import torch
 
 from peft_engine.errors import UserError
 from peft_engine.models import ModelRegistry, load_causal_lm, load_tokenizer, model_dir
-from peft_engine.precision import autocast_to
+from peft_engine.precision import autocast_to, resumed_precision
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,17 @@ class WordTag:
 class WordTags:
     words: list[WordTag]
     input_tokens: int
+
+
+def trained_dtype(output_dir: Path, device: torch.device) -> torch.dtype:
+    """The compute dtype to answer with: the mode the job trained and evaluated in (its
+    `tuneq_model.json`), where `device` runs it, else the device's "auto" mode, as a
+    resumed job's precision is chosen. An output from before the mode was recorded: auto."""
+    from peft_engine.methods.weights import trained_model_info
+
+    recorded = trained_model_info(output_dir).get("precision")
+    precision, _ = resumed_precision("auto", device, recorded)
+    return precision.compute_dtype
 
 
 class TrainedModel:

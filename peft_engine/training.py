@@ -203,7 +203,7 @@ def _new_run(
         metrics_log=outputs.MetricsLog(workdir / "metrics.jsonl"),
         hooks=hooks,
         workdir=workdir,
-        model_info=_model_info(job, task),
+        model_info=_model_info(job, task) | {"precision": precision.mode},
         started=started,
         precision=precision,
         world=world,
@@ -426,7 +426,8 @@ def select_device() -> tuple[torch.device, torch.dtype]:
 
 
 def _model_info(job: PreparedJob, task: Task) -> dict[str, Any]:
-    """tuneq_model.json: what rebuilds the trained model (task head, labels, method)."""
+    """tuneq_model.json: what rebuilds the trained model (task head, labels, method); the
+    run adds the compute mode it trained and evaluated in (`precision`)."""
     return {
         **task.model_info(job),
         "base_model": job.entry.name,

@@ -160,3 +160,26 @@ def test_every_label_and_word_gets_its_probability(outputs, bases):
     answer = tagger.tag(["carol", "visited", "paris"], max_input_tokens=64)
     assert [w.word for w in answer.words] == ["carol", "visited", "paris"]
     assert all(w.tag in tagger.labels and 0 < w.score <= 1 for w in answer.words)
+
+
+def test_answers_compute_in_the_mode_the_job_trained_in(outputs, tmp_path):
+    """The output records its mode (fp32 here, "auto" on a CPU); a worker answers in the
+    recorded mode where its device runs it, else in its own "auto", as a resume does."""
+    import json
+    import shutil
+
+    import torch
+
+    from peft_engine.generate import trained_dtype
+
+    cpu = torch.device("cpu")
+    info = json.loads((outputs["lora-chat"] / "tuneq_model.json").read_text())
+    assert info["precision"] == "fp32" and trained_dtype(outputs["lora-chat"], cpu) == torch.float32
+
+    copy = shutil.copytree(outputs["lora-chat"], tmp_path / "bf16")
+    (copy / "tuneq_model.json").write_text(json.dumps(info | {"precision": "bf16"}))
+    assert trained_dtype(copy, cpu) == torch.bfloat16  # a CPU's autocast takes bf16
+    (copy / "tuneq_model.json").write_text(
+        json.dumps({k: v for k, v in info.items() if k != "precision"})
+    )
+    assert trained_dtype(copy, cpu) == torch.float32  # recorded before modes were: auto

@@ -97,16 +97,17 @@ class Answerers:
         return model
 
     def _load(self, job: Job, artifact: JobArtifact) -> TrainedModel:
-        from peft_engine.generate import TrainedModel
+        from peft_engine.generate import TrainedModel, trained_dtype
         from peft_engine.training import select_device
 
         base_dir = model_dir(self.registry.get(job.model), self.settings.resolved_cache_dir)
         assert base_dir is not None
-        device, dtype = select_device()  # as training: the resident weights are the same
+        device, _ = select_device()
         scratch = self.settings.resolved_work_dir / "inference"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             output_dir = _fetch(self.store, artifact, Path(tmp))
+            dtype = trained_dtype(output_dir, device)  # the mode its metrics were taken in
             with self.resident.active():
                 model = TrainedModel(output_dir, base_dir, device=device, dtype=dtype)
         log.info("loaded %s of job %s for generate requests", artifact.name, job.id)
