@@ -14,7 +14,7 @@ import torch
 
 from tests.api_helpers import job_spec, jsonl
 from tests.conftest import chat, logits_from_plain_peft
-from tests.service_fixtures import auth
+from tests.service_fixtures import api_client, auth
 from tests.stack import running_stack, wait_for
 from tests.test_export import INPUT_IDS, logits_from_plain_transformers
 
@@ -155,3 +155,21 @@ def test_a_failed_export_is_a_warning_and_the_job_keeps_its_adapter(api, key, st
     assert api.get(f"/jobs/{job_id}", headers=auth(key)).json()["status"] == "succeeded"
     assert "merged-fp16.tar.gz" not in _artifacts(api, key, job_id)
     assert api.get(f"/jobs/{job_id}/artifacts/adapter.tar.gz", headers=auth(key)).status_code == 200
+
+
+def test_an_ask_the_broker_refuses_is_a_503_that_leaves_nothing(api, key, stack, worker):
+    """The API process's broker unreachable (a closed port): 503, and no "requested" event."""
+    jobs = api.get("/jobs", headers=auth(key)).json()["data"]
+    job_id = next(j["id"] for j in jobs if j["status"] == "succeeded" and j["export"])
+
+    def asked() -> int:
+        page = api.get(f"/jobs/{job_id}/events", params={"limit": 100}, headers=auth(key))
+        return sum(e["message"] == "merged export (fp16) requested" for e in page.json()["data"])
+
+    before = asked()
+    cut_off = stack.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with api_client(cut_off) as away:
+        refused = away.post(f"/jobs/{job_id}/exports", headers=auth(key), json={"dtype": "fp16"})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["code"] == "unavailable" and "ask again" in refused.json()["detail"]
+    assert asked() == before

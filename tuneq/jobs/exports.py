@@ -1,7 +1,8 @@
 """Merged exports of a finished job: `POST /jobs/{id}/exports` asks a worker for one.
 
-The API never builds a model: it checks the job (succeeded, a method that merges), writes
-an event and publishes `EXPORT_TASK` on the job's queue, where a worker builds it
+The API never builds a model: it checks the job (succeeded, a method that merges),
+publishes `EXPORT_TASK` on the job's queue, then writes an event (a broker that refuses
+the ask gives 503 and leaves no event: the caller asks again), and a worker builds it
 (worker/exports.py) and records the artifact `merged-{dtype}.tar.gz` with an event. No
 table holds a request's state: the artifact list says what exists, the job's events say
 what was asked, built or failed. The same dtype asked again once its artifact exists is
@@ -73,13 +74,15 @@ def request_export(
         answer = ExportPublic(job_id=job.id, dtype=request.dtype, artifact=name, status="ready")
         if newest_artifact(db=db, job=job, name=name) is not None:
             return answer
-        db.add(export_event(job.id, "info", f"merged export ({request.dtype}) requested",
-                            request.dtype))  # fmt: skip
         queue = job.queue
     try:
         broker.send_task(EXPORT_TASK, args=[job_id, request.dtype], queue=queue)
     except Exception as err:  # the broker is away: the caller asks again, nothing was queued
         raise Unavailable(f"the queue did not take the export ({err}); ask again") from err
+    # The event once the ask is queued: a refused ask leaves nothing behind it.
+    with transaction(sessions) as db:
+        message = f"merged export ({request.dtype}) requested"
+        db.add(export_event(job_id, "info", message, request.dtype))
     return answer.model_copy(update={"status": "queued"})
 
 
