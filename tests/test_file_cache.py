@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from tuneq.files.cache import STALE_SECONDS, FileCache
+from tuneq.files.cache import SIZE_FILE, STALE_SECONDS, FileCache
 from tuneq.files.models import File
 from tuneq.files.service import file_cache, held_copy, local_copy
 from tuneq.storage import open_store
@@ -31,6 +31,19 @@ def _used(cache: FileCache, file_id: str, at: float) -> None:
     with cache.hold(file_id):
         pass
     os.utime(cache.locks_dir / file_id, (at, at))
+
+
+def test_an_extracted_archive_is_walked_once_for_its_size(tmp_path):
+    files = tmp_path / "files"
+    cache = FileCache(files, max_bytes=10**9)
+    _copy(files, "file-img/digits/1.png", 120)
+    _copy(files, "file-img/digits/2.png", 80)
+    _used(cache, "file-img", time.time())
+
+    assert cache.prune() == []
+    assert (files / "file-img" / SIZE_FILE).read_text() == "200"
+    _copy(files, "file-img/digits/3.png", 1)  # (never happens: copies do not change)
+    assert [size for _, _, size in cache._entries()] == [200]  # the memo, not a new walk
 
 
 def test_the_least_recently_used_copies_go_first_until_the_rest_fit(tmp_path):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 LOCKS = ".locks"
 STALE_SECONDS = 24 * 3600.0  # a half-written download or extraction older than this is dead
 _COPY_SUFFIXES = (".jsonl", ".csv")
+SIZE_FILE = ".tuneq-size"
 
 
 class FileCache:
@@ -139,9 +140,19 @@ def _copies(files_dir: Path, file_id: str) -> list[Path]:
 
 
 def _size(path: Path) -> int:
+    """A copy's bytes. An extracted archive never changes, so its walk (thousands of images)
+    is done once and its sum kept in a hidden file inside it (the engine skips those)."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    memo = path / SIZE_FILE
+    try:
+        return int(memo.read_text())
+    except (OSError, ValueError):
+        pass
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    with contextlib.suppress(OSError):  # an eviction racing us: the copy is going anyway
+        memo.write_text(str(size))
+    return size
 
 
 def _remove(path: Path) -> None:
