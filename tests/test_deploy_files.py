@@ -298,6 +298,21 @@ def test_api_and_workers_share_the_model_cache(monkeypatch):
     assert mounts["api"] == mounts["worker"] and mounts["api"] in declared
 
 
+def test_api_and_workers_share_the_models_an_operator_builds(monkeypatch):
+    """`tuneq admin build-image-model` writes under TUNEQ_HOME/models by default: the API
+    (which offers the model) and the workers (which train it) must see the same folder."""
+    declared = set(_compose()["volumes"])
+    mounts = {}
+    for name in ("api", "worker"):
+        env = _container_env(name, _with_real_secrets(_env_example()))
+        models = str(_settings_from(env, monkeypatch).home / "models")
+        [volume] = [v for v in _services()[name]["volumes"] if v.split(":")[1] == models]
+        mounts[name] = volume.split(":")[0]
+    assert mounts["api"] == mounts["worker"] == "operator-models" and "operator-models" in declared
+    compose = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    assert "--registry /var/lib/tuneq/models/models.yaml" in compose
+
+
 def test_workers_scale_one_gpu_each():
     worker = _services()["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
