@@ -78,6 +78,8 @@ def claim_next(
         candidates = _candidates(db, settings, queue, tried)
         for candidate in candidates:
             tried.append(candidate.job_id)
+            if candidate.limited:  # the team's claims one at a time, before its job's row:
+                lock_team(db, candidate.team_id)  # so its oldest jobs take its free slots
             if not _lock_if_free(db, candidate.job_id):
                 continue  # another worker claims it now, or has
             if candidate.limited and not _has_room(db, settings, candidate.team_id):
@@ -215,9 +217,9 @@ def _running_limits(db: Session, settings: Settings, team_ids: list[str]) -> dic
 
 
 def _has_room(db: Session, settings: Settings, team_id: str) -> bool:
-    """Under the team's lock: may one more of its jobs run? (Two workers claiming for the
-    same team at once are serialised here, so neither slips past the quota.)"""
-    lock_team(db, team_id)
+    """Under the team's lock (taken by the caller before the job's row, so that two
+    workers claiming for the same team at once are serialised and neither slips past the
+    quota, nor takes a younger job while an older one waits): may one more of its jobs run?"""
     limit = limits_for(db, settings, team_id).running_jobs
     return limit is None or _running_by_team(db, [team_id]).get(team_id, 0) < limit
 
